@@ -1,0 +1,456 @@
+"""A lean WebSocket connection: websockets' sans-I/O protocol under an ``asyncio.Protocol``.
+
+Why not ``websockets.asyncio``? Its connection keeps a reader task, queues, locks and the
+handshake headers for the connection's life: about 14 KB per idle connection, more than the
+hub's whole per-agent budget. Driving the same sans-I/O core from transport callbacks costs a
+fraction of that, needs no task per connection, and gives us what a hub must control itself:
+a bound on each peer's buffered output, close codes, and keepalive only where it is wanted.
+
+The class is shared by the hub (server side) and by agents and admin clients (client side).
+Subclasses override the ``on_*`` hooks; nothing here knows about Tether's messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from websockets.client import ClientProtocol
+from websockets.datastructures import Headers
+from websockets.exceptions import InvalidStatus, PayloadTooBig
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import OPEN, Protocol, Side, State
+from websockets.uri import parse_uri
+
+from .constants import Close
+
+__all__ = ["Connection", "HandshakeRefused", "connect"]
+
+#: websockets logs every open and close at INFO; at fleet scale that is noise and cost.
+WIRE_LOGGER = logging.getLogger("tether.wire")
+WIRE_LOGGER.setLevel(logging.WARNING)
+
+log = logging.getLogger(__name__)
+
+SEND_EOF = b""
+
+
+class Connection(asyncio.Protocol):
+    """One WebSocket connection. Subclasses handle messages in :meth:`on_message`.
+
+    ``max_buffer`` bounds the bytes waiting in the transport's write buffer: a peer that
+    stops reading is aborted instead of growing the process without bound.
+    """
+
+    __slots__ = (
+        "_close_timer",
+        "_fragments",
+        "_handshake",
+        "_keepalive",
+        "_ping_sent_at",
+        "close_timeout",
+        "closed",
+        "max_buffer",
+        "opened",
+        "peer",
+        "protocol",
+        "transport",
+        "writable",
+    )
+
+    def __init__(
+        self,
+        protocol: Protocol,
+        *,
+        max_buffer: int = 1024 * 1024,
+        close_timeout: float = 5.0,
+    ) -> None:
+        self.protocol = protocol
+        self.transport: asyncio.Transport | None = None
+        self.max_buffer = max_buffer
+        self.close_timeout = close_timeout
+        self.peer: str = ""
+        self.opened = False
+        self.closed = False
+        self.writable = True
+        self._fragments: list[bytes] | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._keepalive: asyncio.TimerHandle | None = None
+        self._ping_sent_at: float = 0.0
+        self._handshake: asyncio.Future[None] | None = None
+
+    # -- hooks for subclasses ---------------------------------------------------------
+
+    def on_request(self, request: Request) -> None:
+        """Server side: answer the opening handshake with :meth:`respond`."""
+        raise NotImplementedError
+
+    def on_response(self, response: Response) -> None:
+        """Client side: the handshake response arrived (101 or a refusal)."""
+
+    def on_open(self) -> None:
+        """The WebSocket is open."""
+
+    def on_message(self, data: bytes) -> None:
+        """One complete text message, as UTF-8 bytes (not yet validated)."""
+
+    def on_binary(self) -> None:
+        """A binary frame arrived; Tether speaks text only (PROTOCOL §3)."""
+        self.close(Close.UNSUPPORTED_DATA, "binary frames are not accepted")
+
+    def on_close(self, code: int, reason: str) -> None:
+        """The connection is gone; called exactly once."""
+
+    def on_writable(self) -> None:
+        """The transport's write buffer drained below its low-water mark."""
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peername = transport.get_extra_info("peername")
+        if peername:
+            self.peer = str(peername[0])
+
+    def data_received(self, data: bytes) -> None:
+        protocol = self.protocol
+        try:
+            protocol.receive_data(data)
+        except EOFError:
+            return
+        self._flush()
+        for event in protocol.events_received():
+            if self.closed:
+                break
+            if type(event) is Frame:
+                self._frame(event)
+            elif type(event) is Request:
+                self._guard(self.on_request, event)
+            elif type(event) is Response:
+                self._response(event)
+        if protocol.parser_exc is not None and not self.closed:
+            self._note_parser_failure(protocol.parser_exc)
+        self._flush()
+
+    def eof_received(self) -> bool | None:
+        self.protocol.receive_eof()
+        self._flush()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timers()
+        if self.closed:
+            return
+        self.closed = True
+        self.writable = False
+        protocol = self.protocol
+        if protocol.state is not State.CLOSED:
+            try:
+                protocol.receive_eof()
+            except EOFError:
+                pass
+        code, reason = self.close_code()
+        handshake = self._handshake
+        if handshake is not None and not handshake.done():
+            handshake.set_exception(
+                self._refusal()
+                or ConnectionError(
+                    f"connection closed during the handshake: {protocol.handshake_exc or exc}"
+                )
+            )
+        if self.opened:
+            self._guard(self.on_close, code, reason)
+
+    def pause_writing(self) -> None:
+        self.writable = False
+
+    def resume_writing(self) -> None:
+        if self.closed:
+            return
+        self.writable = True
+        self._guard(self.on_writable)
+
+    # -- sending ---------------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return not self.closed and self.protocol.state is OPEN
+
+    def send_text(self, data: bytes) -> bool:
+        """Queue one text message; False when the connection can no longer send."""
+        if self.closed or self.protocol.state is not OPEN:
+            return False
+        self.protocol.send_text(data)
+        self._flush()
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size() > self.max_buffer:
+            self._overflow()
+            return False
+        return True
+
+    def buffered(self) -> int:
+        """Bytes accepted for sending that the peer has not read yet."""
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    def close(self, code: int = Close.NORMAL, reason: str = "") -> None:
+        """Start the closing handshake; the transport is aborted if the peer stalls."""
+        if self.closed:
+            return
+        protocol = self.protocol
+        if protocol.state is OPEN:
+            protocol.send_close(code, reason[:120])
+            self._flush()
+            if self._close_timer is None and not self.closed:
+                loop = asyncio.get_running_loop()
+                self._close_timer = loop.call_later(self.close_timeout, self.abort)
+        elif protocol.state is State.CONNECTING:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the TCP connection without a closing handshake."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.abort()
+        elif transport is None:
+            self.closed = True
+
+    def close_code(self) -> tuple[int, str]:
+        """The code that ended (or is ending) the connection; 1006 when there was none."""
+        protocol = self.protocol
+        if protocol.close_sent is not None and (
+            protocol.close_rcvd is None or protocol.close_rcvd_then_sent is False
+        ):
+            return protocol.close_sent.code, protocol.close_sent.reason
+        if protocol.close_rcvd is not None:
+            return protocol.close_rcvd.code, protocol.close_rcvd.reason
+        return 1006, ""
+
+    # -- server handshake --------------------------------------------------------------
+
+    def respond(self, response: Response) -> None:
+        """Send the handshake response; 101 opens the WebSocket, anything else closes."""
+        protocol = self.protocol
+        protocol.send_response(response)  # type: ignore[attr-defined]
+        self._flush()
+        if response.status_code == 101:
+            self.opened = True
+            self._guard(self.on_open)
+        else:
+            # The response is buffered; close() flushes it, then the socket goes.
+            transport = self.transport
+            if transport is not None:
+                transport.close()
+
+    # -- keepalive ---------------------------------------------------------------------
+
+    def start_keepalive(self, interval: float, timeout: float) -> None:
+        """Ping every ``interval`` s; a pong missing after ``timeout`` s closes with 1011."""
+        if interval <= 0:
+            return
+        loop = asyncio.get_running_loop()
+
+        def tick() -> None:
+            if self.closed:
+                return
+            if self._ping_sent_at and time.monotonic() - self._ping_sent_at > timeout:
+                self.close(Close.INTERNAL_ERROR, "keepalive ping timeout")
+                return
+            if not self._ping_sent_at:
+                self._ping_sent_at = time.monotonic()
+                if self.protocol.state is OPEN:
+                    self.protocol.send_ping(b"")
+                    self._flush()
+            delay = interval if not self._ping_sent_at else min(interval, timeout)
+            self._keepalive = loop.call_later(delay, tick)
+
+        self._keepalive = loop.call_later(interval, tick)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT:
+            if frame.fin:
+                self._guard(self.on_message, frame.data)
+            else:
+                self._fragments = [frame.data]
+        elif opcode is Opcode.CONT:
+            if self._fragments is None:
+                return
+            self._fragments.append(frame.data)
+            if frame.fin:
+                data = b"".join(self._fragments)
+                self._fragments = None
+                self._guard(self.on_message, data)
+        elif opcode is Opcode.BINARY:
+            self._guard(self.on_binary)
+        elif opcode is Opcode.PONG:
+            self._ping_sent_at = 0.0
+        elif opcode is Opcode.CLOSE and self.transport is not None:
+            # websockets answered the close frame; the server side hangs up now.
+            pass
+
+    def _response(self, response: Response) -> None:
+        if response.status_code == 101 and self.protocol.state is OPEN:
+            self.opened = True
+        self._guard(self.on_response, response)
+        handshake = self._handshake
+        if handshake is not None and not handshake.done():
+            if self.opened:
+                handshake.set_result(None)
+            else:
+                handshake.set_exception(
+                    self._refusal()
+                    or HandshakeRefused(
+                        response.status_code, response.headers, response.body or b""
+                    )
+                )
+        if self.opened:
+            self._guard(self.on_open)
+
+    def _refusal(self) -> HandshakeRefused | None:
+        exc = self.protocol.handshake_exc
+        if isinstance(exc, InvalidStatus):
+            response = exc.response
+            return HandshakeRefused(response.status_code, response.headers, response.body or b"")
+        return None
+
+    def _note_parser_failure(self, exc: Exception) -> None:
+        if isinstance(exc, PayloadTooBig):
+            log.debug("peer %s sent a message over the size limit", self.peer)
+
+    def _flush(self) -> None:
+        writes = self.protocol.data_to_send()
+        if not writes:
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        for chunk in writes:
+            if chunk == SEND_EOF:
+                if self.protocol.side is Side.CLIENT and transport.can_write_eof():
+                    transport.write_eof()
+                else:
+                    transport.close()
+                return
+            transport.write(chunk)
+
+    def _overflow(self) -> None:
+        log.warning(
+            "aborting connection from %s: %d bytes unread by the peer",
+            self.peer,
+            self.buffered(),
+        )
+        self.abort()
+
+    def _cancel_timers(self) -> None:
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+
+    def _guard(self, hook: Callable[..., Any], *args: Any) -> None:
+        """Run a hook; a bug in one connection's handler must not take the process down."""
+        try:
+            hook(*args)
+        except Exception:
+            log.exception("error in %s for peer %s", hook.__name__, self.peer)
+            if not self.closed and self.protocol.state is OPEN:
+                self.close(Close.INTERNAL_ERROR, "internal error")
+            elif not self.closed:
+                self.abort()
+
+
+class HandshakeRefused(Exception):
+    """The server answered the opening handshake with an HTTP status other than 101."""
+
+    def __init__(self, status: int, headers: Headers, body: bytes) -> None:
+        super().__init__(f"server refused the connection with HTTP {status}")
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    @property
+    def retry_after(self) -> float | None:
+        value = self.headers.get("Retry-After")
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(int(value)))
+        except ValueError:
+            return None
+
+    @property
+    def error(self) -> str | None:
+        import orjson
+
+        try:
+            body = orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            return None
+        return body.get("error") if isinstance(body, dict) else None
+
+
+async def connect(
+    url: str,
+    factory: Callable[[ClientProtocol], Connection],
+    *,
+    headers: Sequence[tuple[str, str]] = (),
+    subprotocols: Sequence[str] = (),
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    compression: bool = False,
+    max_size: int | None = 1024 * 1024,
+    open_timeout: float = 10.0,
+    local_addr: tuple[str, int] | None = None,
+) -> Connection:
+    """Open a client WebSocket and return the connection once the handshake succeeded.
+
+    Raises :class:`HandshakeRefused` for an HTTP refusal, ``OSError`` for network errors,
+    ``ssl.SSLError`` for TLS failures and ``TimeoutError`` when ``open_timeout`` passes.
+    """
+    uri = parse_uri(url)
+    extensions = [ClientPerMessageDeflateFactory()] if compression else None
+    protocol = ClientProtocol(
+        uri,
+        subprotocols=list(subprotocols) or None,  # type: ignore[arg-type]
+        extensions=extensions,
+        max_size=max_size,
+        logger=WIRE_LOGGER,
+    )
+    connection = factory(protocol)
+    loop = asyncio.get_running_loop()
+    opened: asyncio.Future[None] = loop.create_future()
+    connection._handshake = opened
+    if uri.secure and ssl_context is None:
+        ssl_context = ssl.create_default_context()
+    async with asyncio.timeout(open_timeout):
+        try:
+            await loop.create_connection(
+                lambda: connection,
+                uri.host,
+                uri.port,
+                ssl=ssl_context if uri.secure else None,
+                server_hostname=(server_hostname or uri.host) if uri.secure else None,
+                local_addr=local_addr,
+            )
+            request = protocol.connect()
+            for name, value in headers:
+                request.headers[name] = value
+            protocol.send_request(request)
+            connection._flush()
+            await opened
+        except BaseException:
+            connection.abort()
+            raise
+    return connection

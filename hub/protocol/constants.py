@@ -1,0 +1,57 @@
+"""Names and numbers of the wire contract: paths, subprotocols, close codes, limits."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+AGENT_PATH = "/ws"
+ADMIN_PATH = "/admin"
+AGENT_SUBPROTOCOL = "tether.agent.v1"
+ADMIN_SUBPROTOCOL = "tether.admin.v1"
+
+#: Largest message a hub accepts (after decompression), PROTOCOL §3.
+MAX_MESSAGE_BYTES = 1024 * 1024
+#: Largest message an admin client accepts from the hub: snapshots of big fleets are large.
+MAX_ADMIN_INBOUND_BYTES = 256 * 1024 * 1024
+
+#: More than this many invalid messages in the window closes the connection with 1008.
+INVALID_MESSAGE_BUDGET = 20
+INVALID_MESSAGE_WINDOW = 60.0
+
+REGISTER_TIMEOUT = 10.0
+
+
+class Close(IntEnum):
+    """Close codes of PROTOCOL §3 and §4.5."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    UNSUPPORTED_DATA = 1003
+    INVALID_DATA = 1007
+    POLICY = 1008
+    TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012
+    TRY_AGAIN_LATER = 1013
+    SUPERSEDED = 4001
+    REVOKED = 4003
+
+
+TERMINAL_STATES = frozenset(
+    {"succeeded", "failed", "rejected", "cancelled", "timed_out", "expired"}
+)
+ERROR_STATES = frozenset({"failed", "rejected", "timed_out"})
+#: Order of command states; a transition may only move to a later rank.
+STATE_RANK = {
+    "queued": 0,
+    "sent": 1,
+    "acked": 2,
+    "succeeded": 3,
+    "failed": 3,
+    "rejected": 3,
+    "cancelled": 3,
+    "timed_out": 3,
+    "expired": 3,
+}
+
+ROLES = ("viewer", "operator", "admin")

@@ -1,0 +1,449 @@
+"""Every message of the Tether wire protocol, version 1 — the single definition.
+
+The hub, the agent, the CLI and the console all import these models; nothing else describes
+a message. Validation is strict (no coercion: ``"12"`` is not a number, ``true`` is not 1)
+and unknown fields are ignored so either side can add fields without a new version.
+Size and shape limits of PROTOCOL §3–5 live here as field constraints.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+__all__ = [
+    "ADMIN_REQUEST",
+    "AGENT_MESSAGE",
+    "HUB_TO_ADMIN",
+    "HUB_TO_AGENT",
+    "Ack",
+    "AckAlert",
+    "AgentId",
+    "AgentRequest",
+    "AgentView",
+    "AgentsRequest",
+    "AlertView",
+    "AlertsRequest",
+    "AuditRequest",
+    "Batch",
+    "Cancel",
+    "CancelRequest",
+    "Command",
+    "CommandResult",
+    "CommandView",
+    "CommandsRequest",
+    "Dispatch",
+    "ErrorMessage",
+    "Event",
+    "Heartbeat",
+    "JobRequest",
+    "JobView",
+    "JobsRequest",
+    "Location",
+    "Output",
+    "Reconnect",
+    "Register",
+    "Reply",
+    "Result",
+    "Resync",
+    "Selector",
+    "Snapshot",
+    "Subscribe",
+    "Target",
+    "ValidationError",
+    "Welcome",
+    "describe_validation_error",
+]
+
+# -- Field types ------------------------------------------------------------------------
+
+AgentId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+Ident = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+ShortStr = Annotated[str, StringConstraints(max_length=128)]
+LabelValue = Annotated[str, StringConstraints(max_length=256)]
+Glob = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+Timestamp = Annotated[str, StringConstraints(max_length=64)]
+Text = Annotated[str, StringConstraints(max_length=8192)]
+Percentage = Annotated[str, StringConstraints(pattern=r"^(100|[1-9]?[0-9])%$")]
+
+AgentStatus = Literal["ok", "degraded", "draining"]
+AgentState = Literal["online", "stale", "offline", "unknown"]
+CommandState = Literal[
+    "queued",
+    "sent",
+    "acked",
+    "succeeded",
+    "failed",
+    "rejected",
+    "cancelled",
+    "timed_out",
+    "expired",
+]
+ResultStatus = Literal["succeeded", "failed", "rejected", "cancelled", "timed_out"]
+JobState = Literal["running", "succeeded", "failed", "cancelled", "partial"]
+Severity = Literal["info", "warning", "critical"]
+AlertState = Literal["firing", "acknowledged", "resolved"]
+Topic = Literal["agents", "commands", "alerts", "metrics", "audit"]
+
+#: Longest accepted ``timeout`` (one day) and ``ttl`` (thirty days) of a dispatch, in seconds.
+MAX_TIMEOUT = 86_400.0
+MAX_TTL = 30 * 86_400.0
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=False)
+
+
+# -- Agent channel: agent to hub ----------------------------------------------------------
+
+
+class Location(_Message):
+    lat: Annotated[float, Field(ge=-90, le=90)]
+    lon: Annotated[float, Field(ge=-180, le=180)]
+
+
+class Register(_Message):
+    type: Literal["register"]
+    agent_id: AgentId
+    platform: ShortStr = ""
+    region: ShortStr = ""
+    version: ShortStr = ""
+    hostname: ShortStr = ""
+    labels: Annotated[dict[ShortStr, LabelValue], Field(max_length=64)] = {}
+    capabilities: Annotated[list[ShortStr], Field(max_length=64)] = []
+    location: Location | None = None
+
+
+class Heartbeat(_Message):
+    type: Literal["heartbeat"]
+    metrics: Annotated[dict[ShortStr, float], Field(max_length=64)] = {}
+    status: AgentStatus = "ok"
+
+
+class Ack(_Message):
+    type: Literal["ack"]
+    command_id: Ident
+
+
+class Output(_Message):
+    type: Literal["output"]
+    command_id: Ident
+    seq: Annotated[int, Field(ge=0)]
+    stream: Literal["stdout", "stderr"]
+    data: str
+
+
+class Result(_Message):
+    type: Literal["result"]
+    command_id: Ident
+    status: ResultStatus
+    exit_code: int | None = None
+    data: Any = None
+    error: Text | None = None
+    started_at: Timestamp | None = None
+    finished_at: Timestamp | None = None
+
+
+AGENT_MESSAGE: TypeAdapter[Register | Heartbeat | Ack | Output | Result] = TypeAdapter(
+    Annotated[Register | Heartbeat | Ack | Output | Result, Field(discriminator="type")]
+)
+
+# -- Agent channel: hub to agent ----------------------------------------------------------
+
+
+class Welcome(_Message):
+    type: Literal["welcome"]
+    hub_id: ShortStr
+    session_id: Ident
+    heartbeat_interval: Annotated[float, Field(gt=0)]
+    server_time: Timestamp
+    agent_key: str | None = None
+
+
+class Command(_Message):
+    type: Literal["command"]
+    command_id: Ident
+    name: ShortStr
+    args: dict[str, Any] = {}
+    timeout: Annotated[float, Field(gt=0, le=MAX_TIMEOUT)] = 60
+    issued_at: Timestamp
+    expires_at: Timestamp
+
+
+class Cancel(_Message):
+    type: Literal["cancel"]
+    command_id: Ident
+
+
+class Reconnect(_Message):
+    type: Literal["reconnect"]
+    after_ms: Annotated[int, Field(ge=0)] = 0
+    reason: ShortStr = ""
+
+
+class ErrorMessage(_Message):
+    type: Literal["error"]
+    code: ShortStr
+    ref: Any = None
+    message: str = ""
+
+
+HUB_TO_AGENT: TypeAdapter[Welcome | Command | Cancel | Reconnect | ErrorMessage] = TypeAdapter(
+    Annotated[Welcome | Command | Cancel | Reconnect | ErrorMessage, Field(discriminator="type")]
+)
+
+# -- Admin channel: requests --------------------------------------------------------------
+
+
+class Selector(_Message):
+    """Shell-style globs over registered agents; ``labels`` values may be globs too."""
+
+    agent_id: Glob | None = None
+    region: Glob | None = None
+    platform: Glob | None = None
+    labels: Annotated[dict[ShortStr, Glob], Field(max_length=64)] = {}
+    status: Literal["online", "offline", "any"] = "any"
+
+
+class Target(_Message):
+    agent_ids: Annotated[list[AgentId], Field(min_length=1, max_length=100_000)] | None = None
+    selector: Selector | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Target:
+        if (self.agent_ids is None) == (self.selector is None):
+            raise ValueError("target needs exactly one of agent_ids or selector")
+        return self
+
+
+class _Request(_Message):
+    id: Ident | int
+
+
+Limit = Annotated[int, Field(ge=1, le=1000)]
+Filter = Annotated[dict[ShortStr, Any], Field(max_length=32)]
+
+
+class Subscribe(_Request):
+    type: Literal["subscribe"]
+    topics: Annotated[list[Topic], Field(min_length=1, max_length=5)]
+
+
+class AgentsRequest(_Request):
+    type: Literal["agents"]
+    selector: Selector | None = None
+    limit: Annotated[int, Field(ge=1, le=100_000)] | None = None
+
+
+class AgentRequest(_Request):
+    type: Literal["agent"]
+    agent_id: AgentId
+
+
+class Dispatch(_Request):
+    type: Literal["dispatch"]
+    target: Target
+    name: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    args: dict[str, Any] = {}
+    timeout: Annotated[float, Field(gt=0, le=MAX_TIMEOUT)] = 60
+    ttl: Annotated[float, Field(gt=0, le=MAX_TTL)] = 600
+    max_concurrency: Annotated[int, Field(ge=1)] | Percentage | None = None
+    max_errors: Annotated[int, Field(ge=0)] | Percentage | None = None
+
+
+class CancelRequest(_Request):
+    type: Literal["cancel"]
+    job_id: Ident | None = None
+    command_id: Ident | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> CancelRequest:
+        if (self.job_id is None) == (self.command_id is None):
+            raise ValueError("cancel needs exactly one of job_id or command_id")
+        return self
+
+
+class JobRequest(_Request):
+    type: Literal["job"]
+    job_id: Ident
+
+
+class CommandsRequest(_Request):
+    type: Literal["commands"]
+    filter: Filter = {}
+    limit: Limit = 100
+    before: Annotated[str, StringConstraints(max_length=256)] | None = None
+
+
+class JobsRequest(_Request):
+    type: Literal["jobs"]
+    filter: Filter = {}
+    limit: Limit = 100
+    before: Annotated[str, StringConstraints(max_length=256)] | None = None
+
+
+class AlertsRequest(_Request):
+    type: Literal["alerts"]
+    filter: Filter = {}
+    limit: Limit = 100
+    before: Annotated[str, StringConstraints(max_length=256)] | None = None
+
+
+class AckAlert(_Request):
+    type: Literal["ack_alert"]
+    alert_id: Ident
+    comment: Annotated[str, StringConstraints(max_length=1024)] | None = None
+
+
+class AuditRequest(_Request):
+    type: Literal["audit"]
+    filter: Filter = {}
+    limit: Limit = 100
+    before: Annotated[str, StringConstraints(max_length=256)] | None = None
+
+
+AdminRequestType = (
+    Subscribe
+    | AgentsRequest
+    | AgentRequest
+    | Dispatch
+    | CancelRequest
+    | JobRequest
+    | CommandsRequest
+    | JobsRequest
+    | AlertsRequest
+    | AckAlert
+    | AuditRequest
+)
+ADMIN_REQUEST: TypeAdapter[AdminRequestType] = TypeAdapter(
+    Annotated[AdminRequestType, Field(discriminator="type")]
+)
+
+# -- Admin channel: objects the hub reports -------------------------------------------------
+
+
+class AgentView(_Message):
+    agent_id: str
+    platform: str = ""
+    region: str = ""
+    version: str = ""
+    hostname: str = ""
+    labels: dict[str, str] = {}
+    capabilities: list[str] = []
+    location: Location | None = None
+    state: AgentState = "unknown"
+    status: AgentStatus | None = None
+    hub_id: str | None = None
+    connected_at: str | None = None
+    last_seen: str | None = None
+    metrics: dict[str, float] = {}
+
+
+class CommandResult(_Message):
+    status: ResultStatus | Literal["expired"]
+    exit_code: int | None = None
+    data: Any = None
+    error: str | None = None
+
+
+class CommandView(_Message):
+    command_id: str
+    job_id: str
+    agent_id: str
+    name: str
+    args: dict[str, Any] = {}
+    state: CommandState
+    issued_at: str
+    expires_at: str
+    updated_at: str
+    dispatched_by: str | None = None
+    result: CommandResult | None = None
+    output_bytes: int = 0
+    truncated: bool = False
+
+
+class JobView(_Message):
+    job_id: str
+    name: str
+    target: dict[str, Any]
+    state: JobState
+    counts: dict[str, int]
+    total: int
+    created_at: str
+    dispatched_by: str | None = None
+
+
+class AlertView(_Message):
+    alert_id: str
+    rule: str
+    severity: Severity
+    subject: str
+    state: AlertState
+    first_seen: str
+    last_seen: str
+    message: str
+    acknowledged_by: str | None = None
+    comment: str | None = None
+
+
+# -- Admin channel: hub to admin ----------------------------------------------------------
+
+
+class ReplyError(_Message):
+    code: str
+    message: str = ""
+
+
+class Reply(_Message):
+    type: Literal["reply"]
+    id: Any = None
+    ok: bool
+    data: Any = None
+    error: ReplyError | None = None
+
+
+class Event(_Message):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: Literal["event"]
+    topic: Topic
+    kind: str
+
+
+class Batch(_Message):
+    type: Literal["batch"]
+    events: list[Event]
+
+
+class Resync(_Message):
+    type: Literal["resync"]
+
+
+class Snapshot(_Message):
+    type: Literal["snapshot"]
+    data: dict[str, Any]
+
+
+HUB_TO_ADMIN: TypeAdapter[Reply | Event | Batch | Resync | Snapshot | ErrorMessage] = TypeAdapter(
+    Annotated[Reply | Event | Batch | Resync | Snapshot | ErrorMessage, Field(discriminator="type")]
+)
+
+
+def describe_validation_error(exc: ValidationError, limit: int = 3) -> str:
+    """A short, safe summary: field paths and reasons, never the offending input."""
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False)[:limit]:
+        location = ".".join(str(part) for part in error["loc"]) or "message"
+        parts.append(f"{location}: {error['msg']}")
+    more = len(exc.errors()) - limit
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts)
