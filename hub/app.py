@@ -114,7 +114,9 @@ class Hub:
         )
         self.port = self.server.sockets[0].getsockname()[1]
         self._loops = [
-            asyncio.create_task(self._every(1.0, self._sweep), name="sweep"),
+            asyncio.create_task(
+                self._every(min(1.0, config.heartbeat_interval / 4), self._sweep), name="sweep"
+            ),
             asyncio.create_task(
                 self._every(config.heartbeat_flush_interval, self._flush_heartbeats),
                 name="heartbeats",
@@ -283,14 +285,12 @@ class Hub:
                 del self._takeovers[key]
 
     def _revoked(self, credential_ids: set[str]) -> None:
-        sessions: list[Any] = [
-            s for s in self.registry.live.values() if s.credential_id in credential_ids
-        ]
-        sessions += [a for a in self.admins if a.principal.credential_id in credential_ids]
+        sessions: list[Any] = [*self.registry.live.values(), *self.admins]
         for session in sessions:
-            self.auditor.record(
-                "connection.revoked", subject=session.credential_id or "", actor=session.actor
-            )
+            credential_id = session.principal.credential_id
+            if credential_id not in credential_ids:
+                continue
+            self.auditor.record("connection.revoked", subject=credential_id, actor=session.actor)
             session.close(Close.REVOKED, "credential revoked")
 
     # -- views for the admin channel -----------------------------------------------------

@@ -132,8 +132,14 @@ class AdminClient:
     def is_open(self) -> bool:
         return self.conn is not None and self.conn.is_open
 
-    async def request(self, type: str, timeout: float | None = 60.0, **fields: Any) -> Any:
-        """Send one request and return its reply's ``data``; raises :class:`AdminError`."""
+    async def request(
+        self, request_type: str, /, *, reply_timeout: float | None = 60.0, **fields: Any
+    ) -> Any:
+        """Send one request and return its reply's ``data``; raises :class:`AdminError`.
+
+        ``fields`` are the request's own fields (``timeout`` of a dispatch among them);
+        ``reply_timeout`` is how long to wait for the reply.
+        """
         conn = self.conn
         if conn is None or not conn.is_open:
             raise ConnectionError("the admin connection is closed")
@@ -141,8 +147,8 @@ class AdminClient:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         try:
-            conn.send_text(encode({"type": type, "id": request_id, **fields}))
-            async with asyncio.timeout(timeout):
+            conn.send_text(encode({"type": request_type, "id": request_id, **fields}))
+            async with asyncio.timeout(reply_timeout):
                 reply = await future
         finally:
             self._waiting.pop(request_id, None)
