@@ -17,7 +17,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
@@ -113,9 +113,7 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports have asyncio.Transport's methods without subclassing it, so
-        # an isinstance check here refused every connection made on a uvloop event loop.
-        self.transport = cast(asyncio.Transport, transport)
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         peername = transport.get_extra_info("peername")
         if peername:
             self.peer = str(peername[0])

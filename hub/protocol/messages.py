@@ -50,6 +50,7 @@ __all__ = [
     "JobsRequest",
     "Location",
     "Output",
+    "OutputRequest",
     "Reconnect",
     "Register",
     "Reply",
@@ -291,6 +292,13 @@ class JobsRequest(_Request):
     before: Annotated[str, StringConstraints(max_length=256)] | None = None
 
 
+class OutputRequest(_Request):
+    """Tether extension: the stored output chunks of one command."""
+
+    type: Literal["output"]
+    command_id: Ident
+
+
 class AlertsRequest(_Request):
     type: Literal["alerts"]
     filter: Filter = {}
@@ -320,6 +328,7 @@ AdminRequestType = (
     | JobRequest
     | CommandsRequest
     | JobsRequest
+    | OutputRequest
     | AlertsRequest
     | AckAlert
     | AuditRequest

@@ -1,0 +1,261 @@
+"""Alert rules (PROTOCOL §6), evaluated on a tick and on connection events.
+
+An alert is keyed by (rule, subject): a condition that persists keeps one alert open (its
+``last_seen`` moves), and the hub resolves it when the condition clears. Every change is
+stored before it is announced on the ``alerts`` topic.
+
+Correlation: when many agents of one region drop within a short window, the hub raises one
+``mass_disconnect`` for the region and holds back the per-agent ``agent_offline`` alerts of
+that region while it fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from .model import AgentRecord, AlertRecord
+from .store.base import StoreUnavailable
+
+if TYPE_CHECKING:
+    from .app import Hub
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Alerts"]
+
+
+class Alerts:
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.open: dict[tuple[str, str], AlertRecord] = {}
+        #: Agents that went from connected to offline while this hub ran, and since when.
+        self.offline_since: dict[str, float] = {}
+        self._connects: dict[str, deque[float]] = {}
+        self._region_drops: dict[str, deque[float]] = {}
+        self._takeovers: dict[str, float] = {}
+        self._writes: set[asyncio.Future[Any]] = set()
+        hub.registry.on_state = self._state_changed
+
+    async def load(self) -> None:
+        for alert in await self.hub.store.open_alerts():
+            self.open[alert.key] = alert
+
+    def open_views(self) -> list[dict[str, Any]]:
+        return [a.view() for a in self.open.values()]
+
+    # -- inputs --------------------------------------------------------------------------
+
+    def _state_changed(self, record: AgentRecord, old: str) -> None:
+        now = time.monotonic()
+        new = record.state
+        config = self.hub.config
+        if new == "offline" and old in ("online", "stale"):
+            self.offline_since[record.agent_id] = now
+            drops = self._region_drops.setdefault(record.region or "(none)", deque())
+            drops.append(now)
+            while drops and drops[0] < now - config.alert_mass_disconnect_window:
+                drops.popleft()
+        elif new == "online" and old in ("offline", "unknown"):
+            self.offline_since.pop(record.agent_id, None)
+            connects = self._connects.setdefault(record.agent_id, deque(maxlen=64))
+            connects.append(now)
+            self._resolve("agent_offline", record.agent_id)
+
+    def takeover(self, agent_id: str, recent: int) -> None:
+        self._takeovers[agent_id] = time.monotonic()
+        if recent >= self.hub.config.alert_conflict_takeovers:
+            self._raise(
+                "agent_conflict",
+                "critical",
+                agent_id,
+                f"{recent} takeovers of agent id {agent_id} within "
+                f"{self.hub.config.alert_conflict_window:g} s: two processes claim this id",
+            )
+
+    # -- evaluation ----------------------------------------------------------------------
+
+    def evaluate(self) -> None:
+        hub = self.hub
+        config = hub.config
+        registry = hub.registry
+        now = time.monotonic()
+
+        # no_agents
+        known = len(registry.records)
+        if registry.connected == 0 and known >= max(1, config.alert_expected_agents):
+            self._raise("no_agents", "critical", hub.hub_id, f"no agent connected ({known} known)")
+        else:
+            self._resolve("no_agents", hub.hub_id)
+
+        # connection_failures
+        refused = hub.metrics.refusals_window.total()
+        if refused > config.alert_connection_failures_per_min:
+            self._raise(
+                "connection_failures",
+                "warning",
+                hub.hub_id,
+                f"{refused} refused handshakes in the last minute",
+            )
+        elif refused <= config.alert_connection_failures_per_min // 2:
+            self._resolve("connection_failures", hub.hub_id)
+
+        # capacity
+        if config.max_agents:
+            share = registry.connected / config.max_agents
+            if share >= config.alert_capacity_share:
+                self._raise(
+                    "capacity",
+                    "warning",
+                    hub.hub_id,
+                    f"{registry.connected} of {config.max_agents} agent slots in use",
+                )
+            elif share < config.alert_capacity_share * 0.95:
+                self._resolve("capacity", hub.hub_id)
+
+        # mass_disconnect, per region
+        window = config.alert_mass_disconnect_window
+        sizes: dict[str, int] = {}
+        for drops_region in self._region_drops:
+            sizes[drops_region] = 0
+        if self._region_drops:
+            for record in registry.records.values():
+                region = record.region or "(none)"
+                if region in sizes:
+                    sizes[region] += 1
+        storming: set[str] = set()
+        for region, drops in list(self._region_drops.items()):
+            while drops and drops[0] < now - window:
+                drops.popleft()
+            threshold = max(
+                config.alert_mass_disconnect_count,
+                int(config.alert_mass_disconnect_share * sizes.get(region, 0)),
+            )
+            if len(drops) >= threshold:
+                storming.add(region)
+                self._raise(
+                    "mass_disconnect",
+                    "critical",
+                    region,
+                    f"{len(drops)} agents of region {region} disconnected within {window:g} s",
+                )
+            elif not drops:
+                del self._region_drops[region]
+        for key in list(self.open):
+            if key[0] == "mass_disconnect" and key[1] not in storming:
+                region = key[1]
+                offline = sum(
+                    1
+                    for r in registry.records.values()
+                    if (r.region or "(none)") == region
+                    and r.state == "offline"
+                    and r.agent_id in self.offline_since
+                )
+                if offline < config.alert_mass_disconnect_count:
+                    self._resolve("mass_disconnect", region)
+
+        # agent_offline, held back for regions under a mass disconnect
+        held = {key[1] for key in self.open if key[0] == "mass_disconnect"}
+        grace = config.alert_offline_grace
+        for agent_id, since in list(self.offline_since.items()):
+            record = registry.records.get(agent_id)
+            if record is None or record.state != "offline":
+                self.offline_since.pop(agent_id, None)
+                continue
+            if now - since >= grace and (record.region or "(none)") not in held:
+                self._raise(
+                    "agent_offline",
+                    "warning",
+                    agent_id,
+                    f"agent {agent_id} offline for more than {grace:g} s",
+                )
+
+        # agent_flapping
+        flap_window = config.alert_flapping_window
+        for agent_id, connects in list(self._connects.items()):
+            while connects and connects[0] < now - flap_window:
+                connects.popleft()
+            if len(connects) >= config.alert_flapping_reconnects:
+                self._raise(
+                    "agent_flapping",
+                    "warning",
+                    agent_id,
+                    f"agent {agent_id} reconnected {len(connects)} times in {flap_window:g} s",
+                )
+            elif not connects:
+                del self._connects[agent_id]
+                self._resolve("agent_flapping", agent_id)
+            elif len(connects) < config.alert_flapping_reconnects // 2 + 1:
+                self._resolve("agent_flapping", agent_id)
+
+        # agent_conflict clears once a window passes without takeovers
+        for agent_id, last in list(self._takeovers.items()):
+            if now - last > config.alert_conflict_window:
+                del self._takeovers[agent_id]
+                self._resolve("agent_conflict", agent_id)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def _raise(self, rule: str, severity: str, subject: str, message: str) -> None:
+        now = time.time()
+        alert = self.open.get((rule, subject))
+        if alert is not None:
+            alert.last_seen = now
+            alert.message = message
+            return
+        alert = AlertRecord(
+            alert_id=secrets.token_hex(8),
+            rule=rule,
+            severity=severity,
+            subject=subject,
+            first_seen=now,
+            last_seen=now,
+            message=message,
+        )
+        self.open[alert.key] = alert
+        self.hub.auditor.record("alert.raised", subject=alert.alert_id, rule=rule, about=subject)
+        self._save_and_announce(alert, "raised")
+
+    def _resolve(self, rule: str, subject: str) -> None:
+        alert = self.open.pop((rule, subject), None)
+        if alert is None:
+            return
+        alert.state = "resolved"
+        alert.resolved_at = alert.last_seen = time.time()
+        self.hub.auditor.record("alert.resolved", subject=alert.alert_id, rule=rule, about=subject)
+        self._save_and_announce(alert, "resolved")
+
+    async def acknowledge(
+        self, alert_id: str, actor: str, comment: str | None
+    ) -> dict[str, Any] | None:
+        alert = next((a for a in self.open.values() if a.alert_id == alert_id), None)
+        if alert is None:
+            return None
+        alert.state = "acknowledged"
+        alert.acknowledged_by = actor
+        alert.acknowledged_at = time.time()
+        alert.comment = comment
+        await self.hub.store.save_alert(alert)
+        self.hub.auditor.record("alert.acknowledged", actor=actor, subject=alert_id)
+        view = alert.view()
+        self.hub.bus.publish("alerts", "acknowledged", alert.alert_id, alert=view)
+        return view
+
+    def _save_and_announce(self, alert: AlertRecord, kind: str) -> None:
+        view = alert.view()
+
+        async def save() -> None:
+            try:
+                await self.hub.store.save_alert(alert)
+            except StoreUnavailable:
+                log.error("could not store alert %s", alert.alert_id)
+                return
+            self.hub.bus.publish("alerts", kind, alert.alert_id, alert=view)
+
+        task = asyncio.ensure_future(save())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)

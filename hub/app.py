@@ -1,0 +1,376 @@
+"""The hub process: wires store, credentials, registry, ledger, alerts and server together,
+runs the periodic work, and shuts down cleanly on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import ssl
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from .admin import RequestError
+from .admission import FailureTracker, TokenBucket
+from .alerts import Alerts
+from .audit import Auditor
+from .auth import Credentials, Principal
+from .bus import Bus
+from .config import HubConfig, parse_listen
+from .ledger import Ledger
+from .metrics import Metrics
+from .model import AgentRecord
+from .protocol.codec import encode
+from .protocol.constants import Close
+from .protocol.messages import CancelRequest
+from .registry import Registry
+from .server import HubConnection
+from .store.base import Store, StoreUnavailable
+from .store.sqlite import SQLiteStore
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Events", "Hub"]
+
+#: Agents a snapshot or listing turns into views per turn of the event loop.
+VIEW_CHUNK = 2_000
+
+
+class Events:
+    """Announcements about agents, coalesced per agent id in subscriber queues."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    def agent(self, record: AgentRecord, kind: str, **extra: Any) -> None:
+        if self.bus.wanted("agents"):
+            self.bus.publish("agents", kind, record.agent_id, agent=record.view(), **extra)
+
+
+class Hub:
+    def __init__(self, config: HubConfig, store: Store | None = None) -> None:
+        self.config = config
+        self.hub_id = config.hub_id
+        self.store: Store = store or SQLiteStore(config.data_dir)
+        self.bus = Bus()
+        self.events = Events(self.bus)
+        self.metrics = Metrics()
+        self.auditor = Auditor(self.store, self.bus, self.hub_id)
+        self.credentials = Credentials(self.store)
+        self.credentials.on_revoked = self._revoked
+        self.registry = Registry(self.hub_id)
+        self.ledger = Ledger(
+            config, self.store, self.registry, self.bus, self.metrics, self.auditor, self._send
+        )
+        self.alerts = Alerts(self)
+        self.failures = FailureTracker(
+            config.auth_failure_limit, config.auth_failure_window, config.auth_cooloff
+        )
+        self.handshake_rate = TokenBucket(
+            config.max_handshakes_per_second, config.max_handshakes_per_second
+        )
+        self.admins: set[Any] = set()
+        self.tasks: set[asyncio.Future[Any]] = set()
+        self.pending_handshakes = 0
+        self.started_at = time.time()
+        self.store_ready = False
+        self.stopping = False
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self._takeovers: dict[str, deque[float]] = {}
+        self._loops: list[asyncio.Task[None]] = []
+        interval = config.heartbeat_interval
+        self.heartbeat_interval_wire: float = (
+            int(interval) if interval == int(interval) else interval
+        )
+        self.metrics.agent_states = self.registry.state_counts
+        self.metrics.admin_clients = lambda: len(self.admins)
+        self.metrics.commands_in_flight = lambda: self.ledger.in_flight
+
+    # -- start and stop ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self.config
+        await self.store.open()
+        self.store_ready = True
+        await self.credentials.load()
+        self.registry.load(await self.store.load_agents())
+        await self.ledger.load()
+        await self.alerts.load()
+        host, port = parse_listen(config.listen)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: HubConnection(self),
+            host,
+            port,
+            ssl=self.ssl_context(),
+            backlog=4096,
+            reuse_address=True,
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        self._loops = [
+            asyncio.create_task(
+                self._every(min(1.0, config.heartbeat_interval / 4), self._sweep), name="sweep"
+            ),
+            asyncio.create_task(
+                self._every(config.heartbeat_flush_interval, self._flush_heartbeats),
+                name="heartbeats",
+            ),
+            asyncio.create_task(
+                self._every(config.credential_sync_interval, self._sync_credentials),
+                name="credentials",
+            ),
+            asyncio.create_task(self._every(1.0, self._tick), name="tick"),
+            asyncio.create_task(self._every(5.0, self._check_store), name="readiness"),
+            asyncio.create_task(self._every(3600.0, self._prune), name="prune"),
+        ]
+        self.auditor.record("hub.start", subject=self.hub_id, listen=config.listen)
+        log.info("hub %s listening on %s:%d", self.hub_id, host, self.port)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        config = self.config
+        if config.tls_cert is None:
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+        if config.client_ca is not None:
+            context.load_verify_locations(config.client_ca)
+            # Optional at the TLS layer: /healthz and friends never need a certificate;
+            # /ws and /admin enforce --require-client-cert after the handshake.
+            context.verify_mode = ssl.CERT_OPTIONAL
+        return context
+
+    async def stop(self) -> None:
+        """Drain: stop accepting, send agents elsewhere with a spread, save, close."""
+        if self.stopping:
+            return
+        self.stopping = True
+        config = self.config
+        if self.server is not None:
+            self.server.close()
+        spread = config.reconnect_spread_ms
+        for session in list(self.registry.live.values()):
+            after = random.randint(0, spread) if spread else 0
+            session.send(encode({"type": "reconnect", "after_ms": after, "reason": "draining"}))
+            session.close(Close.SERVICE_RESTART, "hub restarting")
+        for admin in list(self.admins):
+            admin.close(Close.GOING_AWAY, "hub going away")
+        deadline = time.monotonic() + config.shutdown_timeout
+        while (self.registry.live or self.admins) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.registry.live.values()):
+            session.conn.abort()
+        for admin in list(self.admins):
+            admin.conn.abort()
+        await asyncio.sleep(0)
+        for task in self._loops:
+            task.cancel()
+        for task in self._loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._flush_heartbeats(force=True)
+        self.auditor.record("hub.stop", subject=self.hub_id)
+        await self.ledger.drain()
+        await self.auditor.drain()
+        for task in list(self.tasks):
+            task.cancel()
+        await self.store.flush()
+        await self.store.close()
+        log.info("hub %s stopped", self.hub_id)
+
+    async def serve_forever(self) -> None:
+        """Run until SIGTERM or SIGINT, then drain and return."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("signal received: draining")
+        await self.stop()
+
+    # -- periodic work -------------------------------------------------------------------
+
+    async def _every(self, interval: float, work: Any) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                result = work()
+                if asyncio.iscoroutine(result):
+                    await result
+            except asyncio.CancelledError:
+                raise
+            except StoreUnavailable as exc:
+                log.warning("%s: store unavailable: %s", getattr(work, "__name__", work), exc)
+            except Exception:
+                log.exception("periodic %s failed", getattr(work, "__name__", work))
+
+    def _sweep(self) -> None:
+        now = time.time()
+        interval = self.config.heartbeat_interval
+        for session in list(self.registry.live.values()):
+            session.check_liveness(now, interval)  # type: ignore[attr-defined]
+        self.ledger.tick()
+        if now - self.started_at > max(60.0, 3 * interval + self.config.reconnect_spread_ms / 1000):
+            for record in self.registry.records.values():
+                if record.state == "unknown":
+                    record.connected_at = None
+                    self.registry.set_state(record, "offline")
+                    self.events.agent(record, "updated")
+
+    _last_sample = 0.0
+
+    def _flush_heartbeats(self, force: bool = False) -> None:
+        now = time.time()
+        samples = now - self._last_sample >= self.config.heartbeat_sample_interval
+        dirty = [r for r in self.registry.records.values() if r.dirty]
+        if not dirty and not force:
+            return
+        for record in dirty:
+            record.dirty = False
+        if samples:
+            self._last_sample = now
+        self.store.save_heartbeats(dirty, samples)
+
+    async def _sync_credentials(self) -> None:
+        await self.credentials.sync()
+
+    def _tick(self) -> None:
+        if self.bus.wanted("metrics"):
+            self.bus.publish("metrics", "tick", "tick", stats=self.stats())
+        self.alerts.evaluate()
+
+    async def _check_store(self) -> None:
+        self.store_ready = await self.store.ping()
+
+    def _prune(self) -> None:
+        self.store.prune(time.time() - self.config.heartbeat_retention)
+
+    # -- hooks for sessions --------------------------------------------------------------
+
+    def not_ready_reason(self) -> str:
+        if self.stopping:
+            return "draining"
+        if not self.store_ready:
+            return "store unavailable"
+        return ""
+
+    def authenticate(self, token: str, conn: HubConnection) -> Principal:
+        return self.credentials.authenticate(token)
+
+    def certificate_identity(self, conn: HubConnection) -> Principal | None:
+        return None
+
+    def _send(self, agent_id: str, data: bytes) -> bool:
+        session = self.registry.live.get(agent_id)
+        return session is not None and session.send(data)
+
+    def on_takeover(self, agent_id: str, peer: str) -> None:
+        now = time.monotonic()
+        window = self.config.alert_conflict_window
+        takeovers = self._takeovers.setdefault(agent_id, deque(maxlen=32))
+        takeovers.append(now)
+        while takeovers and takeovers[0] < now - window:
+            takeovers.popleft()
+        self.auditor.record("agent.takeover", subject=agent_id, source=peer, recent=len(takeovers))
+        self.alerts.takeover(agent_id, len(takeovers))
+        if len(self._takeovers) > 10_000:
+            for key in [k for k, v in self._takeovers.items() if not v or v[-1] < now - window]:
+                del self._takeovers[key]
+
+    def _revoked(self, credential_ids: set[str]) -> None:
+        sessions: list[Any] = [*self.registry.live.values(), *self.admins]
+        for session in sessions:
+            credential_id = session.principal.credential_id
+            if credential_id not in credential_ids:
+                continue
+            self.auditor.record("connection.revoked", subject=credential_id, actor=session.actor)
+            session.close(Close.REVOKED, "credential revoked")
+
+    # -- views for the admin channel -----------------------------------------------------
+
+    async def views(self, records: Iterable[AgentRecord]) -> list[dict[str, Any]]:
+        """Agent views, yielding to the event loop between chunks (big fleets)."""
+        views = []
+        for index, record in enumerate(records, 1):
+            views.append(record.view())
+            if index % VIEW_CHUNK == 0:
+                await asyncio.sleep(0)
+        return views
+
+    def stats(self) -> dict[str, Any]:
+        return self.metrics.stats({self.hub_id: self.registry.connected})
+
+    async def snapshot(self, topics: frozenset[str]) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        if "agents" in topics:
+            data["agents"] = await self.views(self.registry.records.values())
+        if "commands" in topics:
+            page = await self.store.commands({}, 100, None)
+            data["commands"] = page.items
+        if "alerts" in topics:
+            data["alerts"] = self.alerts.open_views()
+        if "metrics" in topics:
+            data["metrics"] = self.stats()
+        if "audit" in topics:
+            page = await self.store.audit_entries({}, 100, None)
+            data["audit"] = page.items
+        return data
+
+    async def agent_detail(self, agent_id: str) -> dict[str, Any]:
+        record = self.registry.records.get(agent_id)
+        if record is None:
+            raise RequestError("not_found", "no such agent")
+        history = await self.store.agent_history(agent_id)
+        page = await self.store.commands({"agent_id": agent_id}, 100, None)
+        return {
+            "agent": record.view(),
+            "heartbeats": history["heartbeats"],
+            "sessions": history["sessions"],
+            "commands": page.items,
+        }
+
+    async def job_detail(self, job_id: str) -> dict[str, Any]:
+        stored = await self.store.job(job_id)
+        if stored is None:
+            raise RequestError("not_found", "no such job")
+        live = self.ledger.job_view(job_id)
+        if live is not None:
+            stored["job"] = live
+        unfinished = {c.command_id: c for c in self.ledger.commands.values() if c.job_id == job_id}
+        if unfinished:
+            stored["commands"] = [
+                unfinished[c["command_id"]].view() if c["command_id"] in unfinished else c
+                for c in stored["commands"]
+            ]
+        return stored
+
+    def overlay_jobs(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [self.ledger.job_view(item["job_id"]) or item for item in items]
+
+    async def cancel(self, request: CancelRequest, actor: str) -> dict[str, Any]:
+        self.auditor.record(
+            "admin.cancel", actor=actor, subject=request.job_id or request.command_id
+        )
+        if request.job_id is not None:
+            outcome = self.ledger.cancel_job(request.job_id, actor)
+            if outcome is None:
+                if await self.store.job(request.job_id) is None:
+                    raise RequestError("not_found", "no such job")
+                return {"cancelled": [], "requested": [], "finished": True}
+            return {**outcome, "finished": False}
+        assert request.command_id is not None
+        result = self.ledger.cancel_command(request.command_id, actor)
+        if result == "finished" and await self.store.command(request.command_id) is None:
+            raise RequestError("not_found", "no such command")
+        return {
+            "cancelled": [request.command_id] if result == "cancelled" else [],
+            "requested": [request.command_id] if result == "requested" else [],
+            "finished": result == "finished",
+        }

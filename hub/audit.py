@@ -1,0 +1,114 @@
+"""The audit trail: who did what, from where, stored durably and streamed to admins.
+
+Entries made during one turn of the event loop reach the store together, in one write.
+Strings that came from the network are stored as given (they are data, never markup) but
+secrets never enter an entry: callers pass credential ids, not tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from .bus import Bus
+from .protocol.times import format_time
+from .store.base import AuditEntry, Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Auditor"]
+
+#: Entries waiting for the store beyond this are dropped (and counted): an audit flood
+#: must not grow the hub without bound when the disk cannot keep up.
+MAX_PENDING = 100_000
+
+
+class Auditor:
+    def __init__(self, store: Store, bus: Bus, hub_id: str) -> None:
+        self.store = store
+        self.bus = bus
+        self.hub_id = hub_id
+        self.dropped = 0
+        self._pending: list[AuditEntry] = []
+        self._scheduled = False
+        self._inflight: set[asyncio.Future[None]] = set()
+
+    def entry(
+        self,
+        action: str,
+        *,
+        actor: str | None = None,
+        subject: str | None = None,
+        source: str | None = None,
+        **detail: Any,
+    ) -> AuditEntry:
+        """Build an entry (and announce it) without queuing it; for atomic writes."""
+        entry = AuditEntry(
+            ts=time.time(),
+            action=action,
+            actor=actor,
+            subject=subject,
+            source=source,
+            detail=detail or None,
+            hub_id=self.hub_id,
+        )
+        if self.bus.wanted("audit"):
+            self.bus.publish("audit", "entry", None, entry=self.view(entry))
+        return entry
+
+    def record(
+        self,
+        action: str,
+        *,
+        actor: str | None = None,
+        subject: str | None = None,
+        source: str | None = None,
+        **detail: Any,
+    ) -> None:
+        """Queue an entry for the next batched write."""
+        if len(self._pending) >= MAX_PENDING:
+            self.dropped += 1
+            return
+        self._pending.append(
+            self.entry(action, actor=actor, subject=subject, source=source, **detail)
+        )
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        entries, self._pending = self._pending, []
+        if not entries:
+            return
+        try:
+            future = asyncio.ensure_future(self.store.audit(entries))
+        except StoreUnavailable:
+            log.error("audit store unavailable; %d entries lost", len(entries))
+            return
+        self._inflight.add(future)
+        future.add_done_callback(self._done)
+
+    def _done(self, future: asyncio.Future[None]) -> None:
+        self._inflight.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.error("audit write failed: %s", future.exception())
+
+    async def drain(self) -> None:
+        """Wait for every queued entry to be stored."""
+        self._flush()
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    def view(self, entry: AuditEntry) -> dict[str, Any]:
+        return {
+            "time": format_time(entry.ts),
+            "hub_id": entry.hub_id,
+            "action": entry.action,
+            "actor": entry.actor,
+            "subject": entry.subject,
+            "source": entry.source,
+            "detail": entry.detail,
+        }

@@ -1,0 +1,691 @@
+"""``tether-hub``: run a hub, manage credentials, and drive a hub from scripts.
+
+Exit status (DESIGN.md): 0 success; 1 a command that ran and did not succeed; 2 usage or
+connection errors, with a one-line reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn
+
+import orjson
+
+from .protocol.client import AdminClient, AdminError, HandshakeRefused, tls_context
+
+__all__ = ["main"]
+
+AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+LIMIT = re.compile(r"^(\d+|(100|[1-9]?[0-9])%)$")
+
+
+class UsageError(Exception):
+    """Exit 2 with this message."""
+
+
+class Failed(Exception):
+    """The command ran and did not succeed: exit 1."""
+
+
+def _dump(value: Any, pretty: bool = False) -> str:
+    option = orjson.OPT_INDENT_2 if pretty else 0
+    return orjson.dumps(value, option=option).decode()
+
+
+def _env_hub() -> str | None:
+    value = os.environ.get("TETHER_HUB_URL")
+    return value.split(",")[0].strip() if value else None
+
+
+# -- parser --------------------------------------------------------------------------------
+
+
+def _store_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=os.environ.get("TETHER_DATA_DIR"))
+    parser.add_argument("--redis", default=os.environ.get("TETHER_REDIS_URL"))
+    parser.add_argument("--config", help="TOML configuration file")
+
+
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hub", default=_env_hub(), help="ws:// or wss:// base URL")
+    parser.add_argument("--token", default=os.environ.get("TETHER_TOKEN"), help="admin token")
+    parser.add_argument("--ca-file", help="CA bundle to verify the hub's certificate")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="DANGEROUS: do not verify the hub's TLS certificate",
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tether-hub", description="The Tether hub.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the hub")
+    serve.add_argument("--listen", default=None, help="HOST:PORT (default 127.0.0.1:8765)")
+    _store_options(serve)
+    serve.add_argument("--hub-id")
+    serve.add_argument("--tls-cert")
+    serve.add_argument("--tls-key")
+    serve.add_argument("--client-ca")
+    serve.add_argument("--require-client-cert", action="store_true", default=None)
+    serve.add_argument("--jwt-key", help="PEM public key (RS256/ES256) for agent JWTs")
+    serve.add_argument("--jwt-secret-file", help="file holding the HS256 secret for agent JWTs")
+    serve.add_argument("--allowed-origin", action="append", default=[], dest="allowed_origins")
+    serve.add_argument("--max-agents", type=int)
+    serve.add_argument("--heartbeat-interval", type=float)
+    serve.add_argument("--log-level")
+    serve.add_argument("--log-json", action="store_true", default=None)
+
+    token = commands.add_parser("token", help="manage credentials")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser("create", help="create a credential; prints its secret")
+    _store_options(create)
+    kind = create.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--agent", metavar="ID", help="an agent key bound to this agent id")
+    kind.add_argument("--enroll", action="store_true", help="an enrollment key")
+    kind.add_argument("--admin", action="store_true", help="an admin token")
+    create.add_argument("--ttl", type=float, help="expiry in seconds (enrollment keys)")
+    create.add_argument("--uses", type=int, help="number of new agents it may enroll")
+    create.add_argument("--pattern", help="agent id glob the enrollment key is limited to")
+    create.add_argument("--role", choices=("viewer", "operator", "admin"))
+    create.add_argument("--name")
+    create.add_argument("--json", action="store_true")
+    listing = token_commands.add_parser("list", help="list credentials (never secrets)")
+    _store_options(listing)
+    listing.add_argument("--json", action="store_true")
+    revoke = token_commands.add_parser("revoke", help="revoke a credential by id")
+    _store_options(revoke)
+    revoke.add_argument("token_id", metavar="TOKEN_ID")
+    revoke.add_argument("--json", action="store_true")
+
+    agents = commands.add_parser("agents", help="list agents")
+    _client_options(agents)
+    agents.add_argument("--selector", action="append", default=[], metavar="KEY=GLOB")
+
+    send = commands.add_parser("send", help="dispatch a command")
+    _client_options(send)
+    send.add_argument("--agent", action="extend", nargs="+", default=[], metavar="ID")
+    send.add_argument("--selector", action="extend", nargs="+", default=[], metavar="KEY=GLOB")
+    send.add_argument("name", metavar="NAME", nargs="?")
+    send.add_argument("--args", default="{}", help="arguments as a JSON object")
+    send.add_argument("--timeout", type=float, default=60.0)
+    send.add_argument("--ttl", type=float, default=600.0)
+    send.add_argument("--max-concurrency", metavar="N|P%")
+    send.add_argument("--max-errors", metavar="N|P%")
+    send.add_argument("--wait", action="store_true", help="wait until every target finished")
+    send.add_argument("--wait-timeout", type=float)
+
+    tail = commands.add_parser("tail", help="print events as they happen")
+    _client_options(tail)
+    tail.add_argument(
+        "--topic",
+        action="append",
+        default=[],
+        choices=("agents", "commands", "alerts", "metrics", "audit"),
+    )
+
+    jobs = commands.add_parser("jobs", help="list jobs, newest first")
+    _client_options(jobs)
+    jobs.add_argument("--state")
+    jobs.add_argument("--limit", type=int, default=50)
+
+    job = commands.add_parser("job", help="one job and its commands")
+    _client_options(job)
+    job.add_argument("job_id", metavar="JOB_ID")
+
+    cancel = commands.add_parser("cancel", help="cancel a job or a command")
+    _client_options(cancel)
+    target = cancel.add_mutually_exclusive_group(required=True)
+    target.add_argument("--job", metavar="JOB_ID")
+    target.add_argument("--command", metavar="COMMAND_ID", dest="command_id")
+
+    alerts = commands.add_parser("alerts", help="list alerts")
+    _client_options(alerts)
+    alerts.add_argument("--state", choices=("firing", "acknowledged", "resolved", "open", "all"))
+    alerts.add_argument("--limit", type=int, default=100)
+
+    ack = commands.add_parser("ack", help="acknowledge an alert")
+    _client_options(ack)
+    ack.add_argument("alert_id", metavar="ALERT_ID")
+    ack.add_argument("--comment")
+
+    audit = commands.add_parser("audit", help="read the audit log (admin role)")
+    _client_options(audit)
+    audit.add_argument("--action")
+    audit.add_argument("--subject")
+    audit.add_argument("--limit", type=int, default=100)
+    audit.add_argument("--before")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            code = _serve(args)
+        elif args.command == "token":
+            code = _run(_token(args))
+        else:
+            code = _run(_client_command(args))
+    except UsageError as exc:
+        print(f"tether-hub: {exc}", file=sys.stderr)
+        code = 2
+    except Failed as exc:
+        if str(exc):
+            print(f"tether-hub: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def _run(coroutine: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(coroutine)
+    except ImportError:
+        return asyncio.run(coroutine)
+
+
+# -- serve ---------------------------------------------------------------------------------
+
+
+def _config_from(args: argparse.Namespace) -> Any:
+    from .config import load_config
+
+    flags = {
+        name: getattr(args, name, None)
+        for name in (
+            "listen",
+            "hub_id",
+            "tls_cert",
+            "tls_key",
+            "client_ca",
+            "require_client_cert",
+            "jwt_key",
+            "jwt_secret_file",
+            "allowed_origins",
+            "max_agents",
+            "heartbeat_interval",
+            "log_level",
+            "log_json",
+        )
+    }
+    flags["data_dir"] = args.data_dir
+    flags["redis_url"] = args.redis
+    try:
+        return load_config(args.config, flags)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .app import Hub
+    from .logs import configure_logging
+
+    config = _config_from(args)
+    no_store = args.data_dir is None and config.redis_url is None and args.config is None
+    if no_store and "TETHER_DATA_DIR" not in os.environ:
+        raise UsageError("serve needs --data-dir (or TETHER_DATA_DIR)")
+    configure_logging(config.log_level, config.log_json)
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if config.require_client_cert and config.client_ca is None:
+        raise UsageError("--require-client-cert needs --client-ca")
+
+    async def serve() -> int:
+        hub = Hub(config)
+        try:
+            await hub.serve_forever()
+        except OSError as exc:
+            print(f"tether-hub: cannot listen on {config.listen}: {exc}", file=sys.stderr)
+            return 2
+        return 0
+
+    return _run(serve())
+
+
+# -- token ---------------------------------------------------------------------------------
+
+
+async def _token(args: argparse.Namespace) -> int:
+    from .auth import Credentials
+    from .config import load_config
+    from .store.sqlite import SQLiteStore
+
+    if args.redis:
+        raise UsageError("the Redis store is not available in this build; use --data-dir")
+    data_dir = args.data_dir
+    if data_dir is None and args.config:
+        data_dir = str(load_config(args.config).data_dir)
+    if data_dir is None:
+        raise UsageError("token commands need --data-dir (or TETHER_DATA_DIR)")
+    store = SQLiteStore(data_dir, readers=1)
+    try:
+        await store.open()
+    except Exception as exc:
+        raise UsageError(f"cannot open the store in {data_dir}: {exc}") from None
+    try:
+        credentials = Credentials(store)
+        action = args.token_command
+        if action == "create":
+            return await _token_create(args, credentials, store)
+        if action == "list":
+            records = await store.credentials()
+            listing = [r.listing() for r in records]
+            if args.json:
+                print(_dump(listing))
+            else:
+                print(f"{'ID':<14}{'KIND':<8}{'AGENT/ROLE':<28}{'USES':<6}{'EXPIRES':<26}REVOKED")
+                for item in listing:
+                    who = item["agent_id"] or item["role"] or item["pattern"] or ""
+                    uses = "" if item["uses_left"] is None else str(item["uses_left"])
+                    print(
+                        f"{item['id']:<14}{item['kind']:<8}{who[:27]:<28}{uses:<6}"
+                        f"{item['expires_at'] or '':<26}{'yes' if item['revoked'] else 'no'}"
+                    )
+            return 0
+        record = await store.revoke_credential(args.token_id)
+        if record is None:
+            raise Failed(f"no credential with id {args.token_id}")
+        from .audit import Auditor
+        from .bus import Bus
+
+        auditor = Auditor(store, Bus(), "cli")
+        await store.audit([auditor.entry("credential.revoked", actor="cli", subject=record.id)])
+        if args.json:
+            print(_dump(record.listing()))
+        else:
+            print(f"revoked {record.id}")
+        return 0
+    finally:
+        await store.close()
+
+
+async def _token_create(args: argparse.Namespace, credentials: Any, store: Any) -> int:
+    from .audit import Auditor
+    from .bus import Bus
+
+    if args.agent is not None:
+        if not AGENT_ID.match(args.agent):
+            raise UsageError(f"invalid agent id {args.agent!r}")
+        record, token = credentials.make("agent", agent_id=args.agent, name=args.name)
+    elif args.enroll:
+        if args.uses is not None and args.uses < 1:
+            raise UsageError("--uses must be at least 1")
+        if args.ttl is not None and args.ttl <= 0:
+            raise UsageError("--ttl must be positive")
+        record, token = credentials.make(
+            "enroll", uses=args.uses, ttl=args.ttl, pattern=args.pattern, name=args.name
+        )
+    else:
+        if args.role is None:
+            raise UsageError("--admin needs --role viewer|operator|admin")
+        record, token = credentials.make("admin", role=args.role, name=args.name)
+    await store.add_credential(record)
+    auditor = Auditor(store, Bus(), "cli")
+    await store.audit(
+        [auditor.entry("credential.created", actor="cli", subject=record.id, kind=record.kind)]
+    )
+    if args.json:
+        print(_dump({"id": record.id, "token": token}))
+    else:
+        print(token)
+    return 0
+
+
+# -- client commands ------------------------------------------------------------------------
+
+
+def _selector(pairs: list[str]) -> dict[str, Any]:
+    selector: dict[str, Any] = {}
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise UsageError(f"--selector needs KEY=GLOB, got {pair!r}")
+        if key in ("agent_id", "region", "platform", "status"):
+            selector[key] = value
+        else:
+            labels[key] = value
+    if labels:
+        selector["labels"] = labels
+    return selector
+
+
+def _limit(value: str | None, option: str) -> int | str | None:
+    if value is None:
+        return None
+    if not LIMIT.match(value):
+        raise UsageError(f"{option} needs a count or a percentage, got {value!r}")
+    return value if value.endswith("%") else int(value)
+
+
+async def _client_command(args: argparse.Namespace) -> int:
+    if not args.hub:
+        raise UsageError("--hub is required (or TETHER_HUB_URL)")
+    if not args.token:
+        raise UsageError("--token is required (or TETHER_TOKEN)")
+    if not args.hub.startswith(("ws://", "wss://")):
+        raise UsageError(f"--hub needs a ws:// or wss:// URL, got {args.hub!r}")
+    handler: Callable[[AdminClient, argparse.Namespace], Coroutine[Any, Any, int]] = {
+        "agents": _agents,
+        "send": _send,
+        "tail": _tail,
+        "jobs": _jobs,
+        "job": _job,
+        "cancel": _cancel,
+        "alerts": _alerts,
+        "ack": _ack,
+        "audit": _audit,
+    }[args.command]
+    if args.command == "send":
+        _check_send(args)
+    context = None
+    if args.hub.startswith("wss://"):
+        try:
+            context = tls_context(args.ca_file, args.insecure)
+        except OSError as exc:
+            raise UsageError(f"cannot read --ca-file: {exc}") from None
+        if args.insecure:
+            print("tether-hub: WARNING: TLS verification is off (--insecure)", file=sys.stderr)
+    client = AdminClient(args.hub, args.token, ssl_context=context)
+    try:
+        await client.open()
+    except HandshakeRefused as exc:
+        reason = exc.error or "refused"
+        raise UsageError(f"the hub refused the connection: HTTP {exc.status} {reason}") from None
+    except (OSError, TimeoutError, ConnectionError) as exc:
+        raise UsageError(f"cannot connect to {args.hub}: {exc or type(exc).__name__}") from None
+    try:
+        return await handler(client, args)
+    except AdminError as exc:
+        if exc.code in ("forbidden", "unavailable", "invalid_message"):
+            raise UsageError(f"{exc.code}: {exc.message}") from None
+        raise Failed(f"{exc.code}: {exc.message}") from None
+    except ConnectionError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        await client.close()
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(v)) for v in column) for column in zip(header, *rows, strict=False)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)))
+    for row in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=False)))
+
+
+async def _agents(client: AdminClient, args: argparse.Namespace) -> int:
+    fields: dict[str, Any] = {}
+    if args.selector:
+        fields["selector"] = _selector(args.selector)
+    data = await client.request("agents", **fields)
+    agents = data["agents"]
+    if args.json:
+        print(_dump(agents))
+        return 0
+    _table(
+        [
+            [a["agent_id"], a["state"], a.get("status") or "", a["region"], a["platform"],
+             a["version"], a.get("last_seen") or ""]
+            for a in agents
+        ],
+        ["AGENT", "STATE", "STATUS", "REGION", "PLATFORM", "VERSION", "LAST SEEN"],
+    )  # fmt: skip
+    return 0
+
+
+def _check_send(args: argparse.Namespace) -> None:
+    if args.name is None:
+        # "--agent a b NAME" style: the last value belongs to NAME.
+        if args.agent and not args.selector:
+            args.name = args.agent.pop()
+        elif args.selector and "=" not in args.selector[-1]:
+            args.name = args.selector.pop()
+    if args.name is None:
+        raise UsageError("send needs a command NAME")
+    if bool(args.agent) == bool(args.selector):
+        raise UsageError("send needs --agent ID ... or --selector KEY=GLOB ... (not both)")
+    try:
+        parsed = orjson.loads(args.args)
+    except orjson.JSONDecodeError as exc:
+        raise UsageError(f"--args is not JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise UsageError("--args must be a JSON object")
+    args.args_value = parsed
+    for agent_id in args.agent:
+        if not AGENT_ID.match(agent_id):
+            raise UsageError(f"invalid agent id {agent_id!r}")
+    args.concurrency_value = _limit(args.max_concurrency, "--max-concurrency")
+    args.errors_value = _limit(args.max_errors, "--max-errors")
+
+
+async def _send(client: AdminClient, args: argparse.Namespace) -> int:
+    target: dict[str, Any] = (
+        {"agent_ids": args.agent} if args.agent else {"selector": _selector(args.selector)}
+    )
+    request: dict[str, Any] = {
+        "target": target,
+        "name": args.name,
+        "args": args.args_value,
+        "timeout": args.timeout,
+        "ttl": args.ttl,
+    }
+    if args.concurrency_value is not None:
+        request["max_concurrency"] = args.concurrency_value
+    if args.errors_value is not None:
+        request["max_errors"] = args.errors_value
+    if args.wait:
+        # Subscribe first so no state change slips between dispatch and waiting.
+        await client.request("subscribe", topics=["commands"])
+    try:
+        data = await client.request("dispatch", **request)
+    except AdminError as exc:
+        if exc.code in ("not_found", "unsupported"):
+            if args.json:
+                print(_dump({"ok": False, "error": {"code": exc.code, "message": exc.message}}))
+            raise Failed(f"the hub refused the dispatch: {exc.code}: {exc.message}") from None
+        raise
+    if not args.wait:
+        print(_dump(data, pretty=not args.json))
+        return 1 if data.get("refused") else 0
+    deadline = time.monotonic() + (args.wait_timeout or (args.ttl + args.timeout + 10))
+    result = await _wait_job(client, data["job_id"], deadline, progress=not args.json)
+    if args.json:
+        result["refused"] = data.get("refused", [])
+        print(_dump(result))
+    else:
+        _print_job(result, data.get("refused", []))
+    commands = result["commands"]
+    ok = (
+        not data.get("refused")
+        and result["job"]["state"] == "succeeded"
+        and all(c["state"] == "succeeded" for c in commands)
+    )
+    return 0 if ok else 1
+
+
+async def _wait_job(
+    client: AdminClient, job_id: str, deadline: float, progress: bool
+) -> dict[str, Any]:
+    show = progress and sys.stderr.isatty()
+    events = client.events()
+    while True:
+        detail = await client.request("job", job_id=job_id)
+        job = detail["job"]
+        if show:
+            counts = job["counts"]
+            done = sum(v for k, v in counts.items() if k not in ("queued", "sent", "acked"))
+            total = job["total"] or 1
+            width = 30
+            filled = int(width * done / total)
+            print(
+                f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+                + " ".join(f"{k}={v}" for k, v in sorted(counts.items())),
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+        if job["state"] != "running":
+            if show:
+                print(file=sys.stderr)
+            return detail
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            if show:
+                print(file=sys.stderr)
+            return detail
+        try:
+            async with asyncio.timeout(min(1.0, remaining)):
+                async for event in events:
+                    command = event.get("command") or {}
+                    if command.get("job_id") == job_id or event.get("type") != "event":
+                        break
+        except TimeoutError:
+            pass
+
+
+def _print_job(detail: dict[str, Any], refused: list[dict[str, str]]) -> None:
+    job = detail["job"]
+    print(f"job {job['job_id']} {job['name']}: {job['state']} ({job['total']} targets)")
+    rows = []
+    for command in detail["commands"]:
+        result = command.get("result") or {}
+        summary = result.get("error") or ""
+        if not summary and result.get("data") is not None:
+            summary = _dump(result["data"])[:80]
+        exit_code = result.get("exit_code")
+        rows.append(
+            [command["agent_id"], command["state"], "" if exit_code is None else exit_code, summary]
+        )
+    for item in refused:
+        rows.append([item["agent_id"], f"refused ({item['code']})", "", ""])
+    _table(rows, ["AGENT", "STATE", "EXIT", "RESULT"])
+
+
+async def _tail(client: AdminClient, args: argparse.Namespace) -> int:
+    topics = args.topic or ["agents", "commands", "alerts"]
+    await client.request("subscribe", topics=topics)
+    async for event in client.events():
+        if args.json:
+            print(_dump(event), flush=True)
+            continue
+        kind = event.get("type")
+        if kind != "event":
+            print(f"-- {kind}", flush=True)
+            continue
+        topic = event.get("topic")
+        if topic == "agents":
+            agent = event.get("agent") or {}
+            line = f"{agent.get('agent_id')} {agent.get('state')}"
+        elif topic == "commands":
+            command = event.get("command") or {}
+            if event.get("kind") == "output":
+                line = f"{event.get('command_id')} {event.get('stream')}: {event.get('data')!r}"
+            else:
+                line = (
+                    f"{command.get('command_id')} {command.get('agent_id')} {command.get('state')}"
+                )
+        elif topic == "alerts":
+            alert = event.get("alert") or {}
+            line = " ".join(str(alert.get(k)) for k in ("severity", "rule", "subject"))
+            line += f": {alert.get('message')}"
+        elif topic == "metrics":
+            line = _dump(event.get("stats"))
+        else:
+            line = _dump(event.get("entry"))
+        print(f"{time.strftime('%H:%M:%S')} {topic}/{event.get('kind')} {line}", flush=True)
+    return 0
+
+
+async def _jobs(client: AdminClient, args: argparse.Namespace) -> int:
+    filter_ = {"state": args.state} if args.state else {}
+    data = await client.request("jobs", filter=filter_, limit=min(args.limit, 1000))
+    if args.json:
+        print(_dump(data["jobs"]))
+        return 0
+    _table(
+        [
+            [j["job_id"], j["name"], j["state"], j["total"],
+             " ".join(f"{k}={v}" for k, v in sorted(j["counts"].items())), j["created_at"]]
+            for j in data["jobs"]
+        ],
+        ["JOB", "NAME", "STATE", "TOTAL", "COUNTS", "CREATED"],
+    )  # fmt: skip
+    return 0
+
+
+async def _job(client: AdminClient, args: argparse.Namespace) -> int:
+    detail = await client.request("job", job_id=args.job_id)
+    if args.json:
+        print(_dump(detail))
+    else:
+        _print_job(detail, [])
+    return 0
+
+
+async def _cancel(client: AdminClient, args: argparse.Namespace) -> int:
+    fields = {"job_id": args.job} if args.job else {"command_id": args.command_id}
+    data = await client.request("cancel", **fields)
+    print(_dump(data, pretty=not args.json))
+    return 0
+
+
+async def _alerts(client: AdminClient, args: argparse.Namespace) -> int:
+    state = args.state or "open"
+    filter_: dict[str, Any] = {}
+    if state == "open":
+        filter_["state"] = ["firing", "acknowledged"]
+    elif state != "all":
+        filter_["state"] = state
+    data = await client.request("alerts", filter=filter_, limit=min(args.limit, 1000))
+    if args.json:
+        print(_dump(data["alerts"]))
+        return 0
+    _table(
+        [
+            [a["alert_id"], a["severity"], a["state"], a["rule"], a["subject"], a["message"][:60]]
+            for a in data["alerts"]
+        ],
+        ["ALERT", "SEVERITY", "STATE", "RULE", "SUBJECT", "MESSAGE"],
+    )
+    return 0
+
+
+async def _ack(client: AdminClient, args: argparse.Namespace) -> int:
+    fields: dict[str, Any] = {"alert_id": args.alert_id}
+    if args.comment:
+        fields["comment"] = args.comment
+    data = await client.request("ack_alert", **fields)
+    print(_dump(data["alert"], pretty=not args.json))
+    return 0
+
+
+async def _audit(client: AdminClient, args: argparse.Namespace) -> int:
+    filter_ = {k: v for k, v in (("action", args.action), ("subject", args.subject)) if v}
+    fields: dict[str, Any] = {"filter": filter_, "limit": min(args.limit, 1000)}
+    if args.before:
+        fields["before"] = args.before
+    data = await client.request("audit", **fields)
+    if args.json:
+        print(_dump(data))
+        return 0
+    for entry in data["entries"]:
+        print(
+            f"{entry['time']} {entry['action']} actor={entry['actor']} "
+            f"subject={entry['subject']} source={entry['source']} {_dump(entry['detail'])}"
+        )
+    if data.get("next"):
+        print(f"-- more: --before {data['next']}")
+    return 0

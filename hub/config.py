@@ -1,0 +1,148 @@
+"""Hub configuration: documented defaults, a TOML file, environment variables, flags.
+
+Precedence is flags > environment > file > defaults. Every field below is a key of the
+TOML file (``[hub]`` table or top level) and is documented in ``docs/operations.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["ENVIRONMENT", "HubConfig", "load_config", "parse_listen"]
+
+
+class HubConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # Where and who
+    listen: str = "127.0.0.1:8765"
+    data_dir: Path = Path("./tether-data")
+    hub_id: str = Field(default_factory=lambda: f"hub-{socket.gethostname()}"[:128])
+    redis_url: str | None = None
+
+    # TLS and credentials
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    require_client_cert: bool = False
+    jwt_key: Path | None = None
+    jwt_secret_file: Path | None = None
+    jwt_algorithms: list[str] | None = None
+    jwt_leeway: float = 30.0
+    allowed_origins: list[str] = []
+
+    # Admission control
+    max_agents: int = Field(default=50_000, ge=0)
+    max_handshakes_per_second: float = Field(default=2_000.0, gt=0)
+    max_pending_handshakes: int = Field(default=2_000, ge=1)
+    open_timeout: float = Field(default=10.0, gt=0)
+    auth_failure_limit: int = Field(default=10, ge=1)
+    auth_failure_window: float = Field(default=60.0, gt=0)
+    auth_cooloff: float = Field(default=60.0, gt=0)
+    overload_retry_after: int = Field(default=5, ge=1)
+
+    # Agents
+    heartbeat_interval: float = Field(default=15.0, gt=0)
+    register_timeout: float = Field(default=10.0, gt=0)
+    agent_message_rate: float = Field(default=200.0, gt=0)
+    agent_message_burst: float = Field(default=2_000.0, gt=0)
+    agent_write_buffer: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    reconnect_spread_ms: int = Field(default=10_000, ge=0)
+
+    # Admin clients
+    admin_ping_interval: float = Field(default=20.0, ge=0)
+    admin_ping_timeout: float = Field(default=20.0, gt=0)
+    admin_write_buffer: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    subscriber_max_events: int = Field(default=10_000, ge=10)
+    subscriber_max_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
+    admin_compression: bool = True
+
+    # Ledger
+    default_timeout: float = 60.0
+    default_ttl: float = 600.0
+    output_cap: int = Field(default=1024 * 1024, ge=0)
+    timeout_grace: float = 5.0
+
+    # Housekeeping
+    heartbeat_flush_interval: float = Field(default=5.0, gt=0)
+    heartbeat_sample_interval: float = Field(default=60.0, gt=0)
+    heartbeat_retention: float = Field(default=24 * 3600.0, gt=0)
+    credential_sync_interval: float = Field(default=1.0, gt=0)
+    shutdown_timeout: float = Field(default=5.0, gt=0)
+
+    # Alerts (PROTOCOL §6)
+    alert_interval: float = Field(default=1.0, gt=0)
+    alert_expected_agents: int = Field(default=1, ge=0)
+    alert_connection_failures_per_min: int = Field(default=60, ge=1)
+    alert_offline_grace: float = Field(default=120.0, ge=0)
+    alert_flapping_reconnects: int = Field(default=5, ge=2)
+    alert_flapping_window: float = Field(default=600.0, gt=0)
+    alert_conflict_takeovers: int = Field(default=3, ge=2)
+    alert_conflict_window: float = Field(default=600.0, gt=0)
+    alert_mass_disconnect_count: int = Field(default=10, ge=2)
+    alert_mass_disconnect_share: float = Field(default=0.3, gt=0, le=1)
+    alert_mass_disconnect_window: float = Field(default=60.0, gt=0)
+    alert_capacity_share: float = Field(default=0.9, gt=0, le=1)
+    alert_hub_down_after: float = Field(default=30.0, gt=0)
+
+    # Logging
+    log_level: str = "INFO"
+    log_json: bool = False
+
+
+#: Environment variables and the fields they set.
+ENVIRONMENT = {
+    "TETHER_LISTEN": "listen",
+    "TETHER_DATA_DIR": "data_dir",
+    "TETHER_REDIS_URL": "redis_url",
+    "TETHER_HUB_ID": "hub_id",
+    "TETHER_TLS_CERT": "tls_cert",
+    "TETHER_TLS_KEY": "tls_key",
+    "TETHER_CLIENT_CA": "client_ca",
+    "TETHER_JWT_KEY": "jwt_key",
+    "TETHER_JWT_SECRET_FILE": "jwt_secret_file",
+    "TETHER_ALLOWED_ORIGINS": "allowed_origins",
+    "TETHER_MAX_AGENTS": "max_agents",
+    "TETHER_LOG_LEVEL": "log_level",
+}
+
+
+def load_config(
+    file: str | os.PathLike[str] | None = None,
+    flags: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> HubConfig:
+    """Merge defaults, the TOML file, the environment and flags (``None`` flags are unset)."""
+    values: dict[str, Any] = {}
+    if file is not None:
+        with open(file, "rb") as handle:
+            document = tomllib.load(handle)
+        values.update(document.get("hub", document))
+    environ = os.environ if environ is None else environ
+    for variable, name in ENVIRONMENT.items():
+        raw = environ.get(variable)
+        if raw:
+            values[name] = (
+                [v.strip() for v in raw.split(",") if v.strip()]
+                if (name == "allowed_origins")
+                else raw
+            )
+    for name, value in (flags or {}).items():
+        if value is not None and value != []:
+            values[name] = value
+    return HubConfig(**values)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) into a host and a port."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--listen needs HOST:PORT, got {listen!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)

@@ -1,0 +1,220 @@
+"""Prometheus metrics and the live figures of the ``metrics`` tick.
+
+Hot-path counters (messages, connections) are plain integers exposed by a custom
+collector at scrape time: a ``prometheus_client`` counter takes a lock per increment, and
+the hub counts tens of thousands of messages a second. The round-trip histogram uses the
+library directly; commands are far rarer than messages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["Metrics", "RateWindow"]
+
+RTT_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300,
+)  # fmt: skip
+
+
+class RateWindow:
+    """Events in the last ``span`` seconds, in one-second buckets."""
+
+    __slots__ = ("_buckets", "_clock", "span")
+
+    def __init__(self, span: int = 60, clock: Callable[[], float] = time.monotonic) -> None:
+        self.span = span
+        self._clock = clock
+        self._buckets: deque[list[int]] = deque()
+
+    def add(self, n: int = 1) -> None:
+        second = int(self._clock())
+        buckets = self._buckets
+        if buckets and buckets[-1][0] == second:
+            buckets[-1][1] += n
+        else:
+            buckets.append([second, n])
+            self._trim(second)
+
+    def total(self) -> int:
+        self._trim(int(self._clock()))
+        return sum(count for _, count in self._buckets)
+
+    def _trim(self, second: int) -> None:
+        buckets = self._buckets
+        while buckets and buckets[0][0] <= second - self.span:
+            buckets.popleft()
+
+
+class _Percentiles:
+    """Round trips of the last minute, for p50 and p99 in the tick (bounded sample)."""
+
+    __slots__ = ("_samples", "limit")
+
+    def __init__(self, limit: int = 20_000) -> None:
+        self.limit = limit
+        self._samples: deque[tuple[float, float]] = deque()
+
+    def add(self, seconds: float) -> None:
+        self._samples.append((time.monotonic(), seconds))
+        if len(self._samples) > self.limit:
+            self._samples.popleft()
+
+    def quantiles(self) -> tuple[float | None, float | None]:
+        cutoff = time.monotonic() - 60
+        samples = self._samples
+        while samples and samples[0][0] < cutoff:
+            samples.popleft()
+        if not samples:
+            return None, None
+        ordered = sorted(value for _, value in samples)
+        n = len(ordered)
+        return ordered[int(0.5 * (n - 1))], ordered[int(0.99 * (n - 1))]
+
+
+class Metrics(Collector):
+    """All of the hub's counters; one instance per hub, with its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.connections: Counter[str] = Counter()
+        self.disconnects: Counter[int] = Counter()
+        self.reconnects = 0
+        self.commands: Counter[str] = Counter()
+        self.messages: Counter[tuple[str, str]] = Counter()
+        self.invalid_messages: Counter[str] = Counter()
+        self.agent_states: Callable[[], dict[str, int]] = dict
+        self.admin_clients: Callable[[], int] = lambda: 0
+        self.commands_in_flight: Callable[[], int] = lambda: 0
+        self.extra_gauges: dict[str, Callable[[], float]] = {}
+        self.connects_window = RateWindow()
+        self.disconnects_window = RateWindow()
+        self.auth_failures_window = RateWindow()
+        self.refusals_window = RateWindow()
+        self.round_trips = _Percentiles()
+        self.round_trip = Histogram(
+            "tether_command_round_trip_seconds",
+            "Time from dispatch to a command's terminal result.",
+            buckets=RTT_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(self)
+
+    # -- recording -----------------------------------------------------------------------
+
+    def connection(self, result: str) -> None:
+        self.connections[result] += 1
+        if result != "accepted":
+            self.refusals_window.add()
+            if result == "unauthorized" or result == "rate_limited":
+                self.auth_failures_window.add()
+
+    def connected(self) -> None:
+        self.connects_window.add()
+
+    def disconnected(self, code: int) -> None:
+        self.disconnects[code] += 1
+        self.disconnects_window.add()
+
+    def command_state(self, state: str) -> None:
+        self.commands[state] += 1
+
+    def command_round_trip(self, seconds: float) -> None:
+        self.round_trip.observe(seconds)
+        self.round_trips.add(seconds)
+
+    # -- exposition ----------------------------------------------------------------------
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def collect(self) -> Iterator[Metric]:
+        agents = GaugeMetricFamily("tether_agents", "Agents by live state.", labels=["state"])
+        states = {"online": 0, "stale": 0, "offline": 0, "unknown": 0}
+        states.update(self.agent_states())
+        for state, count in states.items():
+            agents.add_metric([state], count)
+        yield agents
+
+        connections = CounterMetricFamily(
+            "tether_connections",
+            "Upgrade requests on /ws and /admin, accepted or refused by code.",
+            labels=["result"],
+        )
+        for result, count in sorted(self.connections.items()):
+            connections.add_metric([result], count)
+        yield connections
+
+        disconnects = CounterMetricFamily(
+            "tether_disconnects", "Closed WebSocket connections by close code.", labels=["code"]
+        )
+        for code, count in sorted(self.disconnects.items()):
+            disconnects.add_metric([str(code)], count)
+        yield disconnects
+
+        yield CounterMetricFamily(
+            "tether_reconnects",
+            "Registrations of agents that had registered before.",
+            value=self.reconnects,
+        )
+
+        commands = CounterMetricFamily(
+            "tether_commands", "Command transitions, by the state entered.", labels=["state"]
+        )
+        for state, count in sorted(self.commands.items()):
+            commands.add_metric([state], count)
+        yield commands
+
+        messages = CounterMetricFamily(
+            "tether_messages", "WebSocket messages.", labels=["channel", "direction"]
+        )
+        for (channel, direction), count in sorted(self.messages.items()):
+            messages.add_metric([channel, direction], count)
+        yield messages
+
+        invalid = CounterMetricFamily(
+            "tether_invalid_messages",
+            "Messages refused as invalid, by channel.",
+            labels=["channel"],
+        )
+        for channel, count in sorted(self.invalid_messages.items()):
+            invalid.add_metric([channel], count)
+        yield invalid
+
+        yield GaugeMetricFamily(
+            "tether_admin_clients", "Connected admin clients.", value=self.admin_clients()
+        )
+        yield GaugeMetricFamily(
+            "tether_commands_in_flight",
+            "Commands sent or acknowledged and not yet finished.",
+            value=self.commands_in_flight(),
+        )
+        for name, read in self.extra_gauges.items():
+            yield GaugeMetricFamily(name, name.replace("_", " "), value=read())
+
+    def stats(self, hubs: dict[str, int]) -> dict[str, Any]:
+        """The figures of a ``metrics`` tick (PROTOCOL §5)."""
+        p50, p99 = self.round_trips.quantiles()
+        return {
+            "agents": {
+                "online": 0,
+                "stale": 0,
+                "offline": 0,
+                "unknown": 0,
+                **self.agent_states(),
+            },
+            "connects_per_min": self.connects_window.total(),
+            "disconnects_per_min": self.disconnects_window.total(),
+            "auth_failures_per_min": self.auth_failures_window.total(),
+            "commands_in_flight": self.commands_in_flight(),
+            "rtt_p50_ms": round(p50 * 1000, 3) if p50 is not None else None,
+            "rtt_p99_ms": round(p99 * 1000, 3) if p99 is not None else None,
+            "hubs": hubs,
+        }

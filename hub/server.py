@@ -1,0 +1,295 @@
+"""The hub's one port: ``/ws``, ``/admin``, ``/healthz``, ``/readyz``, ``/metrics``.
+
+Every connection starts as a :class:`HubConnection`. The opening handshake is checked in
+the order of PROTOCOL §2 and refused with an HTTP status before any WebSocket exists:
+path, Origin, credential (with the failed-auth cool-off), revocation and channel,
+admission, subprotocol. All checks run synchronously on in-memory state, so a handshake
+costs one pass through this module and never waits on the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+from typing import TYPE_CHECKING, Any
+
+from websockets.datastructures import Headers
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
+
+from .admin import AdminSession
+from .agent_session import AgentSession
+from .auth import AuthFailure, NotCached, Principal
+from .channel import Session
+from .protocol.codec import encode
+from .protocol.connection import WIRE_LOGGER, Connection
+from .protocol.constants import (
+    ADMIN_PATH,
+    ADMIN_SUBPROTOCOL,
+    AGENT_PATH,
+    AGENT_SUBPROTOCOL,
+    MAX_MESSAGE_BYTES,
+)
+
+if TYPE_CHECKING:
+    from .app import Hub
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HubConnection", "json_response"]
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    426: "Upgrade Required",
+    429: "Too Many Requests",
+    503: "Service Unavailable",
+}
+_CHANNELS = {AGENT_PATH: AGENT_SUBPROTOCOL, ADMIN_PATH: ADMIN_SUBPROTOCOL}
+
+
+def json_response(status: int, body: Any, headers: list[tuple[str, str]] | None = None) -> Response:
+    return _response(status, encode(body), "application/json", headers)
+
+
+def _response(
+    status: int, body: bytes, content_type: str, extra: list[tuple[str, str]] | None = None
+) -> Response:
+    headers = Headers(
+        [
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("Connection", "close"),
+        ]
+    )
+    for name, value in extra or ():
+        headers[name] = value
+    return Response(status, _REASONS.get(status, "Error"), headers, body)
+
+
+class HubConnection(Connection):
+    """A connection to the hub, from the first byte to the close."""
+
+    __slots__ = ("_open_timer", "hub", "session")
+
+    def __init__(self, hub: Hub) -> None:
+        protocol = ServerProtocol(max_size=MAX_MESSAGE_BYTES, logger=WIRE_LOGGER)
+        super().__init__(protocol, max_buffer=hub.config.agent_write_buffer)
+        self.hub = hub
+        self.session: Session | None = None
+        self._open_timer: asyncio.TimerHandle | None = None
+
+    # -- connection ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        hub = self.hub
+        if hub.pending_handshakes >= hub.config.max_pending_handshakes:
+            hub.metrics.connection("overloaded")
+            self.abort()
+            return
+        hub.pending_handshakes += 1
+        self._open_timer = asyncio.get_running_loop().call_later(
+            hub.config.open_timeout, self._handshake_timeout
+        )
+
+    def _handshake_timeout(self) -> None:
+        self._open_timer = None
+        self.hub.pending_handshakes -= 1
+        self.abort()
+
+    def _handshake_done(self) -> None:
+        if self._open_timer is not None:
+            self._open_timer.cancel()
+            self._open_timer = None
+            self.hub.pending_handshakes -= 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._handshake_done()
+        super().connection_lost(exc)
+
+    def on_open(self) -> None:
+        if self.session is not None:
+            self.session.opened()
+
+    def on_message(self, data: bytes) -> None:
+        if self.session is not None:
+            self.session.receive(data)
+
+    def on_close(self, code: int, reason: str) -> None:
+        if self.session is not None:
+            self.session.closed(code, reason)
+
+    def on_writable(self) -> None:
+        if self.session is not None:
+            self.session.writable()
+
+    # -- handshake -----------------------------------------------------------------------
+
+    def on_request(self, request: Request) -> None:
+        self._handshake_done()
+        path = request.path.partition("?")[0]
+        channel = _CHANNELS.get(path)
+        if channel is None:
+            self.respond(self._plain(path, request))
+            return
+        try:
+            response = self._check(request, path, channel)
+        except NotCached as miss:
+            # A credential created moments ago (say, by `tether-hub token create` against
+            # this hub's store): look it up without blocking, then check again.
+            task = asyncio.ensure_future(self._check_after_lookup(request, path, channel, miss))
+            self.hub.tasks.add(task)
+            task.add_done_callback(self.hub.tasks.discard)
+            return
+        if response is not None:
+            self.respond(response)
+
+    async def _check_after_lookup(
+        self, request: Request, path: str, channel: str, miss: NotCached
+    ) -> None:
+        try:
+            await self.hub.credentials.look_up(miss.credential_id)
+        except Exception:
+            log.exception("credential lookup failed")
+        if self.closed:
+            return
+        try:
+            response = self._check(request, path, channel)
+        except NotCached:
+            response = self._refuse(
+                401, "unauthorized", "unknown token", path, [("WWW-Authenticate", "Bearer")]
+            )
+        if response is not None:
+            self.respond(response)
+
+    def _plain(self, path: str, request: Request) -> Response:
+        """Health, readiness and metrics: no credential, no client certificate."""
+        hub = self.hub
+        if request.method not in ("GET", "HEAD"):
+            return json_response(405, {"error": "method_not_allowed"}, [("Allow", "GET")])
+        if path == "/healthz":
+            return json_response(200, {"status": "ok"})
+        if path == "/readyz":
+            reason = hub.not_ready_reason()
+            if reason:
+                return json_response(503, {"status": "not_ready", "reason": reason})
+            return json_response(200, {"status": "ready"})
+        if path == "/metrics":
+            return _response(
+                200, hub.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8"
+            )
+        return json_response(404, {"error": "not_found"})
+
+    def _refuse(
+        self,
+        status: int,
+        error: str,
+        reason: str,
+        path: str,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> Response:
+        hub = self.hub
+        hub.metrics.connection(error)
+        hub.auditor.record(
+            "connection.refused",
+            source=self.peer,
+            status=status,
+            error=error,
+            reason=reason,
+            path=path,
+        )
+        return json_response(status, {"error": error}, headers)
+
+    def _check(self, request: Request, path: str, subprotocol: str) -> Response | None:
+        hub = self.hub
+        headers = request.headers
+        if request.method != "GET":
+            return json_response(405, {"error": "method_not_allowed"}, [("Allow", "GET")])
+        if "websocket" not in headers.get("Upgrade", "").lower():
+            return json_response(426, {"error": "upgrade_required"}, [("Upgrade", "websocket")])
+
+        origin = headers.get("Origin")
+        if origin is not None and origin not in hub.config.allowed_origins:
+            return self._refuse(403, "origin_not_allowed", f"origin {origin[:200]!r}", path)
+
+        try:
+            principal = self._authenticate(headers)
+        except AuthFailure as failure:
+            if failure.status == 401:
+                retry = hub.failures.cooling_down(self.peer)
+                hub.failures.failed(self.peer)
+                if retry:
+                    return self._refuse(
+                        429, "rate_limited", failure.reason, path, [("Retry-After", str(retry))]
+                    )
+                return self._refuse(
+                    401, "unauthorized", failure.reason, path, [("WWW-Authenticate", "Bearer")]
+                )
+            return self._refuse(403, "forbidden", failure.reason, path)
+
+        agent_channel = path == AGENT_PATH
+        if principal.is_agent != agent_channel:
+            return self._refuse(403, "forbidden", f"{principal.kind} credential on {path}", path)
+
+        if agent_channel:
+            retry = str(hub.config.overload_retry_after)
+            takeover = principal.agent_id is not None and principal.agent_id in hub.registry.live
+            if hub.registry.connected >= hub.config.max_agents and not takeover:
+                return self._refuse(
+                    503, "overloaded", "agent limit", path, [("Retry-After", retry)]
+                )
+            if not hub.handshake_rate.take():
+                return self._refuse(
+                    503, "overloaded", "handshake rate", path, [("Retry-After", retry)]
+                )
+
+        offered = [
+            p.strip()
+            for value in headers.get_all("Sec-WebSocket-Protocol")
+            for p in value.split(",")
+            if p.strip()
+        ]
+        if offered and subprotocol not in offered:
+            return self._refuse(400, "unsupported_subprotocol", f"offered {offered[:5]}", path)
+
+        protocol = self.protocol
+        assert isinstance(protocol, ServerProtocol)
+        protocol.available_subprotocols = [subprotocol] if offered else None  # type: ignore[list-item]
+        if not agent_channel and hub.config.admin_compression:
+            protocol.available_extensions = [ServerPerMessageDeflateFactory()]
+            self.max_buffer = hub.config.admin_write_buffer
+        response = protocol.accept(request)
+        if response.status_code != 101:
+            hub.metrics.connection("invalid_handshake")
+            self.respond(response)
+            return None
+        hub.metrics.connection("accepted")
+        self.session = (
+            AgentSession(hub, self, principal)
+            if agent_channel
+            else AdminSession(hub, self, principal)
+        )
+        self.respond(response)
+        return None
+
+    def _authenticate(self, headers: Headers) -> Principal:
+        hub = self.hub
+        authorization = headers.get("Authorization")
+        if authorization is None:
+            identity = hub.certificate_identity(self)
+            if identity is not None:
+                return identity
+            raise AuthFailure(401, "no credential")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthFailure(401, "malformed authorization header")
+        return hub.authenticate(token.strip(), self)

@@ -1,0 +1,279 @@
+"""The command ledger through real connections: delivery, redelivery, timeouts, cancel,
+expiry, ownership, durability of every transition (PROTOCOL §4.3)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from hub.protocol.client import AdminClient, AdminError
+from tests.conftest import HubHandle
+from tests.support import RawAgent, wait_for
+
+
+@pytest.fixture
+async def admin(hub: HubHandle) -> AsyncIterator[AdminClient]:
+    client = AdminClient(hub.url, await hub.admin_token("operator"))
+    await client.open()
+    yield client
+    await client.close()
+
+
+async def online_agent(hub: HubHandle, agent_id: str = "edge-1", **fields) -> RawAgent:
+    agent = await RawAgent.connect(hub.agent_url, await hub.agent_token(agent_id))
+    await agent.register(agent_id, **fields)
+    return agent
+
+
+async def stored_state(hub: HubHandle, command_id: str) -> str:
+    command = await hub.hub.store.command(command_id)
+    assert command is not None
+    return command["state"]
+
+
+async def test_dispatch_ack_output_result(hub: HubHandle, admin: AdminClient) -> None:
+    agent = await online_agent(hub)
+    data = await admin.request(
+        "dispatch", target={"agent_ids": ["edge-1"]}, name="ping", args={"n": 1}
+    )
+    assert data["refused"] == []
+    (command_id,) = data["command_ids"]
+    command = await agent.recv_type("command")
+    assert command["command_id"] == command_id
+    assert (command["name"], command["args"], command["timeout"]) == ("ping", {"n": 1}, 60)
+    await agent.send({"type": "ack", "command_id": command_id})
+    await agent.send(
+        {
+            "type": "output",
+            "command_id": command_id,
+            "seq": 0,
+            "stream": "stdout",
+            "data": "hello\n",
+        }
+    )
+    await agent.send(
+        {
+            "type": "result",
+            "command_id": command_id,
+            "status": "succeeded",
+            "exit_code": 0,
+            "data": {"pong": True},
+        }
+    )
+    job = await wait_for(lambda: _job_done(admin, data["job_id"]), what="job finished")
+    assert job["job"]["state"] == "succeeded"
+    (stored,) = job["commands"]
+    assert stored["state"] == "succeeded"
+    assert stored["result"] == {
+        "status": "succeeded",
+        "exit_code": 0,
+        "data": {"pong": True},
+        "error": None,
+    }
+    assert stored["output_bytes"] == 6
+    output = await admin.request("output", command_id=command_id)
+    assert output["chunks"] == [{"seq": 0, "stream": "stdout", "data": "hello\n"}]
+    await agent.close()
+
+
+async def _job_done(admin: AdminClient, job_id: str):
+    detail = await admin.request("job", job_id=job_id)
+    return detail if detail["job"]["state"] != "running" else None
+
+
+async def test_unknown_and_unsupported_targets_are_refused(
+    hub: HubHandle, admin: AdminClient
+) -> None:
+    agent = await online_agent(hub, capabilities=["ping"])
+    data = await admin.request("dispatch", target={"agent_ids": ["edge-1", "ghost"]}, name="ping")
+    assert data["refused"] == [{"agent_id": "ghost", "code": "not_found"}]
+    with pytest.raises(AdminError) as error:
+        await admin.request("dispatch", target={"agent_ids": ["edge-1"]}, name="exec")
+    assert error.value.code == "unsupported"
+    with pytest.raises(AdminError) as error:
+        await admin.request("dispatch", target={"agent_ids": ["ghost"]}, name="ping")
+    assert error.value.code == "not_found"
+    await agent.close()
+
+
+async def test_queued_commands_are_delivered_after_welcome_in_order(
+    hub: HubHandle, admin: AdminClient
+) -> None:
+    agent = await online_agent(hub)
+    await agent.close()
+    await wait_for(lambda: "edge-1" not in hub.hub.registry.live)
+    ids = []
+    for n in range(3):
+        data = await admin.request(
+            "dispatch", target={"agent_ids": ["edge-1"]}, name="ping", args={"n": n}
+        )
+        ids += data["command_ids"]
+    assert [await stored_state(hub, i) for i in ids] == ["queued"] * 3
+    agent = await RawAgent.connect(hub.agent_url, await hub.agent_token("edge-1"))
+    await agent.send({"type": "register", "agent_id": "edge-1", "capabilities": ["ping"]})
+    assert (await agent.recv())["type"] == "welcome"
+    received = [(await agent.recv())["command_id"] for _ in ids]
+    assert received == ids
+    await wait_for(lambda: all(hub.hub.ledger.commands[i].state == "sent" for i in ids))
+    await agent.close()
+
+
+async def test_sent_but_unanswered_commands_are_redelivered_with_the_same_id(
+    hub: HubHandle, admin: AdminClient
+) -> None:
+    agent = await online_agent(hub)
+    data = await admin.request("dispatch", target={"agent_ids": ["edge-1"]}, name="ping")
+    first = await agent.recv_type("command")
+    await agent.send({"type": "ack", "command_id": first["command_id"]})
+    await wait_for(lambda: hub.hub.ledger.commands[first["command_id"]].state == "acked")
+    await agent.close()
+    agent = await online_agent(hub)
+    again = await agent.recv_type("command")
+    assert again == first
+    await agent.send({"type": "result", "command_id": first["command_id"], "status": "succeeded"})
+    await wait_for(lambda: _job_done(admin, data["job_id"]))
+    await agent.close()
+
+
+async def test_states_never_move_backwards_and_repeats_are_harmless(
+    hub: HubHandle, admin: AdminClient
+) -> None:
+    agent = await online_agent(hub)
+    data = await admin.request("dispatch", target={"agent_ids": ["edge-1"]}, name="ping")
+    command_id = (await agent.recv_type("command"))["command_id"]
+    await agent.send(
+        {"type": "result", "command_id": command_id, "status": "failed", "exit_code": 3}
+    )
+    await wait_for(lambda: _job_done(admin, data["job_id"]))
+    # A late ack and a second, different result change nothing and are not errors.
+    await agent.send({"type": "ack", "command_id": command_id})
+    await agent.send({"type": "result", "command_id": command_id, "status": "succeeded"})
+    await agent.send({"type": "heartbeat"})
+    await hub.hub.ledger.drain()
+    command = await hub.hub.store.command(command_id)
+    assert command["state"] == "failed"
+    assert command["result"]["exit_code"] == 3
+    await agent.close()
+
+
+async def test_another_agent_cannot_answer_a_command(hub: HubHandle, admin: AdminClient) -> None:
+    owner = await online_agent(hub, "edge-1")
+    thief = await online_agent(hub, "edge-2")
+    await admin.request("dispatch", target={"agent_ids": ["edge-1"]}, name="ping")
+    command_id = (await owner.recv_type("command"))["command_id"]
+    await thief.send({"type": "result", "command_id": command_id, "status": "succeeded"})
+    error = await thief.recv_type("error")
+    assert (error["code"], error["ref"]) == ("unknown_command", command_id)
+    assert hub.hub.ledger.commands[command_id].state == "sent"
+    await owner.close()
+    await thief.close()
+
+
+async def test_execution_timeout_after_ack(hub_factory) -> None:
+    hub = await hub_factory(timeout_grace=0.1)
+    admin = await AdminClient(hub.url, await hub.admin_token("operator")).open()
+    agent = await online_agent(hub)
+    data = await admin.request(
+        "dispatch", target={"agent_ids": ["edge-1"]}, name="ping", timeout=0.2
+    )
+    command_id = (await agent.recv_type("command"))["command_id"]
+    await agent.send({"type": "ack", "command_id": command_id})
+    cancel = await agent.recv_type("cancel", timeout=5)
+    assert cancel["command_id"] == command_id
+    detail = await wait_for(lambda: _job_done(admin, data["job_id"]))
+    assert detail["commands"][0]["state"] == "timed_out"
+    await agent.close()
+    await admin.close()
+
+
+async def test_queued_command_expires(hub: HubHandle, admin: AdminClient) -> None:
+    agent = await online_agent(hub)
+    await agent.close()
+    await wait_for(lambda: "edge-1" not in hub.hub.registry.live)
+    data = await admin.request("dispatch", target={"agent_ids": ["edge-1"]}, name="ping", ttl=0.2)
+    detail = await wait_for(lambda: _job_done(admin, data["job_id"]), timeout=5)
+    assert detail["commands"][0]["state"] == "expired"
+    assert detail["job"]["state"] == "failed"
+    agent = await online_agent(hub)
+    await agent.send({"type": "heartbeat"})
+    with pytest.raises(TimeoutError):
+        await agent.recv_type("command", timeout=0.3)
+    await agent.close()
+
+
+async def test_cancel_queued_is_immediate(hub: HubHandle, admin: AdminClient) -> None:
+    agent = await online_agent(hub)
+    await agent.close()
+    await wait_for(lambda: "edge-1" not in hub.hub.registry.live)
+    data = await admin.request("dispatch", target={"agent_ids": ["edge-1"]}, name="ping")
+    reply = await admin.request("cancel", job_id=data["job_id"])
+    assert reply["cancelled"] == data["command_ids"]
+    detail = await wait_for(lambda: _job_done(admin, data["job_id"]))
+    assert detail["job"]["state"] == "cancelled"
+
+
+async def test_cancel_in_flight_reaches_the_agent_and_its_result_decides(
+    hub: HubHandle, admin: AdminClient
+) -> None:
+    agent = await online_agent(hub)
+    data = await admin.request("dispatch", target={"agent_ids": ["edge-1"]}, name="ping")
+    command_id = (await agent.recv_type("command"))["command_id"]
+    await agent.send({"type": "ack", "command_id": command_id})
+    await wait_for(lambda: hub.hub.ledger.commands[command_id].state == "acked")
+    reply = await admin.request("cancel", command_id=command_id)
+    assert reply["requested"] == [command_id]
+    assert (await agent.recv_type("cancel"))["command_id"] == command_id
+    await agent.send({"type": "result", "command_id": command_id, "status": "cancelled"})
+    detail = await wait_for(lambda: _job_done(admin, data["job_id"]))
+    assert detail["commands"][0]["state"] == "cancelled"
+    await agent.close()
+
+
+async def test_cancel_in_flight_with_agent_offline_is_immediate_and_final(
+    hub: HubHandle, admin: AdminClient
+) -> None:
+    agent = await online_agent(hub)
+    data = await admin.request("dispatch", target={"agent_ids": ["edge-1"]}, name="ping")
+    command_id = (await agent.recv_type("command"))["command_id"]
+    await agent.close()
+    await wait_for(lambda: "edge-1" not in hub.hub.registry.live)
+    reply = await admin.request("cancel", command_id=command_id)
+    assert reply["cancelled"] == [command_id]
+    await wait_for(lambda: _job_done(admin, data["job_id"]))
+    agent = await online_agent(hub)
+    with pytest.raises(TimeoutError):
+        await agent.recv_type("command", timeout=0.3)
+    await agent.close()
+
+
+async def test_every_transition_is_audited_with_the_dispatcher(
+    hub: HubHandle, admin: AdminClient
+) -> None:
+    agent = await online_agent(hub)
+    data = await admin.request("dispatch", target={"agent_ids": ["edge-1"]}, name="ping")
+    command_id = (await agent.recv_type("command"))["command_id"]
+    await agent.send({"type": "ack", "command_id": command_id})
+    await agent.send({"type": "result", "command_id": command_id, "status": "succeeded"})
+    await wait_for(lambda: _job_done(admin, data["job_id"]))
+    await hub.hub.ledger.drain()
+    entries = (await hub.hub.store.audit_entries({"subject": command_id}, 100, None)).items
+    actions = [e["action"] for e in reversed(entries)]
+    assert actions == ["command.queued", "command.sent", "command.acked", "command.succeeded"]
+    assert {e["actor"] for e in entries} == {"admin:test-operator"}
+    await agent.close()
+
+
+async def test_draining_agent_gets_no_new_commands_until_ok(
+    hub: HubHandle, admin: AdminClient
+) -> None:
+    agent = await online_agent(hub)
+    await agent.send({"type": "heartbeat", "status": "draining"})
+    await wait_for(lambda: "edge-1" in hub.hub.ledger.draining)
+    data = await admin.request("dispatch", target={"agent_ids": ["edge-1"]}, name="ping")
+    with pytest.raises(TimeoutError):
+        await agent.recv_type("command", timeout=0.3)
+    await agent.send({"type": "heartbeat", "status": "ok"})
+    command = await agent.recv_type("command")
+    assert command["command_id"] == data["command_ids"][0]
+    await agent.close()
