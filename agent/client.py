@@ -242,6 +242,7 @@ class AgentClient:
         "connection",
         "credentials",
         "executor",
+        "last_delay",
         "last_error",
         "metrics",
         "profile",
@@ -269,6 +270,8 @@ class AgentClient:
         #: Dials so far, and why the last one did not stay up (for ``simulate``'s summary).
         self.attempts = 0
         self.last_error: str | None = None
+        #: The wait chosen after the last connection ended, in seconds.
+        self.last_delay: float | None = None
         self._url_index = 0
         self._stopping = False
         self._task: asyncio.Task[Any] | None = None
@@ -310,7 +313,7 @@ class AgentClient:
                 break
             if rotate and len(urls) > 1:
                 self._url_index = (self._url_index + 1) % len(urls)
-            delay = self.backoff.next_delay(hint)
+            delay = self.last_delay = self.backoff.next_delay(hint)
             log.info(
                 "event=reconnect_wait agent_id=%s delay_s=%.2f attempt=%d",
                 self.profile.agent_id,
@@ -394,7 +397,8 @@ class AgentClient:
                 exc.error,
                 explanation,
             )
-            await self.credentials.revoked(credential)
+            if await self.credentials.revoked(credential):
+                return None  # a new agent key appeared in the state dir: use it soon
             return Hint(close_code=Close.REVOKED)
         if status == 401:
             self.credentials.refused(credential)
@@ -432,7 +436,10 @@ class AgentClient:
                 url,
                 self.credentials.kind,
             )
-            await self.credentials.revoked(connection.credential)
+            if await self.credentials.revoked(connection.credential):
+                # A new agent key appeared in the state dir: a fresh credential, not a retry
+                # of the revoked one, so the ordinary backoff applies.
+                return None, False
         elif code == Close.NORMAL and self._stopping:
             log.info("event=closed agent_id=%s code=1000", agent_id)
         elif not welcomed and code == Close.POLICY:

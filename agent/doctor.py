@@ -344,16 +344,17 @@ def _close_hint(code: int) -> str:
 
 
 def _keep_key(key: str, options: DoctorOptions) -> str:
+    issued = (
+        "the hub issued a new agent key for this id (enrollment) and revoked the keys it "
+        "issued to it before"
+    )
     if options.state_dir is None:
-        return (
-            "the hub issued an agent key at enrollment; pass --agent-id so the doctor can "
-            "save it for `tether-agent run`"
-        )
+        return f"{issued}; pass --agent-id so the doctor saves it for `tether-agent run`"
     try:
         KeyFile(prepare_state_dir(options.state_dir)).save(key)
     except OSError as exc:
-        return f"the hub issued an agent key, but saving it failed: {exc}"
-    return f"the hub issued an agent key; saved in {options.state_dir} for `tether-agent run`"
+        return f"{issued}, but saving it failed: {exc}"
+    return f"{issued}; saved in {options.state_dir}, where `tether-agent run` picks it up"
 
 
 def _hex(raw: bytes | None) -> str:

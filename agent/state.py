@@ -171,16 +171,28 @@ class Credentials:
                     exc,
                 )
 
-    async def revoked(self, presented: str | None) -> None:
-        """The hub revoked ``presented``: never present it again if we have another."""
-        if presented is not None and presented == self.agent_key:
-            self.agent_key = None
-            self._prefer_token = False
-            if self.store is not None:
-                try:
-                    await asyncio.to_thread(self.store.discard)
-                except OSError as exc:
-                    log.error("event=agent_key_not_removed error=%r", exc)
+    async def revoked(self, presented: str | None) -> bool:
+        """The hub revoked ``presented``: never present it again if we have another.
+
+        Returns True when a different agent key was found in the state dir (an operator or
+        ``doctor`` provisioned one): that is a fresh credential, not a retry of the revoked
+        one, so the caller need not wait out the long revocation backoff.
+        """
+        if presented is None or presented != self.agent_key:
+            return False
+        self.agent_key = None
+        self._prefer_token = False
+        if self.store is None:
+            return False
+        try:
+            on_disk = await asyncio.to_thread(self.store.load)
+            if on_disk is not None and on_disk != presented:
+                self.agent_key = on_disk
+                return True
+            await asyncio.to_thread(self.store.discard)
+        except OSError as exc:
+            log.error("event=agent_key_not_removed error=%r", exc)
+        return False
 
     def refused(self, presented: str | None) -> None:
         """HTTP 401 for ``presented``: try the other credential next time, if there is one."""

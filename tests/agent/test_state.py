@@ -99,3 +99,15 @@ def test_state_dir_lock_is_exclusive(tmp_path: Path) -> None:
     finally:
         held.close()
     lock_state_dir(tmp_path).close()
+
+
+async def test_revoked_key_is_replaced_by_a_new_one_found_on_disk(tmp_path: Path) -> None:
+    store = KeyFile(prepare_state_dir(tmp_path))
+    store.save("old-key")
+    creds = Credentials.from_state("enroll-secret", store)
+    store.save("new-key")  # e.g. `tether-agent doctor` enrolled again and saved its key
+    assert await creds.revoked("old-key") is True
+    assert creds.current() == "new-key"
+    assert store.load() == "new-key"
+    assert await creds.revoked("new-key") is False
+    assert creds.current() == "enroll-secret"
