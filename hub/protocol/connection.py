@@ -255,20 +255,30 @@ class Connection(asyncio.Protocol):
         if interval <= 0:
             return
         loop = asyncio.get_running_loop()
+        last_ping = time.monotonic()
 
         def tick() -> None:
+            nonlocal last_ping
             if self.closed:
                 return
-            if self._ping_sent_at and time.monotonic() - self._ping_sent_at > timeout:
+            now = time.monotonic()
+            pending = self._ping_sent_at
+            if pending and now - pending >= timeout:
                 self.close(Close.INTERNAL_ERROR, "keepalive ping timeout")
                 return
-            if not self._ping_sent_at:
-                self._ping_sent_at = time.monotonic()
+            if not pending and now - last_ping >= interval:
+                last_ping = self._ping_sent_at = now
                 if self.protocol.state is OPEN:
                     self.protocol.send_ping(b"")
                     self._flush()
-            delay = interval if not self._ping_sent_at else min(interval, timeout)
-            self._keepalive = loop.call_later(delay, tick)
+            # Wake for the next ping, or for the pong deadline while one is outstanding
+            # (the next ping waits for the pong).
+            wake = last_ping + interval
+            if self._ping_sent_at:
+                deadline = self._ping_sent_at + timeout
+                if wake <= now or deadline < wake:
+                    wake = deadline
+            self._keepalive = loop.call_later(max(0.0, wake - now), tick)
 
         self._keepalive = loop.call_later(interval, tick)
 
