@@ -71,10 +71,6 @@ class Backoff:
         """The hub welcomed us: start timing the session for the reset rule."""
         self._registered_at = self._clock()
 
-    def reset(self) -> None:
-        self.attempt = 0
-        self._registered_at = None
-
     def ceiling(self) -> float:
         """Upper bound of the plain jitter for the next retry."""
         return min(self.cap, self.base * 2.0 ** min(self.attempt, 62))

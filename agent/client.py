@@ -18,7 +18,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -71,8 +71,8 @@ REFUSALS = {
 _background: set[asyncio.Task[None]] = set()
 
 
-def _spawn(coro: object) -> None:
-    task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+def _spawn(coro: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
     _background.add(task)
     task.add_done_callback(_background.discard)
 

@@ -46,6 +46,10 @@ MAX_ERROR = 8000
 StopReason = Literal["cancel", "shutdown"]
 
 
+#: Tasks sending stored results again, kept alive until done.
+_resends: set[asyncio.Task[None]] = set()
+
+
 class Outbound(Protocol):
     """The live hub connection, as the executor sees it."""
 
@@ -123,9 +127,6 @@ class Executor:
         """Commands acked and not finished (waiting for a slot or running)."""
         return len(self._jobs)
 
-    def is_active(self, command_id: str) -> bool:
-        return command_id in self._jobs
-
     # -- from the read loop ------------------------------------------------------------
 
     def on_command(self, command: Command) -> None:
@@ -136,7 +137,9 @@ class Executor:
             self._send(Ack(type="ack", command_id=command_id))
             return
         if self.journal.known(command_id):
-            asyncio.get_running_loop().create_task(self._resend(command_id))
+            task = asyncio.get_running_loop().create_task(self._resend(command_id))
+            _resends.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(_resends.discard)
             return
         handler = self.registry.lookup(command.name)
         if isinstance(handler, str):
