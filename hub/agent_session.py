@@ -240,7 +240,9 @@ class AgentSession(Session):
         if not ok:
             self._refuse("enrollment key exhausted, expired or revoked", agent_id=message.agent_id)
             return
-        await credentials.sync()
+        credentials.enrolled(
+            enroll_id, issued, replaced, new_id=record is None or (record.enrolled_by != enroll_id)
+        )
         self._complete(message, agent_key=token, enrolled_by=enroll_id)
         hub.auditor.record(
             "credential.issued",
