@@ -123,10 +123,37 @@ class Credentials:
             self.rev = max(self.rev, record.rev)
 
     async def sync(self) -> None:
-        """Pick up credentials created, spent or revoked by anyone writing to the store."""
+        """Pick up credentials created, spent or revoked by anyone writing to the store.
+
+        Concurrent callers share one query.
+        """
+        if self._syncing is None:
+            self._syncing = asyncio.ensure_future(self._sync())
+            self._syncing.add_done_callback(self._synced)
+        await asyncio.shield(self._syncing)
+
+    def _synced(self, future: asyncio.Future[None]) -> None:
+        self._syncing = None
+        if not future.cancelled():
+            future.exception()  # retrieved: the awaiting callers see it
+
+    async def _sync(self) -> None:
         rev, changed = await self.store.credentials_since(self.rev)
         self.apply(changed)
         self.rev = max(self.rev, rev)
+
+    def enrolled(
+        self, enroll_id: str, issued: CredentialRecord, replaced: list[str], new_id: bool
+    ) -> None:
+        """Mirror in memory what :meth:`Store.enroll` just committed (sync confirms later)."""
+        self.records[issued.id] = issued
+        for old in replaced:
+            record = self.records.get(old)
+            if record is not None:
+                record.revoked = True
+        key = self.records.get(enroll_id)
+        if key is not None and new_id and key.uses_left is not None:
+            key.uses_left -= 1
 
     def apply(self, changed: list[CredentialRecord]) -> None:
         revoked: set[str] = set()
@@ -146,10 +173,7 @@ class Credentials:
 
     async def look_up(self, credential_id: str) -> None:
         """Sync from the store (one query for every waiting handshake), remember misses."""
-        if self._syncing is None:
-            self._syncing = asyncio.ensure_future(self.sync())
-            self._syncing.add_done_callback(lambda _: setattr(self, "_syncing", None))
-        await asyncio.shield(self._syncing)
+        await self.sync()
         if credential_id not in self.records:
             misses = self._misses
             misses[credential_id] = self.clock() + MISS_TTL

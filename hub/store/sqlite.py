@@ -284,6 +284,9 @@ class _Worker(threading.Thread):
             op, future = item
             try:
                 result, error = op(conn), None
+                if type(result) is sqlite3.Cursor:
+                    result.close()
+                    result = None
             except Exception as exc:
                 result, error = None, exc
             self._resolve([(future, result, error)])
@@ -316,12 +319,18 @@ class _Worker(threading.Thread):
             for op, future in batch:
                 conn.execute("SAVEPOINT op")
                 try:
-                    outcomes.append((future, op(conn), None))
+                    result = op(conn)
+                    if type(result) is sqlite3.Cursor:
+                        # A cursor must die in this thread: freed elsewhere, it would reset
+                        # a cached statement under the writer's feet (SQLITE_MISUSE).
+                        result.close()
+                        result = None
+                    outcomes.append((future, result, None))
                     conn.execute("RELEASE op")
                 except Exception as exc:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
-                    log.warning("store operation failed: %s", exc)
+                    log.warning("store operation failed: %s", exc, exc_info=True)
                     outcomes.append((future, None, exc))
             conn.execute("COMMIT")
         except Exception as exc:
