@@ -8,9 +8,10 @@ own ``PATH``.
 The child runs in a new session (its own process group). On cancel or timeout the whole tree
 is stopped: the processes found under the child *before* signalling (children that left the
 group are still caught), plus the group itself; SIGTERM first, SIGKILL after a short grace.
-Output goes out in chunks of at most 16 KiB read, decoded as UTF-8 with replacement (an
-incremental decoder, so a character split between two reads survives); after ``max_output``
-bytes the rest is read and dropped, and the result says ``truncated``.
+Output goes out in chunks of at most 16 KiB, gathered for up to 0.1 s (so a chatty program
+does not exceed the hub's message rate), decoded as UTF-8 with replacement (an incremental
+decoder, so a character split between two reads survives); after ``max_output`` bytes the
+rest is read and dropped, and the result says ``truncated``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 import psutil
@@ -32,6 +33,8 @@ from . import CommandContext, HandlerResult, Rejected, Stream
 __all__ = ["ExecHandler", "ExecPolicy", "terminate_tree"]
 
 CHUNK = 16 * 1024
+#: Output that arrives within this many seconds goes out as one message.
+COALESCE = 0.1
 #: Environment variables a command never inherits from the agent.
 SECRET_ENV = frozenset({"TETHER_TOKEN"})
 #: How long to keep reading pipes after the program exited (a daemonised grandchild may
@@ -168,23 +171,56 @@ async def _pump(
     if pipe is None:
         return
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    while True:
-        chunk = await pipe.read(CHUNK)
-        final = not chunk
-        if budget.total >= budget.limit:
-            if not final:
+    async with contextlib.aclosing(_coalesced(pipe)) as blocks:
+        async for block in blocks:
+            final = not block
+            if budget.total >= budget.limit:
+                if not final:
+                    budget.truncated = True
+                    continue
+                return
+            if len(block) > budget.limit - budget.total:
+                block = block[: budget.limit - budget.total]
                 budget.truncated = True
+            budget.total += len(block)
+            text = decoder.decode(block, final=final)
+            if text:
+                await ctx.emit(stream, text)
+            if final:
+                return
+
+
+async def _coalesced(pipe: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """Blocks of at most :data:`CHUNK` bytes, then ``b""`` at EOF.
+
+    A block holds what arrived within :data:`COALESCE` seconds of its first byte, so a program
+    that prints a line every millisecond makes about ten messages a second, not a thousand:
+    the hub limits each connection's message rate (and closes 1008 beyond it).
+    """
+    loop = asyncio.get_running_loop()
+    pending = bytearray()
+    flush_at = 0.0
+    while True:
+        if not pending:
+            chunk = await pipe.read(CHUNK)
+            flush_at = loop.time() + COALESCE
+        else:
+            try:
+                async with asyncio.timeout(max(0.0, flush_at - loop.time())):
+                    chunk = await pipe.read(CHUNK - len(pending))
+            except TimeoutError:
+                yield bytes(pending)
+                pending.clear()
                 continue
+        if not chunk:
+            if pending:
+                yield bytes(pending)
+            yield b""
             return
-        if len(chunk) > budget.limit - budget.total:
-            chunk = chunk[: budget.limit - budget.total]
-            budget.truncated = True
-        budget.total += len(chunk)
-        text = decoder.decode(chunk, final=final)
-        if text:
-            await ctx.emit(stream, text)
-        if final:
-            return
+        pending += chunk
+        if len(pending) >= CHUNK:
+            yield bytes(pending)
+            pending.clear()
 
 
 async def _stop(proc: asyncio.subprocess.Process, grace: float) -> None:

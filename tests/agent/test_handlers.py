@@ -67,6 +67,25 @@ async def test_exec_streams_large_output_in_order(
     assert all(len(data.encode()) <= CHUNK for _, data in collector.chunks)
 
 
+async def test_exec_coalesces_a_trickle_of_small_writes(
+    profile: AgentProfile, collector: Collector
+) -> None:
+    code = """
+        import sys, time
+        for i in range(300):
+            sys.stdout.write(f"{i}\\n")
+            sys.stdout.flush()
+            time.sleep(0.002)
+    """
+    started = asyncio.get_running_loop().time()
+    result = await ANY(context(profile, collector, {"argv": py(code)}))
+    elapsed = asyncio.get_running_loop().time() - started
+    assert result.status == "succeeded"
+    assert collector.text("stdout") == "".join(f"{i}\n" for i in range(300))
+    # One message per 0.1 s at most (plus the last), instead of one per write.
+    assert len(collector.chunks) <= elapsed / 0.1 + 2
+
+
 async def test_exec_decodes_utf8_across_chunks_and_replaces_bad_bytes(
     profile: AgentProfile, collector: Collector
 ) -> None:
