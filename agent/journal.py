@@ -66,14 +66,14 @@ class Journal(Protocol):
 
 class MemoryJournal:
     """The journal of a simulated agent: a bounded dict, created on first use. Results are
-    kept as JSON bytes, a fraction of the size of the nested dicts, since they are rarely
-    read again."""
+    kept as JSON text, a fraction of the size of the nested dicts, since they are rarely read
+    again (text, not orjson's bytes, which keep a 4 KB allocation however short they are)."""
 
     __slots__ = ("_entries", "max_entries")
 
     def __init__(self, max_entries: int = 1_000) -> None:
         self.max_entries = max_entries
-        self._entries: dict[str, bytes | None] | None = None
+        self._entries: dict[str, str | None] | None = None
 
     def known(self, command_id: str) -> bool:
         return self._entries is not None and command_id in self._entries
@@ -82,7 +82,7 @@ class MemoryJournal:
         self._put(command_id, None)
 
     async def finish(self, command_id: str, result: dict[str, Any]) -> None:
-        self._put(command_id, orjson.dumps(result))
+        self._put(command_id, orjson.dumps(result).decode())
 
     async def result(self, command_id: str) -> dict[str, Any] | None:
         raw = self._entries.get(command_id) if self._entries is not None else None
@@ -91,7 +91,7 @@ class MemoryJournal:
     async def close(self) -> None:
         self._entries = None
 
-    def _put(self, command_id: str, value: bytes | None) -> None:
+    def _put(self, command_id: str, value: str | None) -> None:
         entries = self._entries
         if entries is None:
             entries = self._entries = {}
