@@ -41,13 +41,19 @@ class TlsHub:
 
 @pytest.fixture
 async def tls_hub(hub_factory: Callable[..., Any], tmp_path: Path) -> TlsHub:
+    return await _tls_hub(hub_factory, tmp_path)
+
+
+async def _tls_hub(hub_factory: Callable[..., Any], tmp_path: Path, **config: Any) -> TlsHub:
     ca = trustme.CA()
     server = ca.issue_cert("127.0.0.1", "localhost")
     cert_file, key_file, ca_file = tmp_path / "hub.pem", tmp_path / "hub.key", tmp_path / "ca.pem"
     server.cert_chain_pems[0].write_to_path(cert_file)
     server.private_key_pem.write_to_path(key_file)
     ca.cert_pem.write_to_path(ca_file)
-    handle = await hub_factory(tls_cert=cert_file, tls_key=key_file)
+    if config.pop("client_ca", False):
+        config["client_ca"] = ca_file
+    handle = await hub_factory(tls_cert=cert_file, tls_key=key_file, **config)
     der = ssl.PEM_cert_to_DER_cert(server.cert_chain_pems[0].bytes().decode())
     return TlsHub(handle, ca, der, ca_file)
 
@@ -56,7 +62,9 @@ async def tls_hub(hub_factory: Callable[..., Any], tmp_path: Path) -> TlsHub:
 async def start() -> AsyncIterator[Callable[..., Any]]:
     running: list[tuple[AgentClient, asyncio.Task[None]]] = []
 
-    async def make(tls: TlsHub, options: TlsOptions, agent_id: str = "tls-1") -> AgentClient:
+    async def make(
+        tls: TlsHub, options: TlsOptions, agent_id: str = "tls-1", token: bool = True
+    ) -> AgentClient:
         profile = AgentProfile(agent_id=agent_id)
         client = AgentClient(
             profile,
@@ -65,7 +73,7 @@ async def start() -> AsyncIterator[Callable[..., Any]]:
                 ssl_context=make_ssl_context(options),
                 pin_sha256=options.pin_sha256,
             ),
-            Credentials(await tls.handle.agent_token(agent_id)),
+            Credentials(await tls.handle.agent_token(agent_id) if token else None),
             Executor(profile, default_registry(), MemoryJournal()),
             HostMetrics(),
         )
@@ -105,6 +113,20 @@ async def test_insecure_connects_without_verification(
 ) -> None:
     client = await start(tls_hub, TlsOptions(insecure=True))
     await eventually(lambda: client.registered)
+
+
+async def test_client_certificate_authenticates_without_a_token(
+    hub_factory: Callable[..., Any], tmp_path: Path, start: Callable[..., Any]
+) -> None:
+    tls = await _tls_hub(hub_factory, tmp_path, client_ca=True, require_client_cert=True)
+    cert = tls.ca.issue_cert("mtls-1", common_name="mtls-1")
+    cert_file, key_file = tmp_path / "agent.pem", tmp_path / "agent.key"
+    cert.cert_chain_pems[0].write_to_path(cert_file)
+    cert.private_key_pem.write_to_path(key_file)
+    options = TlsOptions(ca_file=str(tls.ca_file), cert=str(cert_file), key=str(key_file))
+    client = await start(tls, options, "mtls-1", token=False)
+    await eventually(lambda: client.registered, message="registered by certificate")
+    assert tls.handle.hub.registry.live["mtls-1"].principal.kind == "cert"
 
 
 async def test_doctor_reports_tls(tls_hub: TlsHub) -> None:
