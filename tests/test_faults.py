@@ -176,4 +176,3 @@ async def _online(admin: AdminClient, ids: set[str]) -> bool:
 async def _offline(admin: AdminClient, agent_id: str) -> bool:
     agents = (await admin.request("agents"))["agents"]
     return any(a["agent_id"] == agent_id and a["state"] == "offline" for a in agents)
-
