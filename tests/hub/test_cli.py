@@ -86,8 +86,11 @@ async def test_agents_json_and_bad_token(hub: HubHandle) -> None:
 async def answer_commands(agent: RawAgent, status: str, count: int) -> None:
     for _ in range(count):
         command = await agent.recv_type("command", timeout=20)
-        await agent.send({"type": "result", "command_id": command["command_id"], "status": status,
-                          "exit_code": 0 if status == "succeeded" else 1, "data": {"ok": True}})  # fmt: skip
+        exit_code = 0 if status == "succeeded" else 1
+        await agent.send(
+            {"type": "result", "command_id": command["command_id"], "status": status,
+             "exit_code": exit_code, "data": {"ok": True}}
+        )  # fmt: skip
 
 
 async def test_send_wait_json_and_exit_codes(hub: HubHandle) -> None:
