@@ -54,7 +54,7 @@ _DEPTH_DELTA = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 
 def encode(obj: Any) -> bytes:
-    """Serialize compactly; refuses NaN and infinities like the parser does.
+    """Serialize compactly. (orjson writes NaN and infinities as null; validated input has none.)
 
     orjson hands back its whole 4 KB working buffer even for a 50-byte result; a message
     that waits in a queue (an admin subscriber's, say) would cost 4 KB. Small results are
