@@ -125,8 +125,9 @@ class HubConnection(Connection):
             self.session.receive(data)
 
     def on_close(self, code: int, reason: str) -> None:
-        if self.session is not None:
-            self.session.closed(code, reason)
+        session, self.session = self.session, None  # no cycle left for the collector
+        if session is not None:
+            session.closed(code, reason)
 
     def on_writable(self) -> None:
         if self.session is not None:

@@ -156,6 +156,7 @@ class Connection(asyncio.Protocol):
             except EOFError:
                 pass
         code, reason = self.close_code()
+        self.transport = None  # the transport references us: break the cycle now
         handshake = self._handshake
         if handshake is not None and not handshake.done():
             handshake.set_exception(
