@@ -44,8 +44,9 @@ SEND_EOF = b""
 class Connection(asyncio.Protocol):
     """One WebSocket connection. Subclasses handle messages in :meth:`on_message`.
 
-    ``max_buffer`` bounds the bytes waiting in the transport's write buffer: a peer that
-    stops reading is aborted instead of growing the process without bound.
+    ``max_buffer`` bounds the bytes waiting in the transport's write buffer, whatever wrote
+    them (messages, pongs, close frames): a peer that stops reading is aborted instead of
+    growing the process without bound.
     """
 
     __slots__ = (
@@ -189,10 +190,7 @@ class Connection(asyncio.Protocol):
         self.protocol.send_text(data)
         self._flush()
         transport = self.transport
-        if transport is not None and transport.get_write_buffer_size() > self.max_buffer:
-            self._overflow()
-            return False
-        return True
+        return transport is not None and not transport.is_closing()
 
     def buffered(self) -> int:
         """Bytes accepted for sending that the peer has not read yet."""
@@ -341,6 +339,11 @@ class Connection(asyncio.Protocol):
                     transport.close()
                 return
             transport.write(chunk)
+        # Every write counts against the bound, not only our own messages: websockets
+        # answers each ping with a pong, so a peer that floods pings and never reads would
+        # otherwise grow this buffer without limit.
+        if transport.get_write_buffer_size() > self.max_buffer:
+            self._overflow()
 
     def _overflow(self) -> None:
         log.warning(
