@@ -80,7 +80,7 @@ class Connection(asyncio.Protocol):
         self.opened = False
         self.closed = False
         self.writable = True
-        self._fragments: list[bytes] | None = None
+        self._fragments: bytearray | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._keepalive: asyncio.TimerHandle | None = None
         self._ping_sent_at: float = 0.0
@@ -278,15 +278,18 @@ class Connection(asyncio.Protocol):
             if frame.fin:
                 self._guard(self.on_message, frame.data)
             else:
-                self._fragments = [frame.data]
+                # One contiguous buffer, not a list of pieces: a message of many tiny or
+                # empty fragments then costs its own bytes (websockets bounds those at
+                # max_size), not a Python object per fragment.
+                self._fragments = bytearray(frame.data)
         elif opcode is Opcode.CONT:
-            if self._fragments is None:
+            fragments = self._fragments
+            if fragments is None:
                 return
-            self._fragments.append(frame.data)
+            fragments += frame.data
             if frame.fin:
-                data = b"".join(self._fragments)
                 self._fragments = None
-                self._guard(self.on_message, data)
+                self._guard(self.on_message, bytes(fragments))
         elif opcode is Opcode.BINARY:
             self._guard(self.on_binary)
         elif opcode is Opcode.PONG:
