@@ -214,7 +214,13 @@ class HubConnection(Connection):
         headers = request.headers
         if request.method != "GET":
             return json_response(405, {"error": "method_not_allowed"}, [("Allow", "GET")])
-        if "websocket" not in headers.get("Upgrade", "").lower():
+        # Headers.get raises on a repeated name. Origin and Authorization are singletons
+        # (RFC 6454 §7.3, RFC 9110 §11.6.2): two of them are a malformed request, and a
+        # way to smuggle an origin past a check that reads only one of them.
+        for name in ("Origin", "Authorization"):
+            if len(headers.get_all(name)) > 1:
+                return self._refuse(400, "bad_request", f"repeated {name} header", path)
+        if "websocket" not in ", ".join(headers.get_all("Upgrade")).lower():
             return json_response(426, {"error": "upgrade_required"}, [("Upgrade", "websocket")])
 
         origin = headers.get("Origin")
