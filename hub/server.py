@@ -22,7 +22,9 @@ from websockets.exceptions import (
     TooManyHeaders,
 )
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+from websockets.frames import Frame
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import StatusLike
 
@@ -107,6 +109,12 @@ def _describe(exc: BaseException | None) -> str:
 
 class _ServerProtocol(ServerProtocol):
     """websockets' server side, refusing in the hub's own format: ``{"error": code}``."""
+
+    def send_frame(self, frame: Frame) -> None:
+        # Before the handshake response, write no frame: websockets would answer a ping
+        # pipelined behind the request with a pong ahead of the HTTP response.
+        if self.state is not State.CONNECTING:
+            super().send_frame(frame)
 
     def reject(self, status: StatusLike, text: str) -> Response:
         code = int(status)
@@ -292,6 +300,10 @@ class HubConnection(Connection):
         for name in ("Origin", "Authorization"):
             if len(headers.get_all(name)) > 1:
                 return self._refuse(400, "bad_request", f"repeated {name} header", path)
+        if self.early_data:
+            # Whether the credential was cached or looked up: frames pipelined behind the
+            # request never reach a session.
+            return self._refuse(400, "bad_request", "frames sent before the handshake", path)
         if "websocket" not in ", ".join(headers.get_all("Upgrade")).lower():
             return self._refuse(
                 426, "upgrade_required", "no websocket upgrade", path, [("Upgrade", "websocket")]

@@ -57,6 +57,7 @@ class Connection(asyncio.Protocol):
         "_ping_sent_at",
         "close_timeout",
         "closed",
+        "early_data",
         "max_buffer",
         "opened",
         "peer",
@@ -80,6 +81,8 @@ class Connection(asyncio.Protocol):
         self.opened = False
         self.closed = False
         self.writable = True
+        #: Server side: frames arrived before the handshake response was sent.
+        self.early_data = False
         self._fragments: bytearray | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._keepalive: asyncio.TimerHandle | None = None
@@ -126,7 +129,13 @@ class Connection(asyncio.Protocol):
         except EOFError:
             return
         self._flush()
-        for event in protocol.events_received():
+        events = protocol.events_received()
+        if not self.opened and protocol.side is Side.SERVER:
+            # RFC 6455 §4.1: a client MUST wait for the response before sending frames.
+            # Anything parsed as a frame in the same read as the request, or while the
+            # answer is pending, was sent before the client could have seen a 101.
+            self.early_data = self.early_data or any(type(e) is Frame for e in events)
+        for event in events:
             if self.closed:
                 break
             if type(event) is Frame:
