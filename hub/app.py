@@ -186,12 +186,14 @@ class Hub:
                 await task
         self._flush_heartbeats(force=True)
         self.auditor.record("hub.stop", subject=self.hub_id)
-        await self.ledger.drain()
-        await self.auditor.drain()
         for task in list(self.tasks):
             task.cancel()
-        await self.store.flush()
-        await self.store.close()
+        # Every step is bounded: a stuck write must not keep the process from exiting.
+        for step in (self.ledger.drain, self.auditor.drain, self.store.flush, self.store.close):
+            try:
+                await asyncio.wait_for(step(), config.shutdown_timeout)
+            except (TimeoutError, StoreUnavailable) as exc:
+                log.error("shutdown step %s did not complete: %r", step.__qualname__, exc)
         log.info("hub %s stopped", self.hub_id)
 
     async def serve_forever(self) -> None:

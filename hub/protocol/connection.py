@@ -248,6 +248,7 @@ class Connection(asyncio.Protocol):
         self._flush()
         if response.status_code == 101:
             self.opened = True
+            self._forget_handshake()
             self._guard(self.on_open)
         else:
             # The response is buffered; close() flushes it, then the socket goes.
@@ -262,20 +263,30 @@ class Connection(asyncio.Protocol):
         if interval <= 0:
             return
         loop = asyncio.get_running_loop()
+        last_ping = time.monotonic()
 
         def tick() -> None:
+            nonlocal last_ping
             if self.closed:
                 return
-            if self._ping_sent_at and time.monotonic() - self._ping_sent_at > timeout:
+            now = time.monotonic()
+            pending = self._ping_sent_at
+            if pending and now - pending >= timeout:
                 self.close(Close.INTERNAL_ERROR, "keepalive ping timeout")
                 return
-            if not self._ping_sent_at:
-                self._ping_sent_at = time.monotonic()
+            if not pending and now - last_ping >= interval:
+                last_ping = self._ping_sent_at = now
                 if self.protocol.state is OPEN:
                     self.protocol.send_ping(b"")
                     self._flush()
-            delay = interval if not self._ping_sent_at else min(interval, timeout)
-            self._keepalive = loop.call_later(delay, tick)
+            # Wake for the next ping, or for the pong deadline while one is outstanding
+            # (the next ping waits for the pong).
+            wake = last_ping + interval
+            if self._ping_sent_at:
+                deadline = self._ping_sent_at + timeout
+                if wake <= now or deadline < wake:
+                    wake = deadline
+            self._keepalive = loop.call_later(max(0.0, wake - now), tick)
 
         self._keepalive = loop.call_later(interval, tick)
 
@@ -331,6 +342,19 @@ class Connection(asyncio.Protocol):
             response = exc.response
             return HandshakeRefused(response.status_code, response.headers, response.body or b"")
         return None
+
+    def _forget_handshake(self) -> None:
+        """Drop the handshake request the server's parser generator still references.
+
+        ``ServerProtocol.parse`` keeps its local ``request`` (every header) alive for the
+        connection's whole life: about 2 KB per connection. A fresh frame parser holds
+        nothing. Swapping is safe when no frame bytes are buffered, which is always the
+        case for a client that waits for the 101, as the protocol requires.
+        """
+        protocol = self.protocol
+        if protocol.side is Side.SERVER and not protocol.reader.buffer:
+            protocol.parser = Protocol.parse(protocol)
+            next(protocol.parser)
 
     def _note_parser_failure(self, exc: Exception) -> None:
         if isinstance(exc, PayloadTooBig):

@@ -183,7 +183,7 @@ async def test_offline_targets_expire_and_are_told_apart(
     data = await admin.request(
         "dispatch", target={"agent_ids": ["edge-00", "edge-01"]}, name="ping", ttl=0.5
     )
-    ((_, command_id),) = await pending_commands(agents[:1])
+    ((_index, command_id),) = await pending_commands(agents[:1])
     await agents[0].send({"type": "result", "command_id": command_id, "status": "succeeded"})
     detail = await wait_for(lambda: finished(admin, data["job_id"]), timeout=5)
     states = {c["agent_id"]: c["state"] for c in detail["commands"]}

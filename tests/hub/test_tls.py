@@ -82,7 +82,7 @@ async def test_tls_below_1_2_is_refused(hub_factory, server_files, ca) -> None:
     except ssl.SSLError:
         pass
     with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-        _, writer = await asyncio.open_connection(
+        _reader, writer = await asyncio.open_connection(
             "127.0.0.1", hub.hub.port, ssl=context, server_hostname="127.0.0.1"
         )
         writer.close()
