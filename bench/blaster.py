@@ -20,8 +20,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hub.protocol.connection import Connection, connect  # noqa: E402
-from hub.protocol.constants import AGENT_SUBPROTOCOL  # noqa: E402
+from hub.protocol.connection import Connection, connect
+from hub.protocol.constants import AGENT_SUBPROTOCOL
 
 HEARTBEAT = orjson.dumps(
     {
