@@ -1,0 +1,265 @@
+"""Processes and measurements shared by the benchmarks.
+
+The hub, the floor server and every load generator run as their own processes, so that
+the figures measure what a deployment would: one hub process, load from elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+#: Agents per load process: the open-file limit here is 20,000 per process.
+PER_PROCESS = 9_500
+
+
+def raise_file_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@dataclass
+class Proc:
+    """A child process whose output goes to a log file."""
+
+    name: str
+    args: list[str]
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                self.args, stdout=out, stderr=subprocess.STDOUT, env=ENV,
+                preexec_fn=raise_file_limit,
+            )  # fmt: skip
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def wait_for_line(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(pattern, self.log.read_text(errors="replace"))
+            if found:
+                return found
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name}: no line matching {pattern!r}")
+
+    def rss(self) -> int:
+        return psutil.Process(self.pid).memory_info().rss
+
+    def cpu(self) -> float:
+        times = psutil.Process(self.pid).cpu_times()
+        return times.user + times.system
+
+    def signal(self, sig: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return self.process.returncode
+
+
+@dataclass
+class Hub:
+    """A ``tether-hub serve`` process with its own data directory."""
+
+    workdir: Path
+    name: str = "hub"
+    extra: list[str] = field(default_factory=list)
+    port: int = 0
+    proc: Proc | None = None
+
+    @property
+    def data(self) -> Path:
+        return self.workdir / self.name
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def token(self, *args: str) -> str:
+        done = subprocess.run(
+            [PYTHON, "-m", "hub", "token", "create", "--data-dir", str(self.data), *args],
+            capture_output=True, text=True, env=ENV, check=True,
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    def start(self) -> Hub:
+        config = self.workdir / f"{self.name}.toml"
+        if not config.exists():
+            config.write_text("[hub]\nlog_level = \"WARNING\"\nmax_agents = 100000\n")
+        self.proc = Proc(
+            self.name,
+            [PYTHON, "-m", "hub", "serve", "--listen", f"127.0.0.1:{self.port}",
+             "--data-dir", str(self.data), "--config", str(config), *self.extra],
+            self.workdir / f"{self.name}.log",
+        ).start()  # fmt: skip
+        # The listening line is logged at INFO; find the port from the process instead.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ports = [
+                c.laddr.port
+                for c in psutil.Process(self.proc.pid).net_connections("tcp")
+                if c.status == psutil.CONN_LISTEN
+            ]
+            if ports:
+                self.port = ports[0]
+                break
+            time.sleep(0.05)
+        else:
+            raise TimeoutError("the hub did not listen")
+        wait_http(f"http://127.0.0.1:{self.port}/readyz")
+        return self
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(f"http://127.0.0.1:{self.port}/metrics")
+
+    def online(self) -> int:
+        return int(self.metrics().get('tether_agents{state="online"}', 0))
+
+
+@dataclass
+class Floor:
+    workdir: Path
+    port: int = 0
+    proc: Proc | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self) -> Floor:
+        self.proc = Proc(
+            "floor",
+            [PYTHON, str(ROOT / "bench" / "floor.py"), "--listen", f"127.0.0.1:{self.port}"],
+            self.workdir / "floor.log",
+        ).start()
+        self.port = int(self.proc.wait_for_line(r"floor listening on (\d+)").group(1))
+        return self
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=5) as r:
+            return json.loads(r.read())
+
+    def online(self) -> int:
+        return int(self.stats()["agents"])
+
+
+def simulators(workdir: Path, url: str, token: str, count: int, prefix: str,
+               rate: float = 1_000, tag: str = "sim") -> list[Proc]:  # fmt: skip
+    """``tether-agent simulate`` processes, at most PER_PROCESS agents each."""
+    procs = []
+    start = 0
+    index = 0
+    while start < count:
+        n = min(PER_PROCESS, count - start)
+        # Each process numbers its agents from 1; distinct prefixes keep the ids unique.
+        procs.append(
+            Proc(
+                f"{tag}{index}",
+                [PYTHON, "-m", "agent", "simulate", "--hub", url, "--token", token,
+                 "--count", str(n), "--prefix", f"{prefix}{index}-", "--rate", str(rate),
+                 "--log-level", "warning"],
+                workdir / f"{tag}{index}.log",
+            ).start()
+        )  # fmt: skip
+        start += n
+        index += 1
+    return procs
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        time.sleep(0.05)
+    raise TimeoutError(url)
+
+
+def scrape(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                values[name] = float(value)
+    return values
+
+
+def wait_until(condition: Any, timeout: float, interval: float = 0.1, what: str = "") -> float:
+    """Poll until true; returns the seconds it took. Raises TimeoutError."""
+    started = time.monotonic()
+    while True:
+        if condition():
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(what or str(condition))
+        time.sleep(interval)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
+
+
+@contextlib.contextmanager
+def running(*procs: Any) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for proc in reversed(procs):
+            for item in proc if isinstance(proc, list) else [proc]:
+                inner = getattr(item, "proc", item)
+                if inner is not None:
+                    inner.stop()
+
+
+def run(coroutine: Any) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coroutine)
+    except ImportError:
+        return asyncio.run(coroutine)
