@@ -32,7 +32,7 @@ PER_PROCESS = 9_500
 
 
 def raise_file_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
@@ -122,7 +122,7 @@ class Hub:
     def start(self) -> Hub:
         config = self.workdir / f"{self.name}.toml"
         if not config.exists():
-            config.write_text("[hub]\nlog_level = \"WARNING\"\nmax_agents = 100000\n")
+            config.write_text('[hub]\nlog_level = "WARNING"\nmax_agents = 100000\n')
         self.proc = Proc(
             self.name,
             [PYTHON, "-m", "hub", "serve", "--listen", f"127.0.0.1:{self.port}",
@@ -206,10 +206,9 @@ def simulators(workdir: Path, url: str, token: str, count: int, prefix: str,
 def wait_http(url: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+            if response.status == 200:
+                return
         time.sleep(0.05)
     raise TimeoutError(url)
 

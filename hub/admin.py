@@ -63,9 +63,10 @@ ROLE_NEEDED = {
 #: Largest batch of events sent as one message.
 BATCH_EVENTS = 2_000
 BATCH_BYTES = 1024 * 1024
-#: Batches to one subscriber are at least this far apart. A quiet hub sends an event at
-#: the end of the event-loop turn that made it; a busy one batches (at most 50 a second).
-BATCH_INTERVAL = 0.02
+#: Flushes to one subscriber: a burst of this many goes out at once (an event leaves at the
+#: end of the event-loop turn that made it), then at most FLUSH_RATE a second (batching).
+FLUSH_BURST = 10.0
+FLUSH_RATE = 50.0
 
 
 class RequestError(Exception):
@@ -78,6 +79,7 @@ class RequestError(Exception):
 class AdminSession(Session):
     __slots__ = (
         "_flush_handle",
+        "_flush_tokens",
         "_last_flush",
         "_queue",
         "_queue_bytes",
@@ -102,6 +104,7 @@ class AdminSession(Session):
         self._unkeyed = itertools.count()
         self._flush_handle: asyncio.Handle | None = None
         self._last_flush = 0.0
+        self._flush_tokens = FLUSH_BURST
         self.hold = False
         self.resync_pending = False
         self._sending_snapshot = False
@@ -296,8 +299,7 @@ class AdminSession(Session):
             self._schedule_flush(0)
             return
         if self._flush_handle is None:
-            wait = self._last_flush + BATCH_INTERVAL - asyncio.get_running_loop().time()
-            self._schedule_flush(max(0.0, wait))
+            self._schedule_flush(self._flush_wait())
 
     def _schedule_flush(self, delay: float) -> None:
         if self._flush_handle is not None:
@@ -313,9 +315,18 @@ class AdminSession(Session):
         if self._queue or self.resync_pending:
             self._schedule_flush(0)
 
+    def _flush_wait(self) -> float:
+        """Seconds until the flush budget allows the next flush (0: now)."""
+        now = asyncio.get_running_loop().time()
+        tokens = min(FLUSH_BURST, self._flush_tokens + (now - self._last_flush) * FLUSH_RATE)
+        return 0.0 if tokens >= 1 else (1 - tokens) / FLUSH_RATE
+
     def _flush(self) -> None:
         self._flush_handle = None
-        self._last_flush = asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
+        tokens = min(FLUSH_BURST, self._flush_tokens + (now - self._last_flush) * FLUSH_RATE)
+        self._flush_tokens = max(0.0, tokens - 1)
+        self._last_flush = now
         conn = self.conn
         if self.hold or conn.closed or not conn.writable or self._sending_snapshot:
             return
@@ -344,7 +355,7 @@ class AdminSession(Session):
         else:
             self.send(b'{"type":"batch","events":[' + b",".join(events) + b"]}")
         if queue and conn.writable:
-            self._schedule_flush(BATCH_INTERVAL)
+            self._schedule_flush(max(self._flush_wait(), 1 / FLUSH_RATE))
 
     async def _send_snapshot(self) -> None:
         try:

@@ -505,10 +505,18 @@ async def _send(client: AdminClient, args: argparse.Namespace) -> int:
         print(_dump(data, pretty=not args.json))
         return 1 if data.get("refused") else 0
     deadline = time.monotonic() + (args.wait_timeout or (args.ttl + args.timeout + 10))
-    result = await _wait_job(client, data["job_id"], deadline, progress=not args.json)
+    # --json: one object at the end. Otherwise a progress bar on a terminal, or JSON lines
+    # (one per finished command, then the job) when the output goes to a pipe or a file.
+    lines = not args.json and not sys.stdout.isatty()
+    bar = not args.json and not lines and sys.stderr.isatty()
+    result = await _wait_job(
+        client, data["job_id"], len(data["command_ids"]), deadline, lines=lines, bar=bar
+    )
     if args.json:
         result["refused"] = data.get("refused", [])
         print(_dump(result))
+    elif lines:
+        print(_dump({"type": "job", "job": result["job"], "refused": data.get("refused", [])}))
     else:
         _print_job(result, data.get("refused", []))
     commands = result["commands"]
@@ -520,44 +528,62 @@ async def _send(client: AdminClient, args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+TERMINAL = frozenset({"succeeded", "failed", "rejected", "cancelled", "timed_out", "expired"})
+
+
 async def _wait_job(
-    client: AdminClient, job_id: str, deadline: float, progress: bool
+    client: AdminClient, job_id: str, total: int, deadline: float, lines: bool, bar: bool
 ) -> dict[str, Any]:
-    show = progress and sys.stderr.isatty()
+    """Follow a job through its ``commands`` events until it finishes (or the deadline).
+
+    Progress comes from the events (a bar on a terminal, a JSON line per finished command
+    when ``lines``); the job's state is confirmed with a cheap ``jobs`` query, and the full
+    job is read once at the end.
+    """
+    finished: dict[str, dict[str, Any]] = {}
     events = client.events()
+    last_check = 0.0
     while True:
-        detail = await client.request("job", job_id=job_id)
-        job = detail["job"]
-        if show:
-            counts = job["counts"]
-            done = sum(v for k, v in counts.items() if k not in ("queued", "sent", "acked"))
-            total = job["total"] or 1
+        now = time.monotonic()
+        if len(finished) >= total or now - last_check >= 2.0:
+            last_check = now
+            summary = (await client.request("jobs", filter={"job_id": job_id}, limit=1))["jobs"]
+            if summary and summary[0]["state"] != "running":
+                break
+        if now >= deadline:
+            break
+        try:
+            async with asyncio.timeout(min(0.5, deadline - now)):
+                event = await anext(events)
+        except TimeoutError:
+            continue
+        except StopAsyncIteration:
+            raise ConnectionError("the hub closed the connection") from None
+        command = event.get("command") or {}
+        if command.get("job_id") != job_id or command.get("state") not in TERMINAL:
+            continue
+        if command["command_id"] in finished:
+            continue
+        finished[command["command_id"]] = command
+        if lines:
+            print(_dump({"type": "progress", "done": len(finished), "total": total,
+                         "command": command}), flush=True)  # fmt: skip
+        if bar:
             width = 30
-            filled = int(width * done / total)
+            filled = int(width * len(finished) / max(1, total))
+            states: dict[str, int] = {}
+            for item in finished.values():
+                states[item["state"]] = states.get(item["state"], 0) + 1
             print(
-                f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-                + " ".join(f"{k}={v}" for k, v in sorted(counts.items())),
+                f"\r[{'#' * filled}{'.' * (width - filled)}] {len(finished)}/{total} "
+                + " ".join(f"{k}={v}" for k, v in sorted(states.items())),
                 end="",
                 file=sys.stderr,
                 flush=True,
             )
-        if job["state"] != "running":
-            if show:
-                print(file=sys.stderr)
-            return detail
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            if show:
-                print(file=sys.stderr)
-            return detail
-        try:
-            async with asyncio.timeout(min(1.0, remaining)):
-                async for event in events:
-                    command = event.get("command") or {}
-                    if command.get("job_id") == job_id or event.get("type") != "event":
-                        break
-        except TimeoutError:
-            pass
+    if bar:
+        print(file=sys.stderr)
+    return await client.request("job", job_id=job_id, reply_timeout=120)
 
 
 def _print_job(detail: dict[str, Any], refused: list[dict[str, str]]) -> None:

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DispatchRefused", "Ledger"]
 
+#: Commands a dispatch hands to connections per turn of the event loop.
+DELIVERY_SLICE = 500
 #: Finished command ids remembered to tell a harmless repeated result from a foreign one.
 RECENT_FINISHED = 20_000
 
@@ -223,16 +225,22 @@ class Ledger:
             remaining=total,
         )
         self.jobs[job_id] = run
+        announce = self.bus.wanted("commands")
         for command in commands:
             self.commands[command.command_id] = command
             self.by_agent.setdefault(command.agent_id, []).append(command)
             self._schedule(command)
-            self.metrics.command_state("queued")
-            self._announce(command.view())
+            if announce:
+                self._announce(command.view())
+        self.metrics.commands["queued"] += total
         for command in commands:
             if command.state == "queued" and self._deliverable(command.agent_id):
                 run.waiting.append(command)
-        self._pump(run)
+        # Deliver in slices so that a job to the whole fleet never stalls the event loop.
+        while run.waiting and (run.window is None or run.in_flight < run.window):
+            self._pump(run, limit=DELIVERY_SLICE)
+            if run.waiting:
+                await asyncio.sleep(0)
         return {
             "job_id": job_id,
             "command_ids": [c.command_id for c in commands],
@@ -271,10 +279,12 @@ class Ledger:
     def _deliverable(self, agent_id: str) -> bool:
         return agent_id in self.registry.live and agent_id not in self.draining
 
-    def _pump(self, run: JobRun) -> None:
-        """Send queued commands of a job while its window has room."""
+    def _pump(self, run: JobRun, limit: int | None = None) -> None:
+        """Send queued commands of a job while its window has room (at most ``limit``)."""
         waiting = run.waiting
-        while waiting and (run.window is None or run.in_flight < run.window):
+        budget = limit if limit is not None else len(waiting)
+        while waiting and budget > 0 and (run.window is None or run.in_flight < run.window):
+            budget -= 1
             command = waiting.popleft()
             if command.state != "queued":
                 continue
@@ -577,7 +587,7 @@ class Ledger:
         latest: dict[str, CommandRecord] = {}
         for command, _ in pending:
             latest[command.command_id] = command
-        views = [c.view() for c in latest.values()]
+        views = [c.view() for c in latest.values()] if self.bus.wanted("commands") else []
         entries = [entry for _, entry in pending]
         future = asyncio.ensure_future(self.store.save_commands(list(latest.values()), entries))
         self._writes.add(future)
@@ -592,8 +602,7 @@ class Ledger:
             self._announce(view)
 
     def _announce(self, view: dict[str, Any]) -> None:
-        if self.bus.wanted("commands"):
-            self.bus.publish("commands", "state", view["command_id"], command=view)
+        self.bus.publish("commands", "state", view["command_id"], command=view)
 
     def _finish_job(self, run: JobRun) -> None:
         job = run.record

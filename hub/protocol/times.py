@@ -16,11 +16,22 @@ def now() -> float:
     return time.time()
 
 
+_last_second = -1
+_last_prefix = ""
+
+
 def format_time(ts: float) -> str:
-    """``2026-11-28T06:00:00.123Z`` for a float epoch timestamp."""
+    """``2026-11-28T06:00:00.123Z`` for a float epoch timestamp.
+
+    Timestamps come in runs of the same second (a job's commands, a batch of events), so
+    the formatted second is reused: strftime is most of the cost.
+    """
+    global _last_second, _last_prefix
     whole = int(ts)
-    millis = int((ts - whole) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+    if whole != _last_second:
+        _last_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _last_second = whole
+    return f"{_last_prefix}.{int((ts - whole) * 1000):03d}Z"
 
 
 def now_rfc3339() -> str:

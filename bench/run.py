@@ -1,0 +1,406 @@
+"""Tether's benchmarks: every figure of the scale budget, beside the raw websockets floor.
+
+    .venv/bin/python bench/run.py            # the full run (about 25 minutes)
+    .venv/bin/python bench/run.py --quick    # smaller counts and a 60 s hold (about 8 min)
+    .venv/bin/python bench/run.py --only memory,rtt
+
+The hub runs as its own process (`tether-hub serve`, uvloop), the load in other processes
+(`tether-agent simulate`, `bench/blaster.py`), and the floor — a bare `websockets` server
+answering the same clients (`bench/floor.py`) — runs in the same session, so every figure
+is also a ratio to the floor. Results go to bench/out/results.json and bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+import websockets
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.harness import (
+    ROOT,
+    Floor,
+    Hub,
+    Proc,
+    percentile,
+    run,
+    simulators,
+    wait_until,
+)
+from hub.protocol.client import AdminClient
+
+OUT = ROOT / "bench" / "out"
+RESULTS = ROOT / "bench" / "RESULTS.md"
+
+
+class Bench:
+    def __init__(self, quick: bool, workdir: Path) -> None:
+        self.quick = quick
+        self.workdir = workdir
+        self.results: dict[str, Any] = {}
+
+    def note(self, key: str, value: Any) -> None:
+        self.results[key] = value
+        print(f"  {key}: {value}", flush=True)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def fresh_hub(self, name: str, config: str = "") -> Hub:
+        hub = Hub(self.workdir, name=name)
+        (self.workdir / f"{name}.toml").write_text(
+            '[hub]\nlog_level = "WARNING"\nmax_agents = 100000\n' + config
+        )
+        return hub.start()
+
+    def connect_fleet(
+        self, server: Hub | Floor, count: int, tag: str, token: str = "x", rate: float = 1000
+    ) -> tuple[list[Proc], float]:
+        procs = simulators(self.workdir, server.url, token, count, f"{tag}", rate=rate, tag=tag)
+        seconds = wait_until(
+            lambda: server.online() >= count, timeout=count / 200 + 60, interval=0.2,
+            what=f"{count} agents online",
+        )  # fmt: skip
+        return procs, seconds
+
+    # -- memory and idle CPU ----------------------------------------------------------
+
+    def memory(self) -> None:
+        counts = [1_000, 5_000] if self.quick else [1_000, 5_000, 10_000, 19_000]
+        for kind in ("floor", "hub"):
+            for count in counts:
+                print(f"memory: {kind} with {count} agents", flush=True)
+                server: Hub | Floor
+                if kind == "hub":
+                    server = self.fresh_hub(f"mem{count}")
+                    token = server.token("--enroll")
+                else:
+                    server = Floor(self.workdir).start()
+                    token = "x"
+                assert server.proc is not None
+                time.sleep(2)
+                baseline = server.proc.rss()
+                procs, _ = self.connect_fleet(server, count, f"m{count}", token)
+                time.sleep(20)  # a heartbeat round, then measure
+                cpu0, t0 = server.proc.cpu(), time.monotonic()
+                time.sleep(15)
+                cpu = (server.proc.cpu() - cpu0) / (time.monotonic() - t0)
+                per_agent = (server.proc.rss() - baseline) / count
+                self.note(f"{kind}.memory_per_agent_kb.{count}", round(per_agent / 1024, 2))
+                self.note(f"{kind}.idle_cpu_share.{count}", round(cpu, 4))
+                if kind == "hub":
+                    metrics = server.metrics()
+                    self.note(
+                        f"hub.lag_max_ms.{count}",
+                        round(metrics.get("tether_event_loop_lag_max_seconds", 0) * 1000, 1),
+                    )
+                else:
+                    self.note(
+                        f"floor.lag_max_ms.{count}", round(server.stats()["lag_max"] * 1000, 1)
+                    )
+                for proc in procs:
+                    proc.stop()
+                server.proc.stop()
+
+    # -- registrations and the reconnect storm ------------------------------------------
+
+    def registrations(self) -> None:
+        count = 5_000 if self.quick else 19_000
+        for kind in ("floor", "hub"):
+            print(f"registrations: {kind}, {count} agents", flush=True)
+            if kind == "hub":
+                server: Hub | Floor = self.fresh_hub("reg")
+                token = server.token("--enroll")
+            else:
+                server = Floor(self.workdir).start()
+                token = "x"
+            assert server.proc is not None
+            procs, seconds = self.connect_fleet(server, count, "r", token, rate=2_500)
+            self.note(f"{kind}.registrations_per_s", round(count / seconds))
+            if kind == "hub":
+                assert isinstance(server, Hub)
+                self.storm(server, count)
+            for proc in procs:
+                proc.stop()
+            server.proc.stop()
+
+    def storm(self, hub: Hub, count: int) -> None:
+        """SIGTERM the hub (agents are told to come back within 10 s), restart it at once."""
+        assert hub.proc is not None
+        stopped = time.monotonic()
+        code = hub.proc.stop(timeout=60)
+        self.note("hub.sigterm_exit_code", code)
+        self.note("hub.sigterm_seconds", round(time.monotonic() - stopped, 2))
+        restarted = time.monotonic()
+        hub.start()
+        seconds = wait_until(
+            lambda: hub.online() >= count, timeout=120, interval=0.2, what="storm back online"
+        )
+        metrics = hub.metrics()
+        refused = {
+            name.split('"')[1]: int(value)
+            for name, value in metrics.items()
+            if name.startswith("tether_connections_total") and "accepted" not in name
+        }
+        self.note("hub.storm_seconds_all_back", round(time.monotonic() - restarted, 2))
+        self.note("hub.storm_seconds_after_listening", round(seconds, 2))
+        self.note("hub.storm_refusals", refused)
+
+    # -- round trips and a big job -----------------------------------------------------------
+
+    def latency(self) -> None:
+        sizes = [1_000, 5_000] if self.quick else [1_000, 10_000]
+        samples = 200 if self.quick else 500
+        for size in sizes:
+            for kind in ("floor", "hub"):
+                print(f"latency: {kind} with {size} agents", flush=True)
+                if kind == "hub":
+                    server: Hub | Floor = self.fresh_hub(f"rtt{size}")
+                    token = server.token("--enroll")
+                else:
+                    server = Floor(self.workdir).start()
+                    token = "x"
+                assert server.proc is not None
+                procs, _ = self.connect_fleet(server, size, f"t{size}", token)
+                time.sleep(3)
+                if kind == "hub":
+                    assert isinstance(server, Hub)
+                    admin = server.token("--admin", "--role", "operator")
+                    rtts, job_seconds = run(hub_latency(server.url, admin, size, samples))
+                    metrics = server.metrics()
+                    self.note(
+                        f"hub.lag_max_ms.latency{size}",
+                        round(metrics.get("tether_event_loop_lag_max_seconds", 0) * 1000, 1),
+                    )
+                else:
+                    rtts, job_seconds = run(floor_latency(server.url, size, samples))
+                self.note(f"{kind}.rtt_p50_ms.{size}", round(percentile(rtts, 0.5) * 1000, 3))
+                self.note(f"{kind}.rtt_p99_ms.{size}", round(percentile(rtts, 0.99) * 1000, 3))
+                self.note(f"{kind}.job_all_results_s.{size}", round(job_seconds, 3))
+                for proc in procs:
+                    proc.stop()
+                server.proc.stop()
+
+    # -- messages per second -----------------------------------------------------------------
+
+    def throughput(self) -> None:
+        rates = [10_000, 20_000] if self.quick else [10_000, 20_000, 30_000]
+        seconds = 10 if self.quick else 20
+        for kind in ("floor", "hub"):
+            best = 0.0
+            for rate in rates:
+                print(f"throughput: {kind} at {rate}/s", flush=True)
+                if kind == "hub":
+                    server: Hub | Floor = self.fresh_hub(
+                        "tput", "agent_message_rate = 1000\nagent_message_burst = 5000\n"
+                    )
+                    token = server.token("--enroll")
+                else:
+                    server = Floor(self.workdir).start()
+                    token = "x"
+                assert server.proc is not None
+                blaster = Proc(
+                    "blaster",
+                    [sys.executable, str(ROOT / "bench" / "blaster.py"), "--url", server.url,
+                     "--token", token, "--count", "400", "--rate", str(rate),
+                     "--seconds", str(seconds)],
+                    self.workdir / "blaster.log",
+                ).start()  # fmt: skip
+                blaster.wait_for_line(r'"registered"', timeout=120)
+                time.sleep(1.5)
+                received0 = _received(server)
+                cpu0, t0 = server.proc.cpu(), time.monotonic()
+                time.sleep(seconds - 3)
+                received = _received(server) - received0
+                elapsed = time.monotonic() - t0
+                cpu = server.proc.cpu() - cpu0
+                per_second = received / elapsed
+                per_cpu_second = received / cpu if cpu else 0.0
+                self.note(f"{kind}.messages_per_s.at{rate}", round(per_second))
+                self.note(f"{kind}.messages_per_cpu_s.at{rate}", round(per_cpu_second))
+                best = max(best, per_cpu_second)
+                blaster.stop()
+                server.proc.stop()
+            self.note(f"{kind}.messages_per_cpu_s", round(best))
+
+    # -- holding the fleet -------------------------------------------------------------------
+
+    def hold(self) -> None:
+        count = 5_000 if self.quick else 19_000
+        seconds = 60 if self.quick else 600
+        print(f"hold: {count} agents for {seconds} s", flush=True)
+        hub = self.fresh_hub("hold")
+        token = hub.token("--enroll")
+        assert hub.proc is not None
+        procs, _ = self.connect_fleet(hub, count, "h", token)
+        started = time.monotonic()
+        cpu0 = hub.proc.cpu()
+        lowest = count
+        disconnects0 = _disconnects(hub)
+        peak_rss = 0
+        while time.monotonic() - started < seconds:
+            time.sleep(5)
+            lowest = min(lowest, hub.online())
+            peak_rss = max(peak_rss, hub.proc.rss())
+        cpu = (hub.proc.cpu() - cpu0) / (time.monotonic() - started)
+        self.note("hub.hold_agents", count)
+        self.note("hub.hold_seconds", seconds)
+        self.note("hub.hold_lowest_online", lowest)
+        self.note("hub.hold_disconnects", _disconnects(hub) - disconnects0)
+        self.note("hub.hold_cpu_share", round(cpu, 4))
+        self.note("hub.hold_peak_rss_mb", round(peak_rss / 2**20, 1))
+        metrics = hub.metrics()
+        self.note(
+            "hub.hold_lag_max_ms",
+            round(metrics.get("tether_event_loop_lag_max_seconds", 0) * 1000, 1),
+        )
+        for proc in procs:
+            proc.stop()
+        hub.proc.stop()
+
+
+def _received(server: Hub | Floor) -> float:
+    if isinstance(server, Hub):
+        return server.metrics().get('tether_messages_total{channel="agent",direction="in"}', 0)
+    return float(server.stats()["messages"])
+
+
+def _disconnects(hub: Hub) -> float:
+    return sum(v for k, v in hub.metrics().items() if k.startswith("tether_disconnects_total"))
+
+
+async def hub_latency(url: str, token: str, size: int, samples: int) -> tuple[list[float], float]:
+    """Console → hub → agent → hub → console, through the ledger; then one job to all."""
+    done: dict[str, asyncio.Future[None]] = {}
+    states: dict[str, str] = {}
+
+    def on_event(event: dict[str, Any]) -> None:
+        command = event.get("command")
+        if command and command["state"] in ("succeeded", "failed", "rejected"):
+            states[command["command_id"]] = command["state"]
+            future = done.get(command["command_id"])
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    client = AdminClient(url, token, on_event=on_event)
+    await client.open()
+    await client.request("subscribe", topics=["commands"])
+    agents = [a["agent_id"] for a in (await client.request("agents", limit=100_000))["agents"]]
+    loop = asyncio.get_running_loop()
+    rtts = []
+    for n in range(samples):
+        agent_id = agents[n * 7919 % len(agents)]
+        started = time.perf_counter()
+        reply = await client.request("dispatch", target={"agent_ids": [agent_id]}, name="ping")
+        (command_id,) = reply["command_ids"]
+        if command_id not in states:
+            future = done[command_id] = loop.create_future()
+            await asyncio.wait_for(future, 10)
+        rtts.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    reply = await client.request(
+        "dispatch", target={"selector": {"status": "online"}}, name="ping", reply_timeout=120
+    )
+    job_id = reply["job_id"]
+    while (await client.request("job", job_id=job_id))["job"]["state"] == "running":
+        await asyncio.sleep(0.01)
+    job_seconds = time.perf_counter() - started
+    await client.close()
+    return rtts, job_seconds
+
+
+async def floor_latency(url: str, size: int, samples: int) -> tuple[list[float], float]:
+    """The same paths on the floor: relay to one agent and back; broadcast to all."""
+    async with websockets.connect(url + "/admin", compression=None, max_size=None) as ws:
+        rtts = []
+        for n in range(samples):
+            command_id = secrets.token_hex(12)
+            agent_id = f"t{size}0-{(n * 7919) % min(size, 9_500) + 1:05d}"
+            started = time.perf_counter()
+            message = {"type": "dispatch", "agent_id": agent_id, "command_id": command_id}
+            await ws.send(orjson.dumps(message).decode())
+            while orjson.loads(await ws.recv()).get("command_id") != command_id:
+                pass
+            rtts.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        command_id = secrets.token_hex(12)
+        await ws.send(orjson.dumps({"type": "broadcast", "command_id": command_id}).decode())
+        got = 0
+        while got < size:
+            if orjson.loads(await ws.recv()).get("command_id") == command_id:
+                got += 1
+        return rtts, time.perf_counter() - started
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "websockets": websockets.__version__,
+        "kernel": platform.release(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--only", default="memory,registrations,latency,throughput,hold",
+        help="comma-separated scenarios",
+    )  # fmt: skip
+    parser.add_argument("--keep", action="store_true", help="keep the working directory")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="tether-bench-"))
+    bench = Bench(args.quick, workdir)
+    started = time.time()
+    scenarios: dict[str, Callable[[], None]] = {
+        "memory": bench.memory,
+        "registrations": bench.registrations,
+        "latency": bench.latency,
+        "throughput": bench.throughput,
+        "hold": bench.hold,
+    }
+    try:
+        for name in args.only.split(","):
+            scenarios[name.strip()]()
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": round(time.time() - started),
+        "quick": args.quick,
+        "command": "python bench/run.py " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+        "results": bench.results,
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / f"results-{report['when'].replace(':', '')}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    # The bench itself drives hundreds of sockets; give it room.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    main()
