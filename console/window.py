@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from PySide6.QtCore import QByteArray, Qt, QTimer
-from PySide6.QtGui import QAction, QCloseEvent, QKeySequence, QShortcut
+from PySide6.QtGui import QAction, QCloseEvent, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
     QDialog,
@@ -35,7 +35,7 @@ from .resources import resource_path
 from .settings import ConsoleSettings, TokenStore
 from .views.agents import AgentTableModel, AgentTableView
 from .views.alerts import AlertsView
-from .views.common import CONDITION_GLYPHS, plain_label
+from .views.common import CONDITION_GLYPHS, plain_label, shortcut
 from .views.detail import AgentDetail
 from .views.dispatch import DispatchDialog
 from .views.graphs import GraphsView
@@ -152,10 +152,6 @@ class MainWindow(QMainWindow):
         toolbar.addWidget(self.search)
         self.match_label = plain_label("")
         toolbar.addWidget(self.match_label)
-        spacer = QWidget()
-        spacer.setSizePolicy(spacer.sizePolicy().horizontalPolicy().Expanding,
-                             spacer.sizePolicy().verticalPolicy().Preferred)  # fmt: skip
-        toolbar.addWidget(spacer)
         self._filter_timer = QTimer(self)
         self._filter_timer.setSingleShot(True)
         self._filter_timer.timeout.connect(self._apply_filter)
@@ -226,11 +222,10 @@ class MainWindow(QMainWindow):
         toolbar.addAction("Dispatch…", self.open_dispatch)
         toolbar.addAction("Resync", self.resync)
 
-        QShortcut(QKeySequence("Ctrl+F"), self, self.focus_search)
-        slash = QShortcut(QKeySequence("/"), self, self.focus_search)
-        slash.setContext(Qt.ShortcutContext.WindowShortcut)
-        escape = QShortcut(QKeySequence(Qt.Key.Key_Escape), self.search, self._search_escape)
-        escape.setContext(Qt.ShortcutContext.WidgetShortcut)
+        shortcut("Ctrl+F", self, self.focus_search)
+        shortcut("/", self, self.focus_search)
+        shortcut(Qt.Key.Key_Escape, self.search, self._search_escape,
+                 Qt.ShortcutContext.WidgetShortcut)  # fmt: skip
 
     def _action(self, menu: Any, text: str, slot: Any, keys: Any = None) -> QAction:
         action = menu.addAction(text)

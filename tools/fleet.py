@@ -239,9 +239,18 @@ class Fleet:
         else:
             status, error = "rejected", f"unknown command {name!r}"
         agent.send_text(
-            encode({"type": "result", "command_id": command_id, "status": status,
-                    "exit_code": exit_code, "data": data, "error": error,
-                    "started_at": started, "finished_at": _now()})  # fmt: skip
+            encode(
+                {
+                    "type": "result",
+                    "command_id": command_id,
+                    "status": status,
+                    "exit_code": exit_code,
+                    "data": data,
+                    "error": error,
+                    "started_at": started,
+                    "finished_at": _now(),
+                }
+            )  # fmt: skip
         )
 
     async def heartbeat_loop(self) -> None:

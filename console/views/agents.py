@@ -39,12 +39,12 @@ from PySide6.QtCore import (
     QTimer,
     Signal,
 )
-from PySide6.QtGui import QColor, QKeySequence, QShortcut
+from PySide6.QtGui import QColor
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QTableView, QWidget
 
 from console.fleet import Agent, Changes, FleetModel
 
-from .common import CONDITION_COLOURS, format_age, symbol_pixmap
+from .common import CONDITION_COLOURS, format_age, shortcut, symbol_pixmap
 
 __all__ = ["COLUMNS", "AgentFilter", "AgentTableModel", "AgentTableView", "parse_filter"]
 
@@ -215,7 +215,7 @@ COLUMNS: list[tuple[str, Callable[[Agent, Any], Any], int]] = [
     ("Platform", lambda a, m: (a.view.platform, a.view.agent_id), 70),
     ("Status", lambda a, m: (a.rank, a.view.agent_id), 90),
     ("Version", lambda a, m: (_version_key(a.view.version), a.view.agent_id), 64),
-    ("Last seen", lambda a, m: (-(a.last_seen or 0.0), a.view.agent_id), 70),
+    ("Last seen", lambda a, m: (-(a.last_seen or 0.0), a.view.agent_id), 76),
     ("RTT ms", lambda a, m: (_rtt(a, m) if _rtt(a, m) is not None else 1e18, a.view.agent_id), 60),
     ("CPU %", lambda a, m: (_metric(a, "cpu_percent", "cpu") or -1.0, a.view.agent_id), 56),
 ]
@@ -447,15 +447,15 @@ class AgentTableView(QTableView):
         vh.setDefaultSectionSize(self.fontMetrics().height() + 4)
         header = self.horizontalHeader()
         header.setHighlightSections(False)
-        header.setStretchLastSection(True)
+        header.setStretchLastSection(False)
         for column, (_title, _key, width) in enumerate(COLUMNS):
             header.resizeSection(column, width)
+        header.setSectionResizeMode(COL_HOST, QHeaderView.ResizeMode.Stretch)
         self.setHorizontalScrollMode(QAbstractItemView.ScrollMode.ScrollPerPixel)
         self.setVerticalScrollMode(QAbstractItemView.ScrollMode.ScrollPerItem)
         self.selectionModel().selectionChanged.connect(self._selection_changed)
         self.doubleClicked.connect(self._activated)
-        QShortcut(QKeySequence(Qt.Key.Key_Return), self, self._activate_current, None,
-                  Qt.ShortcutContext.WidgetShortcut)  # fmt: skip
+        shortcut(Qt.Key.Key_Return, self, self._activate_current, Qt.ShortcutContext.WidgetShortcut)
         self._ages = QTimer(self)
         self._ages.timeout.connect(model.refresh_ages)
         self._ages.start(2000)

@@ -11,10 +11,21 @@ from __future__ import annotations
 import html
 import math
 import time
+from collections.abc import Callable
 from functools import lru_cache
 
 from PySide6.QtCore import QPointF, Qt
-from PySide6.QtGui import QColor, QFont, QPainter, QPainterPath, QPen, QPixmap, QPolygonF
+from PySide6.QtGui import (
+    QColor,
+    QFont,
+    QKeySequence,
+    QPainter,
+    QPainterPath,
+    QPen,
+    QPixmap,
+    QPolygonF,
+    QShortcut,
+)
 from PySide6.QtWidgets import QLabel, QWidget
 
 from console.fleet import CONDITIONS
@@ -115,6 +126,19 @@ def symbol_pixmap(condition: str, size: int = 12, dpr: float = 1.0) -> QPixmap:
     paint_symbol(painter, condition, size / 2, size / 2, size - 2)
     painter.end()
     return pixmap
+
+
+def shortcut(
+    keys: str | QKeySequence | Qt.Key,
+    parent: QWidget,
+    slot: Callable[[], object],
+    context: Qt.ShortcutContext = Qt.ShortcutContext.WindowShortcut,
+) -> QShortcut:
+    """A keyboard shortcut calling ``slot`` (signal wiring: no callable overloads)."""
+    sc = QShortcut(QKeySequence(keys), parent)
+    sc.setContext(context)
+    sc.activated.connect(slot)
+    return sc
 
 
 def plain_tooltip(text: str) -> str:

@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QButtonGroup,
     QComboBox,
@@ -43,7 +42,7 @@ from console.client import AdminError
 from console.fleet import Agent, FleetModel
 from hub.protocol.messages import Dispatch, Selector, ValidationError, describe_validation_error
 
-from .common import plain_label
+from .common import plain_label, shortcut
 
 __all__ = ["DispatchDialog", "agents_matching", "parse_labels"]
 
@@ -214,7 +213,7 @@ class DispatchDialog(QDialog):
         self.buttons.rejected.connect(self.reject)
         layout.addWidget(self.buttons)
         for keys in ("Ctrl+Return", "Ctrl+Enter"):
-            QShortcut(QKeySequence(keys), self, self.send)
+            shortcut(keys, self, self.send)
 
         for widget in (self.sel_agent, self.sel_region, self.sel_platform, self.sel_labels):
             widget.textChanged.connect(self.update_targets)

@@ -21,7 +21,7 @@ from .common import CONDITION_COLOURS
 __all__ = ["GraphsView"]
 
 WINDOW = 3600.0
-MIN_SPAN = 120.0
+MIN_SPAN = 60.0
 
 # Okabe–Ito again: sky blue, vermillion, reddish purple, blue.
 SERIES = [
@@ -72,7 +72,7 @@ class GraphsView(QWidget):
             plot.hideButtons()
             plot.showGrid(x=True, y=True, alpha=0.15)
             plot.getAxis("left").setWidth(44)
-            legend = plot.addLegend(offset=(4, 2), labelTextSize="8pt")
+            legend = plot.addLegend(offset=(4, 2), labelTextSize="8pt", colCount=len(series))
             legend.setBrush(pg.mkBrush(0, 0, 0, 0))
             for field, name, colour in series:
                 pen = pg.mkPen(colour, width=1)
@@ -114,15 +114,22 @@ class GraphsView(QWidget):
         now = time.time()
         since = now - WINDOW
         start = None
-        for field, curve in self.curves.items():
-            t, v = history.series(field, since)
-            if len(t) and (start is None or t[0] < start):
-                start = float(t[0])
-            if not np.isfinite(v).any():
-                curve.setData([], [])
-            else:
+        top: dict[int, float] = {}
+        for row, (_title, series) in enumerate(SERIES):
+            for field, _name, _colour in series:
+                curve = self.curves[field]
+                t, v = history.series(field, since)
+                if len(t) and (start is None or t[0] < start):
+                    start = float(t[0])
+                finite = np.isfinite(v)
+                if not finite.any():
+                    curve.setData([], [])
+                    continue
                 curve.setData(t, v)
+                top[row] = max(top.get(row, 0.0), float(v[finite].max()))
         left = min(start if start is not None else now, now - MIN_SPAN)
-        for plot in self.plots:
+        for row, plot in enumerate(self.plots):
             plot.setXRange(max(left, since), now, padding=0.01)
+            # counts never go below zero; an all-zero series still gets a readable axis
+            plot.setYRange(0, max(1.0, top.get(row, 0.0) * 1.15), padding=0)
         self.redraws += 1
