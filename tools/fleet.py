@@ -27,9 +27,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hub.protocol.codec import decode, encode  # noqa: E402
-from hub.protocol.connection import Connection, connect  # noqa: E402
-from hub.protocol.constants import AGENT_SUBPROTOCOL  # noqa: E402
+from hub.protocol.codec import decode, encode
+from hub.protocol.connection import Connection, connect
+from hub.protocol.constants import AGENT_SUBPROTOCOL
 
 CITIES = (
     ("berlin", "eu-central", 52.52, 13.40),
@@ -112,7 +112,7 @@ class Agent(Connection):
             self.registered = True
             self.driver.registered += 1
         elif kind == "command":
-            asyncio.ensure_future(self.driver.run_command(self, message))
+            self.driver._spawn(self.driver.run_command(self, message))
         elif kind == "reconnect":
             self.driver.reconnect_after[self.number] = message.get("after_ms", 0) / 1000.0
 
@@ -231,8 +231,9 @@ class Fleet:
                                     "stream": "stdout", "data": text}))  # fmt: skip
             exit_code = 0
             if agent.number % 17 == 3:
+                warning = "warning: disk 91% full\n"
                 agent.send_text(encode({"type": "output", "command_id": command_id, "seq": 1,
-                                        "stream": "stderr", "data": "warning: disk 91% full\n"}))  # fmt: skip
+                                        "stream": "stderr", "data": warning}))  # fmt: skip
                 status, exit_code = "failed", 1
         elif name == "sleep":
             await asyncio.sleep(min(float(args.get("seconds", 1)), 600))
@@ -250,7 +251,7 @@ class Fleet:
                     "started_at": started,
                     "finished_at": _now(),
                 }
-            )  # fmt: skip
+            )
         )
 
     async def heartbeat_loop(self) -> None:
@@ -286,7 +287,7 @@ class Fleet:
             await asyncio.sleep(0.1)
         print(f"fleet: {self.registered} agents registered", flush=True)
         if args.ready_file:
-            Path(args.ready_file).write_text(str(self.registered))
+            await asyncio.to_thread(Path(args.ready_file).write_text, str(self.registered))
         deadline = started + args.duration if args.duration else None
         while not stop.is_set():
             if deadline is not None and time.monotonic() > deadline:

@@ -48,6 +48,7 @@ class Responder:
         self.cancels: list[str] = []
         self.task = asyncio.ensure_future(self._run())
         self._sleeping: dict[str, asyncio.Future[Any]] = {}
+        self._tasks: set[asyncio.Future[Any]] = set()
 
     async def _run(self) -> None:
         with contextlib.suppress(Exception):
@@ -55,7 +56,9 @@ class Responder:
                 message = await self.agent.recv(timeout=3600)
                 if message.get("type") == "command":
                     self.received.append(message)
-                    asyncio.ensure_future(self._answer(message))
+                    task = asyncio.ensure_future(self._answer(message))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
                 elif message.get("type") == "cancel":
                     self.cancels.append(message["command_id"])
                     waiter = self._sleeping.get(message["command_id"])
@@ -72,8 +75,9 @@ class Responder:
                         "exit_code": None, "data": {"pong": True}})  # fmt: skip
         elif name == "exec":
             argv = command["args"]["argv"]
+            text = f"{self.agent_id} ran {' '.join(argv)}\n"
             await send({"type": "output", "command_id": command_id, "seq": 0,
-                        "stream": "stdout", "data": f"{self.agent_id} ran {' '.join(argv)}\n"})  # fmt: skip
+                        "stream": "stdout", "data": text})  # fmt: skip
             await send({"type": "output", "command_id": command_id, "seq": 1,
                         "stream": "stderr", "data": "<b>not bold</b>\n"})  # fmt: skip
             await send({"type": "result", "command_id": command_id, "status": "succeeded",
