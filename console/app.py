@@ -99,7 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["QT_QPA_PLATFORM"] = "offscreen"  # a screenshot needs no screen
 
     import qasync
+    from PySide6.QtCore import qInstallMessageHandler
     from PySide6.QtWidgets import QApplication
+
+    qInstallMessageHandler(_qt_message)
 
     app = QApplication.instance() or QApplication([sys.argv[0] if sys.argv else "tether-console"])
     app.setApplicationName("Tether console")
@@ -111,6 +114,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return loop.run_until_complete(_run(args))
     finally:
         asyncio.set_event_loop(None)
+
+
+#: Qt messages that say nothing to an operator (offscreen and Xvfb platforms).
+_QUIET = ("propagateSizeHints", "QXcbConnection: XCB error", "XDG_RUNTIME_DIR")
+
+
+def _qt_message(_kind: Any, _context: Any, message: str) -> None:
+    if not any(part in message for part in _QUIET):
+        print(message, file=sys.stderr)
 
 
 async def _run(args: argparse.Namespace) -> int:
