@@ -33,6 +33,8 @@ VIEWS = ("map", "agents", "graphs", "topology", "alerts", "jobs")
 CONNECT_TIMEOUT = 30.0
 #: Tests may shorten the screenshot's connect deadline; the contract's value is 30 s.
 CONNECT_TIMEOUT_ENV = "TETHER_CONSOLE_CONNECT_TIMEOUT"
+#: Documentation screenshots may let the graphs gather this many seconds of ticks first.
+SETTLE_ENV = "TETHER_CONSOLE_SCREENSHOT_SETTLE"
 SCREENSHOT_SIZE = (1600, 1000)
 
 
@@ -180,6 +182,11 @@ async def _screenshot(window: Any, args: argparse.Namespace) -> int:
             await window.shutdown()
             return 2
         await asyncio.sleep(0.05)
+    settle = 0.0
+    with contextlib.suppress(ValueError):
+        settle = min(600.0, float(os.environ.get(SETTLE_ENV, "0")))
+    if settle > 0:
+        await asyncio.sleep(settle)
     try:
         await window.prepare_screenshot(args.view)
         pixmap = window.grab()

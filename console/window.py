@@ -500,8 +500,7 @@ class MainWindow(QMainWindow):
         self.topology.refresh()
         if view in (None, "map"):
             self.map.fit()
-        for _ in range(3):
-            QApplication.processEvents()
+        for _ in range(4):  # let the loop deliver paints (never processEvents() in a task)
             await asyncio.sleep(0.05)
 
     # -- dialogs -------------------------------------------------------------------------

@@ -270,6 +270,14 @@ class Fleet:
             k += 1
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
+    async def churn_loop(self) -> None:
+        """Drop a few random agents every few seconds; they reconnect (graphs move)."""
+        while not self.stopping:
+            await asyncio.sleep(2.0)
+            live = [a for a in self.agents.values() if a.registered and not a.silent]
+            for agent in self.rng.sample(live, min(len(live), self.args.churn)):
+                agent.abort()
+
     async def run(self) -> None:
         args = self.args
         loop = asyncio.get_running_loop()
@@ -277,6 +285,7 @@ class Fleet:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         beats = asyncio.ensure_future(self.heartbeat_loop())
+        churn = asyncio.ensure_future(self.churn_loop()) if args.churn else None
         started = time.monotonic()
         for number in range(1, args.count + 1):
             self._spawn(self.dial(number))
@@ -297,6 +306,8 @@ class Fleet:
                     await stop.wait()
         self.stopping = True
         beats.cancel()
+        if churn is not None:
+            churn.cancel()
         for agent in list(self.agents.values()):
             agent.close(1000, "fleet stopping")
         await asyncio.sleep(0.5)
@@ -319,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--degraded-share", type=float, default=0.05)
     parser.add_argument("--offline-share", type=float, default=0.04)
     parser.add_argument("--stale-share", type=float, default=0.0)
+    parser.add_argument("--churn", type=int, default=0, help="agents dropped every 2 s")
     parser.add_argument("--duration", type=float, default=0.0, help="stop after S seconds")
     parser.add_argument("--ready-file", help="written with the count once registered")
     parser.add_argument("--seed", type=int, default=7)

@@ -51,7 +51,7 @@ COLUMNS = [
     "By",
     "Comment",
 ]
-SEVERITY_GLYPHS = {"info": "ⓘ", "warning": "⚠", "critical": "⛔"}
+SEVERITY_GLYPHS = {"info": "ℹ", "warning": "⚠", "critical": "✖"}
 
 
 def _short_time(text: str | None) -> str:
