@@ -203,17 +203,19 @@ class AgentSession(Session):
 
     def _identity_problem(self, message: Register) -> str:
         principal = self.principal
-        if principal.kind == "enroll":
-            record = self.hub.registry.records.get(message.agent_id)
-            return self.hub.credentials.check_enrollment(
-                principal, message.agent_id, record.enrolled_by if record else None
-            )
         if principal.agent_id is not None and principal.agent_id != message.agent_id:
             return "the credential is bound to another agent id"
         if principal.region is not None and principal.region != message.region:
             return "the credential is bound to another region"
         if principal.platform is not None and principal.platform != message.platform:
             return "the credential is bound to another platform"
+        if self.hub.credentials.is_revoked(principal.credential_id) and principal.kind != "jwt":
+            return "the credential was revoked"
+        if principal.kind == "enroll":
+            record = self.hub.registry.records.get(message.agent_id)
+            return self.hub.credentials.check_enrollment(
+                principal, message.agent_id, record.enrolled_by if record else None
+            )
         return ""
 
     async def _enroll(self, message: Register) -> None:

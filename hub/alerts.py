@@ -61,9 +61,13 @@ class Alerts:
             while drops and drops[0] < now - config.alert_mass_disconnect_window:
                 drops.popleft()
         elif new == "online" and old in ("offline", "unknown"):
-            self.offline_since.pop(record.agent_id, None)
-            connects = self._connects.setdefault(record.agent_id, deque(maxlen=64))
-            connects.append(now)
+            # Only a reconnect (the agent dropped while this hub ran) can be flapping; a
+            # fleet's first connections after a hub start cost no memory here.
+            if self.offline_since.pop(record.agent_id, None) is not None:
+                connects = self._connects.get(record.agent_id)
+                if connects is None:
+                    connects = self._connects[record.agent_id] = deque(maxlen=64)
+                connects.append(now)
             self._resolve("agent_offline", record.agent_id)
 
     def takeover(self, agent_id: str, recent: int) -> None:

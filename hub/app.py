@@ -13,15 +13,17 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from .admin import RequestError
 from .admission import FailureTracker, TokenBucket
 from .alerts import Alerts
 from .audit import Auditor
-from .auth import Credentials, Principal
+from .auth import PREFIXES, AuthFailure, Credentials, Principal
 from .bus import Bus
 from .config import HubConfig, parse_listen
+from .identity import JwtVerifier, certificate_agent_id
 from .ledger import Ledger
 from .metrics import Metrics
 from .model import AgentRecord
@@ -63,6 +65,13 @@ class Hub:
         self.auditor = Auditor(self.store, self.bus, self.hub_id)
         self.credentials = Credentials(self.store)
         self.credentials.on_revoked = self._revoked
+        self.jwt = (
+            JwtVerifier(
+                config.jwt_secret_file, config.jwt_key, config.jwt_algorithms, config.jwt_leeway
+            )
+            if config.jwt_secret_file is not None or config.jwt_key is not None
+            else None
+        )
         self.registry = Registry(self.hub_id)
         self.ledger = Ledger(
             config, self.store, self.registry, self.bus, self.metrics, self.auditor, self._send
@@ -74,6 +83,7 @@ class Hub:
         self.handshake_rate = TokenBucket(
             config.max_handshakes_per_second, config.max_handshakes_per_second
         )
+        self.tls = self.ssl_context()
         self.admins: set[Any] = set()
         self.tasks: set[asyncio.Future[Any]] = set()
         self.pending_handshakes = 0
@@ -108,7 +118,7 @@ class Hub:
             lambda: HubConnection(self),
             host,
             port,
-            ssl=self.ssl_context(),
+            ssl=self.tls,
             backlog=4096,
             reuse_address=True,
         )
@@ -176,12 +186,14 @@ class Hub:
                 await task
         self._flush_heartbeats(force=True)
         self.auditor.record("hub.stop", subject=self.hub_id)
-        await self.ledger.drain()
-        await self.auditor.drain()
         for task in list(self.tasks):
             task.cancel()
-        await self.store.flush()
-        await self.store.close()
+        # Every step is bounded: a stuck write must not keep the process from exiting.
+        for step in (self.ledger.drain, self.auditor.drain, self.store.flush, self.store.close):
+            try:
+                await asyncio.wait_for(step(), config.shutdown_timeout)
+            except (TimeoutError, StoreUnavailable) as exc:
+                log.error("shutdown step %s did not complete: %r", step.__qualname__, exc)
         log.info("hub %s stopped", self.hub_id)
 
     async def serve_forever(self) -> None:
@@ -262,10 +274,37 @@ class Hub:
         return ""
 
     def authenticate(self, token: str, conn: HubConnection) -> Principal:
-        return self.credentials.authenticate(token)
+        """A bearer token (ours or a JWT), checked against the client certificate if any."""
+        if token[:4] in PREFIXES.values() or self.jwt is None or token.count(".") != 2:
+            principal = self.credentials.authenticate(token)
+        else:
+            principal = self.jwt.verify(token)
+        certified = self.certificate_agent(conn)
+        if certified is not None and principal.is_agent:
+            # A certificate for one agent can never register as another.
+            if principal.agent_id is not None and principal.agent_id != certified:
+                raise AuthFailure(403, "the client certificate names another agent")
+            principal = replace(principal, agent_id=certified)
+        return principal
+
+    def certificate_agent(self, conn: HubConnection) -> str | None:
+        transport = conn.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if ssl_object is None or self.config.client_ca is None:
+            return None
+        return certificate_agent_id(ssl_object.getpeercert())
+
+    def has_client_certificate(self, conn: HubConnection) -> bool:
+        transport = conn.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        return bool(ssl_object is not None and ssl_object.getpeercert())
 
     def certificate_identity(self, conn: HubConnection) -> Principal | None:
-        return None
+        """Authentication by client certificate alone (no bearer token)."""
+        agent_id = self.certificate_agent(conn)
+        if agent_id is None:
+            return None
+        return Principal(kind="cert", credential_id=None, agent_id=agent_id)
 
     def _send(self, agent_id: str, data: bytes) -> bool:
         session = self.registry.live.get(agent_id)

@@ -243,8 +243,12 @@ def _serve(args: argparse.Namespace) -> int:
     if config.require_client_cert and config.client_ca is None:
         raise UsageError("--require-client-cert needs --client-ca")
 
-    async def serve() -> int:
+    try:
         hub = Hub(config)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot start: {exc}") from None
+
+    async def serve() -> int:
         try:
             await hub.serve_forever()
         except OSError as exc:

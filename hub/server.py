@@ -221,6 +221,9 @@ class HubConnection(Connection):
         if origin is not None and origin not in hub.config.allowed_origins:
             return self._refuse(403, "origin_not_allowed", f"origin {origin[:200]!r}", path)
 
+        if hub.config.require_client_cert and not hub.has_client_certificate(self):
+            return self._refuse(403, "forbidden", "no client certificate", path)
+
         try:
             principal = self._authenticate(headers)
         except AuthFailure as failure:

@@ -241,6 +241,7 @@ class Connection(asyncio.Protocol):
         self._flush()
         if response.status_code == 101:
             self.opened = True
+            self._forget_handshake()
             self._guard(self.on_open)
         else:
             # The response is buffered; close() flushes it, then the socket goes.
@@ -321,6 +322,19 @@ class Connection(asyncio.Protocol):
             response = exc.response
             return HandshakeRefused(response.status_code, response.headers, response.body or b"")
         return None
+
+    def _forget_handshake(self) -> None:
+        """Drop the handshake request the server's parser generator still references.
+
+        ``ServerProtocol.parse`` keeps its local ``request`` (every header) alive for the
+        connection's whole life: about 2 KB per connection. A fresh frame parser holds
+        nothing. Swapping is safe when no frame bytes are buffered, which is always the
+        case for a client that waits for the 101, as the protocol requires.
+        """
+        protocol = self.protocol
+        if protocol.side is Side.SERVER and not protocol.reader.buffer:
+            protocol.parser = Protocol.parse(protocol)
+            next(protocol.parser)
 
     def _note_parser_failure(self, exc: Exception) -> None:
         if isinstance(exc, PayloadTooBig):

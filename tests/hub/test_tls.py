@@ -1,0 +1,291 @@
+"""TLS, client certificates and JWTs, with real certificates made by trustme (§2)."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from tests.support import RawAgent, refused_status
+
+SECRET = "s3cret-" * 8
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def server_files(ca: trustme.CA, tmp_path: Path) -> dict[str, Path]:
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    files = {
+        "cert": tmp_path / "hub.crt",
+        "key": tmp_path / "hub.key",
+        "ca": tmp_path / "ca.pem",
+    }
+    cert.cert_chain_pems[0].write_to_path(files["cert"])
+    for pem in cert.cert_chain_pems[1:]:
+        pem.write_to_path(files["cert"], append=True)
+    cert.private_key_pem.write_to_path(files["key"])
+    ca.cert_pem.write_to_path(files["ca"])
+    return files
+
+
+def client_context(ca: trustme.CA, cert: Any = None) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    if cert is not None:
+        cert.configure_cert(context)
+    return context
+
+
+async def tls_hub(hub_factory: Callable[..., Any], files: dict[str, Path], **extra: Any):
+    return await hub_factory(tls_cert=files["cert"], tls_key=files["key"], **extra)
+
+
+def wss(hub: Any, path: str = "/ws") -> str:
+    return f"wss://127.0.0.1:{hub.hub.port}{path}"
+
+
+async def test_wss_with_a_verified_certificate(hub_factory, server_files, ca) -> None:
+    hub = await tls_hub(hub_factory, server_files)
+    token = await hub.agent_token("edge-1")
+    agent = await RawAgent.connect(wss(hub), token, ssl=client_context(ca))
+    assert (await agent.register("edge-1"))["type"] == "welcome"
+    await agent.close()
+
+
+async def test_client_refuses_an_unknown_certificate(hub_factory, server_files) -> None:
+    hub = await tls_hub(hub_factory, server_files)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await RawAgent.connect(wss(hub), "x", ssl=ssl.create_default_context())
+
+
+async def test_tls_below_1_2_is_refused(hub_factory, server_files, ca) -> None:
+    hub = await tls_hub(hub_factory, server_files)
+    context = client_context(ca)
+    with pytest.warns(DeprecationWarning):
+        context.minimum_version = ssl.TLSVersion.TLSv1
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+    try:
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    except ssl.SSLError:
+        pass
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        _reader, writer = await asyncio.open_connection(
+            "127.0.0.1", hub.hub.port, ssl=context, server_hostname="127.0.0.1"
+        )
+        writer.close()
+
+
+@pytest.fixture
+async def mtls_hub(hub_factory, server_files, ca):
+    return await tls_hub(hub_factory, server_files, client_ca=server_files["ca"])
+
+
+async def test_client_certificate_authenticates_by_cn(mtls_hub, ca) -> None:
+    cert = ca.issue_cert("edge-1", common_name="edge-1")
+    agent = await RawAgent.connect(wss(mtls_hub), None, ssl=client_context(ca, cert))
+    assert (await agent.register("edge-1"))["type"] == "welcome"
+    await agent.close()
+
+
+def uri_certificate(ca: trustme.CA, uri: str, tmp_path: Path) -> ssl.SSLContext:
+    """A client certificate whose SAN is a URI (trustme issues only DNS/IP/e-mail names)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "someone-else")]))
+        .issuer_name(ca._certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+        .sign(ca._private_key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "client.crt", tmp_path / "client.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = client_context(ca)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+async def test_client_certificate_by_san_uri(mtls_hub, ca, tmp_path: Path) -> None:
+    context = uri_certificate(ca, "tether:agent:edge-7", tmp_path)
+    agent = await RawAgent.connect(wss(mtls_hub), None, ssl=context)
+    assert (await agent.register("edge-7"))["type"] == "welcome"
+    await agent.close()
+
+
+async def test_certificate_for_one_agent_cannot_register_as_another(mtls_hub, ca) -> None:
+    cert = ca.issue_cert("edge-1", common_name="edge-1")
+    agent = await RawAgent.connect(wss(mtls_hub), None, ssl=client_context(ca, cert))
+    await agent.send({"type": "register", "agent_id": "edge-2"})
+    assert await agent.closed() == 1008
+    # Not with another agent's key either, nor with an enrollment key.
+    key = await mtls_hub.agent_token("edge-2")
+    status, _ = await refused_status(wss(mtls_hub), key, ssl=client_context(ca, cert))
+    assert status == 403
+    enroll = await mtls_hub.token("enroll")
+    agent = await RawAgent.connect(wss(mtls_hub), enroll, ssl=client_context(ca, cert))
+    await agent.send({"type": "register", "agent_id": "edge-2"})
+    assert await agent.closed() == 1008
+
+
+async def test_required_client_certificate(hub_factory, server_files, ca) -> None:
+    hub = await tls_hub(
+        hub_factory, server_files, client_ca=server_files["ca"], require_client_cert=True
+    )
+    token = await hub.agent_token("edge-1")
+    status, (body, _) = await refused_status(wss(hub), token, ssl=client_context(ca))
+    assert (status, body) == (403, {"error": "forbidden"})
+    # Health never needs a certificate.
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", hub.hub.port, ssl=client_context(ca), server_hostname="127.0.0.1"
+    )
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await reader.read()).startswith(b"HTTP/1.1 200")
+    writer.close()
+    cert = ca.issue_cert("edge-1", common_name="edge-1")
+    agent = await RawAgent.connect(wss(hub), token, ssl=client_context(ca, cert))
+    await agent.register("edge-1")
+    await agent.close()
+
+
+# -- JWT -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hs_hub_factory(hub_factory, tmp_path: Path):
+    secret = tmp_path / "jwt.secret"
+    secret.write_text(f"  {SECRET}\n")
+
+    async def make(**extra: Any):
+        return await hub_factory(jwt_secret_file=secret, **extra)
+
+    return make
+
+
+def hs_token(**claims: Any) -> str:
+    payload = {"sub": "edge-1", "aud": "tether-agent", "exp": int(time.time()) + 300}
+    payload.update(claims)
+    payload = {k: v for k, v in payload.items() if v is not None}
+    return jwt.encode(payload, SECRET, algorithm="HS256")
+
+
+async def test_jwt_hs256_secret_file_stripped(hs_hub_factory) -> None:
+    hub = await hs_hub_factory()
+    agent = await RawAgent.connect(hub.agent_url, hs_token())
+    assert (await agent.register("edge-1"))["type"] == "welcome"
+    await agent.close()
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"exp": int(time.time()) - 120},
+        {"aud": "someone-else"},
+        {"aud": None},
+        {"exp": None},
+        {"sub": None},
+        {"sub": "../etc"},
+        {"nbf": int(time.time()) + 600},
+    ],
+)
+async def test_jwt_claims_are_enforced(hs_hub_factory, claims: dict) -> None:
+    hub = await hs_hub_factory()
+    status, (body, _) = await refused_status(hub.agent_url, hs_token(**claims))
+    assert (status, body) == (401, {"error": "unauthorized"})
+
+
+async def test_jwt_leeway_and_bound_claims(hs_hub_factory) -> None:
+    hub = await hs_hub_factory()
+    token = hs_token(nbf=int(time.time()) + 10, region="eu-central", platform="linux")
+    agent = await RawAgent.connect(hub.agent_url, token)
+    assert (await agent.register("edge-1", region="eu-central", platform="linux"))[
+        "type"
+    ] == "welcome"
+    await agent.close()
+    agent = await RawAgent.connect(hub.agent_url, token)
+    await agent.send(
+        {"type": "register", "agent_id": "edge-1", "region": "us-east", "platform": "linux"}
+    )
+    assert await agent.closed() == 1008
+    agent = await RawAgent.connect(hub.agent_url, token)
+    await agent.send(
+        {"type": "register", "agent_id": "edge-2", "region": "eu-central", "platform": "linux"}
+    )
+    assert await agent.closed() == 1008
+
+
+async def test_jwt_alg_none_is_refused(hs_hub_factory) -> None:
+    hub = await hs_hub_factory()
+    token = jwt.encode(
+        {"sub": "edge-1", "aud": "tether-agent", "exp": int(time.time()) + 60},
+        None,
+        algorithm="none",
+    )
+    status, _ = await refused_status(hub.agent_url, token)
+    assert status == 401
+
+
+@pytest.mark.parametrize("kind", ["rsa", "ec"])
+async def test_jwt_public_key_and_key_confusion(hub_factory, tmp_path: Path, kind: str) -> None:
+    if kind == "rsa":
+        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        algorithm = "RS256"
+    else:
+        private = ec.generate_private_key(ec.SECP256R1())
+        algorithm = "ES256"
+    public_pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    key_file = tmp_path / "jwt.pub"
+    key_file.write_bytes(public_pem)
+    hub = await hub_factory(jwt_key=key_file)
+    claims = {"sub": "edge-1", "aud": "tether-agent", "exp": int(time.time()) + 60}
+    good = jwt.encode(claims, private, algorithm=algorithm)
+    agent = await RawAgent.connect(hub.agent_url, good)
+    assert (await agent.register("edge-1"))["type"] == "welcome"
+    await agent.close()
+    # HS256 "signed" with the public key: the algorithm comes from configuration.
+    import base64
+    import hashlib
+    import hmac
+    import json
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims).encode())
+    signature = hmac.new(public_pem, f"{header}.{body}".encode(), hashlib.sha256).digest()
+    forged = f"{header}.{body}.{b64(signature)}"
+    status, _ = await refused_status(hub.agent_url, forged)
+    assert status == 401
