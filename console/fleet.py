@@ -14,6 +14,7 @@ object that does not validate is dropped and counted, never shown half-parsed.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections import OrderedDict, deque
@@ -252,6 +253,9 @@ class FleetModel(QObject):
                     self._set_command(command)
         if "metrics" in data and isinstance(data["metrics"], dict):
             self._set_stats(data["metrics"], append=False)
+        # A snapshot's objects live long: keep them out of the cyclic GC's full collections,
+        # which otherwise stall the event loop for 100+ ms at 10,000 agents.
+        gc.freeze()
         pending = self._pending
         pending.reset = True
         pending.agents.clear()

@@ -225,6 +225,8 @@ COL_ID, COL_HOST, COL_REGION, COL_PLATFORM, COL_STATUS, COL_VERSION, COL_SEEN, C
 NUMERIC_COLUMNS = {COL_SEEN, COL_RTT, COL_CPU}
 #: Rebuilding the rows (filter + sort) happens at most this often for live updates.
 REBUILD_INTERVAL = 0.5
+#: Values that move no row are repainted at most this often.
+VALUES_INTERVAL = 0.5
 
 
 def _rtt(agent: Agent, model: Any) -> float | None:
@@ -253,6 +255,11 @@ class AgentTableModel(QAbstractTableModel):
         self._rebuild_timer.setSingleShot(True)
         self._rebuild_timer.timeout.connect(self.rebuild)
         self._now = time.time()
+        self._values_dirty = False
+        self._dirty_rows: tuple[int, int] | None = None
+        self._values_timer = QTimer(self)
+        self._values_timer.setSingleShot(True)
+        self._values_timer.timeout.connect(self._flush_values)
         fleet.changed.connect(self.on_changes)
 
     # -- Qt model API --------------------------------------------------------------------
@@ -374,6 +381,7 @@ class AgentTableModel(QAbstractTableModel):
                 new.append(self.index(row, column) if row is not None else QModelIndex())
             self.changePersistentIndexList(persistent, new)
         self.layoutChanged.emit()
+        self._dirty_rows = None
         self.rows_rebuilt.emit()
 
     def on_changes(self, changes: Changes) -> None:
@@ -407,13 +415,30 @@ class AgentTableModel(QAbstractTableModel):
             elif not self._rebuild_timer.isActive():
                 self._rebuild_timer.start(int(wait * 1000) + 1)
             return
-        if changes.commands and self.rows:
-            # RTT comes from ping results: refresh that column.
-            self.dataChanged.emit(self.index(0, COL_RTT), self.index(len(self.rows) - 1, COL_RTT))
+        if changes.commands:
+            self._values_dirty = True  # RTT comes from ping results
+            self._dirty_rows = (0, len(self.rows) - 1)
         if touched:
-            self.dataChanged.emit(
-                self.index(min(touched), 0), self.index(max(touched), len(COLUMNS) - 1)
-            )
+            self._values_dirty = True
+            lo, hi = min(touched), max(touched)
+            if self._dirty_rows is not None:
+                lo, hi = min(lo, self._dirty_rows[0]), max(hi, self._dirty_rows[1])
+            self._dirty_rows = (lo, hi)
+        if self._values_dirty and not self._values_timer.isActive():
+            # Values that move no row (heartbeats) repaint at most twice a second: calm, and
+            # a repaint of the visible rows is the table's main cost at 1,000 updates/s.
+            self._values_timer.start(int(VALUES_INTERVAL * 1000))
+
+    def _flush_values(self) -> None:
+        rows = self._dirty_rows
+        self._values_dirty = False
+        self._dirty_rows = None
+        if rows is None or not self.rows:
+            return
+        first, last = rows[0], min(rows[1], len(self.rows) - 1)
+        self._now = time.time()
+        if first <= last:
+            self.dataChanged.emit(self.index(first, 0), self.index(last, len(COLUMNS) - 1))
 
     def refresh_ages(self) -> None:
         """Ages ("5 s") move with the clock: repaint that column."""

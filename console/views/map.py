@@ -76,6 +76,15 @@ THEMES = {
 }
 
 
+def _where(agent: Any) -> tuple[Any, ...]:
+    location = agent.view.location
+    return (
+        agent.view.region,
+        location.lat if location else None,
+        location.lon if location else None,
+    )
+
+
 class MapWidget(QWidget):
     agents_clicked = Signal(object, bool)  # list[str] of agent ids, additive (Ctrl)
     agent_activated = Signal(str)  # double-click on a single agent
@@ -97,6 +106,7 @@ class MapWidget(QWidget):
         self.y = np.empty(0)
         self.rank = np.empty(0, np.int64)
         self.selected = np.zeros(0, bool)
+        self._where: dict[str, tuple[Any, ...]] = {}
         self._data_version = 0
         self._clusters: tuple[Any, ...] | None = None  # (key, Clusters, selected per cluster)
         # view: map units (degrees) → pixels
@@ -130,10 +140,8 @@ class MapWidget(QWidget):
     def on_changes(self, changes: Changes) -> None:
         if changes.reset:
             self.rebuild()
-        elif changes.agents:
-            self._update(changes.agents)
-        else:
-            return
+        elif not (changes.agents and self._update(changes.agents)):
+            return  # heartbeats that change neither state nor place cost no repaint
         self.update()
 
     def rebuild(self) -> None:
@@ -143,6 +151,7 @@ class MapWidget(QWidget):
         lon, lat = self._place(agents)
         self.x, self.y = self.projection.forward(lon, lat)
         self.rank = np.fromiter((a.rank for a in agents), np.int64, len(agents))
+        self._where = {a.view.agent_id: _where(a) for a in agents}
         old_selected = {i for i, s in zip(self.ids, self.selected, strict=False) if s}
         self.selected = np.zeros(len(agents), bool)
         for agent_id in old_selected:
@@ -164,10 +173,21 @@ class MapWidget(QWidget):
             ],
         )
 
-    def _update(self, agent_ids: set[str]) -> None:
+    def _update(self, agent_ids: set[str]) -> bool:
+        """Apply changed agents; whether anything the map shows changed."""
         agents = self.fleet.agents
         new = [agents[i] for i in agent_ids if i not in self.index and i in agents]
         known = [agents[i] for i in agent_ids if i in self.index and i in agents]
+        where = self._where
+        rank = self.rank
+        index = self.index
+        known = [
+            a
+            for a in known
+            if rank[index[a.view.agent_id]] != a.rank or where.get(a.view.agent_id) != _where(a)
+        ]
+        if not new and not known:
+            return False
         if new:
             lon, lat = self._place(new)
             x, y = self.projection.forward(lon, lat)
@@ -184,10 +204,15 @@ class MapWidget(QWidget):
         if known:
             rows = np.fromiter((self.index[a.view.agent_id] for a in known), np.intp, len(known))
             self.rank[rows] = np.fromiter((a.rank for a in known), np.int64, len(known))
-            # Position only moves when region or location changed: recompute for these few.
-            lon, lat = self._place(known)
-            self.x[rows], self.y[rows] = self.projection.forward(lon, lat)
+            moved = [a for a in known if where.get(a.view.agent_id) != _where(a)]
+            if moved:  # region or location changed: place just these again
+                rows = np.fromiter((self.index[a.view.agent_id] for a in moved), np.intp)
+                lon, lat = self._place(moved)
+                self.x[rows], self.y[rows] = self.projection.forward(lon, lat)
+        for agent in (*new, *known):
+            where[agent.view.agent_id] = _where(agent)
         self._data_version += 1
+        return True
 
     def set_selected(self, ids: set[str]) -> None:
         self.selected[:] = False

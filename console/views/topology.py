@@ -84,6 +84,7 @@ class TopologyView(QWidget):
         self.hub_items: dict[str, QTreeWidgetItem] = {}
         self.region_items: dict[tuple[str, str], QTreeWidgetItem] = {}
         self.counts: dict[tuple[str, str], dict[str, int]] = {}
+        self._place: dict[str, tuple[tuple[str, str], str]] = {}
         self.tree.currentItemChanged.connect(self._current_changed)
         self.tree.itemDoubleClicked.connect(self._double_clicked)
         self._last = 0.0
@@ -96,27 +97,60 @@ class TopologyView(QWidget):
         if not (changes.reset or changes.agents or changes.metrics):
             return
         if changes.reset:
+            self._place = {}
+            self.counts = {}
             self.refresh()
             return
+        if not self._apply(changes.agents) and not changes.metrics:
+            return  # heartbeats that moved no agent between nodes or conditions
         if not self._timer.isActive():
             wait = self._last + REFRESH_INTERVAL - time.monotonic()
             self._timer.start(max(0, int(wait * 1000)))
 
     def aggregate(self) -> dict[tuple[str, str], dict[str, int]]:
+        """Counts per (hub, region) from scratch, and where each agent is counted."""
         counts: dict[tuple[str, str], dict[str, int]] = {}
-        for agent in self.fleet.agents.values():
+        place: dict[str, tuple[tuple[str, str], str]] = {}
+        for agent_id, agent in self.fleet.agents.items():
             v = agent.view
             key = (v.hub_id or NO_HUB, v.region or NO_REGION)
             per = counts.get(key)
             if per is None:
                 per = counts[key] = dict.fromkeys(CONDITIONS, 0)
             per[agent.condition] += 1
+            place[agent_id] = (key, agent.condition)
+        self._place = place
         return counts
+
+    def _apply(self, agent_ids: set[str]) -> bool:
+        """Move changed agents between counts; whether any count changed."""
+        if not self._place and self.fleet.agents:
+            return True  # never aggregated: the next refresh does it from scratch
+        counts = self.counts
+        moved = False
+        for agent_id in agent_ids:
+            agent = self.fleet.agents.get(agent_id)
+            if agent is None:
+                continue
+            v = agent.view
+            now = ((v.hub_id or NO_HUB, v.region or NO_REGION), agent.condition)
+            before = self._place.get(agent_id)
+            if before == now:
+                continue
+            moved = True
+            if before is not None:
+                counts[before[0]][before[1]] -= 1
+                if not any(counts[before[0]].values()):
+                    del counts[before[0]]
+            counts.setdefault(now[0], dict.fromkeys(CONDITIONS, 0))[now[1]] += 1
+            self._place[agent_id] = now
+        return moved
 
     def refresh(self) -> None:
         self._last = time.monotonic()
-        counts = self.aggregate()
-        self.counts = counts
+        if not self._place or len(self._place) != len(self.fleet.agents):
+            self.counts = self.aggregate()
+        counts = self.counts
         hubs: dict[str, dict[str, int]] = {}
         for (hub, _region), per in counts.items():
             total = hubs.setdefault(hub, dict.fromkeys(CONDITIONS, 0))
