@@ -182,7 +182,8 @@ def record(result: dict[str, float], command: str, args: argparse.Namespace) -> 
         f"{result['map_paint_ms']:.1f} ms |",
         f"| 10 ms timer lateness p50 / p99 / max | {result['late_p50_ms']:.1f} / "
         f"**{result['late_p99_ms']:.1f}** / {result['late_max_ms']:.1f} ms "
-        f"({'within' if ok else 'OVER'} the 50 ms p99 budget; {result['timer_ticks']:,.0f} ticks) |",
+        f"({'within' if ok else 'OVER'} the 50 ms p99 budget; "
+        f"{result['timer_ticks']:,.0f} ticks) |",
         "",
     ]
     return "\n".join(lines)
