@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import random
 import signal
@@ -139,6 +140,13 @@ class Hub:
             asyncio.create_task(self._every(5.0, self._check_store), name="readiness"),
             asyncio.create_task(self._every(3600.0, self._prune), name="prune"),
         ]
+        if config.gc_freeze_interval:
+            self._loops.append(
+                asyncio.create_task(self._every(config.gc_freeze_interval, self._gc), name="gc")
+            )
+            gc.collect()
+            gc.freeze()
+        self.metrics.lag.start()
         self.auditor.record("hub.start", subject=self.hub_id, listen=config.listen)
         log.info("hub %s listening on %s:%d", self.hub_id, host, self.port)
 
@@ -179,6 +187,7 @@ class Hub:
         for admin in list(self.admins):
             admin.conn.abort()
         await asyncio.sleep(0)
+        self.metrics.lag.stop()
         for task in self._loops:
             task.cancel()
         for task in self._loops:
@@ -260,6 +269,25 @@ class Hub:
 
     async def _check_store(self) -> None:
         self.store_ready = await self.store.ping()
+
+    _last_full_gc = time.monotonic()
+
+    def _gc(self) -> None:
+        """Freeze survivors; now and then collect everything once (and say how long)."""
+        interval = self.config.gc_full_interval
+        if interval and time.monotonic() - self._last_full_gc >= interval:
+            self._last_full_gc = time.monotonic()
+            started = time.perf_counter()
+            gc.unfreeze()
+            found = gc.collect()
+            gc.freeze()
+            log.info(
+                "full garbage collection: %d objects in %.0f ms",
+                found,
+                (time.perf_counter() - started) * 1000,
+            )
+        else:
+            gc.freeze()
 
     def _prune(self) -> None:
         self.store.prune(time.time() - self.config.heartbeat_retention)

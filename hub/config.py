@@ -75,6 +75,11 @@ class HubConfig(BaseModel):
     heartbeat_retention: float = Field(default=24 * 3600.0, gt=0)
     credential_sync_interval: float = Field(default=1.0, gt=0)
     shutdown_timeout: float = Field(default=5.0, gt=0)
+    #: Long-lived objects move out of the garbage collector's sight this often (0: never),
+    #: so that a full collection does not stall the loop for every agent's objects.
+    gc_freeze_interval: float = Field(default=60.0, ge=0)
+    #: A full collection of everything, to reclaim cycles that were frozen (0: never).
+    gc_full_interval: float = Field(default=3600.0, ge=0)
 
     # Alerts (PROTOCOL §6)
     alert_interval: float = Field(default=1.0, gt=0)

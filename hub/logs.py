@@ -38,6 +38,12 @@ class _SafeFormatter(logging.Formatter):
         return line
 
 
+#: What orjson leaves raw inside JSON strings (RFC 8259 allows it) but that can still end a
+#: line for a reader or act on a terminal: DEL, the C1 controls (NEL, CSI...), U+2028/9.
+#: Outside strings orjson writes only ASCII, so these \u escapes are always valid JSON.
+_JSON_UNSAFE = {c: f"\\u{c:04x}" for c in (0x7F, *range(0x80, 0xA0), 0x2028, 0x2029)}
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         payload = {
@@ -49,8 +55,9 @@ class _JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
-        # orjson escapes control characters in strings, so each record stays on one line.
-        return orjson.dumps(payload, default=str).decode()
+        # orjson escapes the C0 controls; the rest of what could break a line is escaped here,
+        # so each record stays on one line for every reader.
+        return orjson.dumps(payload, default=str).decode().translate(_JSON_UNSAFE)
 
 
 def configure_logging(level: str = "INFO", json: bool = False) -> None:

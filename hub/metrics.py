@@ -8,6 +8,7 @@ library directly; commands are far rarer than messages.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -79,6 +80,47 @@ class _Percentiles:
         return ordered[int(0.5 * (n - 1))], ordered[int(0.99 * (n - 1))]
 
 
+class LagMonitor:
+    """How late the event loop runs a timer: the longest stall is what every peer waits.
+
+    A timer every ``interval`` seconds records how much later than asked it ran; the worst
+    since start and the worst of the last minute are exposed.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.max_ever = 0.0
+        self._recent: deque[tuple[float, float]] = deque(maxlen=1200)
+        self._handle: asyncio.TimerHandle | None = None
+        self._expected = 0.0
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._expected = loop.time() + self.interval
+        self._handle = loop.call_at(self._expected, self._tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        lag = max(0.0, now - self._expected)
+        if lag > self.max_ever:
+            self.max_ever = lag
+        self._recent.append((now, lag))
+        self._expected = now + self.interval
+        self._handle = loop.call_at(self._expected, self._tick)
+
+    def recent_max(self, window: float = 60.0) -> float:
+        if not self._recent:
+            return 0.0
+        cutoff = self._recent[-1][0] - window
+        return max((lag for when, lag in self._recent if when >= cutoff), default=0.0)
+
+
 class Metrics(Collector):
     """All of the hub's counters; one instance per hub, with its own registry."""
 
@@ -99,6 +141,7 @@ class Metrics(Collector):
         self.auth_failures_window = RateWindow()
         self.refusals_window = RateWindow()
         self.round_trips = _Percentiles()
+        self.lag = LagMonitor()
         self.round_trip = Histogram(
             "tether_command_round_trip_seconds",
             "Time from dispatch to a command's terminal result.",
@@ -195,6 +238,16 @@ class Metrics(Collector):
             "tether_commands_in_flight",
             "Commands sent or acknowledged and not yet finished.",
             value=self.commands_in_flight(),
+        )
+        yield GaugeMetricFamily(
+            "tether_event_loop_lag_max_seconds",
+            "Longest delay of the event loop since the hub started.",
+            value=self.lag.max_ever,
+        )
+        yield GaugeMetricFamily(
+            "tether_event_loop_lag_recent_seconds",
+            "Longest delay of the event loop in the last minute.",
+            value=self.lag.recent_max(),
         )
         for name, read in self.extra_gauges.items():
             yield GaugeMetricFamily(name, name.replace("_", " "), value=read())

@@ -15,9 +15,18 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from websockets.datastructures import Headers
+from websockets.exceptions import (
+    HeaderLineTooLong,
+    InvalidHeader,
+    RequestLineTooLong,
+    TooManyHeaders,
+)
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+from websockets.frames import Frame
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 from websockets.server import ServerProtocol
+from websockets.typing import StatusLike
 
 from .admin import AdminSession
 from .agent_session import AgentSession
@@ -47,9 +56,23 @@ _REASONS = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    414: "URI Too Long",
     426: "Upgrade Required",
     429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
     503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+#: The error code of each refusal that websockets' own parser or checks make.
+_WEBSOCKETS_ERRORS = {
+    400: "bad_request",
+    405: "method_not_allowed",
+    414: "uri_too_long",
+    426: "upgrade_required",
+    431: "headers_too_large",
+    500: "internal_error",
+    505: "http_version_not_supported",
 }
 _CHANNELS = {AGENT_PATH: AGENT_SUBPROTOCOL, ADMIN_PATH: ADMIN_SUBPROTOCOL}
 
@@ -75,13 +98,41 @@ def _response(
     return Response(status, _REASONS.get(status, "Error"), headers, body)
 
 
+def _describe(exc: BaseException | None) -> str:
+    """An exception and its causes, for an audit entry (data, never a log line)."""
+    parts = []
+    while exc is not None and len(parts) < 3:
+        parts.append(str(exc) or type(exc).__name__)
+        exc = exc.__cause__
+    return "; ".join(parts)[:200]
+
+
+class _ServerProtocol(ServerProtocol):
+    """websockets' server side, refusing in the hub's own format: ``{"error": code}``."""
+
+    def send_frame(self, frame: Frame) -> None:
+        # Before the handshake response, write no frame: websockets would answer a ping
+        # pipelined behind the request with a pong ahead of the HTTP response.
+        if self.state is not State.CONNECTING:
+            super().send_frame(frame)
+
+    def reject(self, status: StatusLike, text: str) -> Response:
+        code = int(status)
+        extra = []
+        exc = self.handshake_exc
+        if isinstance(exc, InvalidHeader) and exc.name == "Sec-WebSocket-Version":
+            # RFC 6455 §4.4: name the version this server speaks.
+            extra.append(("Sec-WebSocket-Version", "13"))
+        return json_response(code, {"error": _WEBSOCKETS_ERRORS.get(code, "bad_request")}, extra)
+
+
 class HubConnection(Connection):
     """A connection to the hub, from the first byte to the close."""
 
     __slots__ = ("_open_timer", "hub", "session")
 
     def __init__(self, hub: Hub) -> None:
-        protocol = ServerProtocol(max_size=MAX_MESSAGE_BYTES, logger=WIRE_LOGGER)
+        protocol = _ServerProtocol(max_size=MAX_MESSAGE_BYTES, logger=WIRE_LOGGER)
         super().__init__(protocol, max_buffer=hub.config.agent_write_buffer)
         self.hub = hub
         self.session: Session | None = None
@@ -104,6 +155,7 @@ class HubConnection(Connection):
     def _handshake_timeout(self) -> None:
         self._open_timer = None
         self.hub.pending_handshakes -= 1
+        self.hub.metrics.connection("handshake_timeout")
         self.abort()
 
     def _handshake_done(self) -> None:
@@ -116,6 +168,23 @@ class HubConnection(Connection):
         self._handshake_done()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        exc = self.protocol.handshake_exc
+        if exc is not None and self._open_timer is not None:
+            # websockets refused the request before it became a Request: a request line
+            # or header block too large (it answered 414 or 431), or bytes it could not
+            # read as HTTP at all (it hung up without an answer).
+            self._handshake_done()
+            if isinstance(exc, RequestLineTooLong):
+                status: int | None = 414
+            elif isinstance(exc, HeaderLineTooLong | TooManyHeaders):
+                status = 431
+            else:
+                status = None
+            error = _WEBSOCKETS_ERRORS[status] if status else "bad_request"
+            self._record_refusal(status, error, _describe(exc), None)
+
     def on_open(self) -> None:
         if self.session is not None:
             self.session.opened()
@@ -125,8 +194,9 @@ class HubConnection(Connection):
             self.session.receive(data)
 
     def on_close(self, code: int, reason: str) -> None:
-        if self.session is not None:
-            self.session.closed(code, reason)
+        session, self.session = self.session, None  # no cycle left for the collector
+        if session is not None:
+            session.closed(code, reason)
 
     def on_writable(self) -> None:
         if self.session is not None:
@@ -175,7 +245,9 @@ class HubConnection(Connection):
         """Health, readiness and metrics: no credential, no client certificate."""
         hub = self.hub
         if request.method not in ("GET", "HEAD"):
-            return json_response(405, {"error": "method_not_allowed"}, [("Allow", "GET")])
+            return self._refuse(
+                405, "method_not_allowed", f"method {request.method[:20]}", path, [("Allow", "GET")]
+            )
         if path == "/healthz":
             return json_response(200, {"status": "ok"})
         if path == "/readyz":
@@ -187,7 +259,7 @@ class HubConnection(Connection):
             return _response(
                 200, hub.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8"
             )
-        return json_response(404, {"error": "not_found"})
+        return self._refuse(404, "not_found", "unknown path", path)
 
     def _refuse(
         self,
@@ -197,6 +269,14 @@ class HubConnection(Connection):
         path: str,
         headers: list[tuple[str, str]] | None = None,
     ) -> Response:
+        self._record_refusal(status, error, reason, path)
+        return json_response(status, {"error": error}, headers)
+
+    def _record_refusal(
+        self, status: int | None, error: str, reason: str, path: str | None
+    ) -> None:
+        """Every refusal is counted and audited with its source (PROTOCOL §2); ``status``
+        is None for a request dropped without an answer."""
         hub = self.hub
         hub.metrics.connection(error)
         hub.auditor.record(
@@ -205,17 +285,30 @@ class HubConnection(Connection):
             status=status,
             error=error,
             reason=reason,
-            path=path,
+            path=path[:200] if path is not None else None,
         )
-        return json_response(status, {"error": error}, headers)
 
     def _check(self, request: Request, path: str, subprotocol: str) -> Response | None:
         hub = self.hub
         headers = request.headers
         if request.method != "GET":
-            return json_response(405, {"error": "method_not_allowed"}, [("Allow", "GET")])
-        if "websocket" not in headers.get("Upgrade", "").lower():
-            return json_response(426, {"error": "upgrade_required"}, [("Upgrade", "websocket")])
+            return self._refuse(
+                405, "method_not_allowed", f"method {request.method[:20]}", path, [("Allow", "GET")]
+            )
+        # Headers.get raises on a repeated name. Origin and Authorization are singletons
+        # (RFC 6454 §7.3, RFC 9110 §11.6.2): two of them are a malformed request, and a
+        # way to smuggle an origin past a check that reads only one of them.
+        for name in ("Origin", "Authorization"):
+            if len(headers.get_all(name)) > 1:
+                return self._refuse(400, "bad_request", f"repeated {name} header", path)
+        if self.early_data:
+            # Whether the credential was cached or looked up: frames pipelined behind the
+            # request never reach a session.
+            return self._refuse(400, "bad_request", "frames sent before the handshake", path)
+        if "websocket" not in ", ".join(headers.get_all("Upgrade")).lower():
+            return self._refuse(
+                426, "upgrade_required", "no websocket upgrade", path, [("Upgrade", "websocket")]
+            )
 
         origin = headers.get("Origin")
         if origin is not None and origin not in hub.config.allowed_origins:
@@ -272,7 +365,15 @@ class HubConnection(Connection):
             self.max_buffer = hub.config.admin_write_buffer
         response = protocol.accept(request)
         if response.status_code != 101:
-            hub.metrics.connection("invalid_handshake")
+            # Refused by websockets' checks (key, version, Connection header...), in our
+            # format by _ServerProtocol.reject.
+            status = response.status_code
+            self._record_refusal(
+                status,
+                _WEBSOCKETS_ERRORS.get(status, "bad_request"),
+                _describe(protocol.handshake_exc),
+                path,
+            )
             self.respond(response)
             return None
         hub.metrics.connection("accepted")

@@ -25,7 +25,8 @@ apt_install() {
     APT_UPDATED=1
   fi
   say "installing $*"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" \
+    >/dev/null 2>"${TMPDIR:-/tmp}/tether-apt.log"
 }
 
 find_python() {
@@ -78,8 +79,13 @@ ensure_venv() {
   fi
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     say "installing Tether and its dev dependencies into .venv"
-    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
+    local log="$VENV/pip-install.log"
+    if ! { "$VENV/bin/python" -m pip install -q --upgrade pip &&
+           "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"; } >"$log" 2>&1; then
+      cat "$log" >&2
+      say "installing the dependencies failed (log: $log)"
+      exit 2
+    fi
     echo "$want" > "$stamp"
   fi
 }

@@ -59,6 +59,7 @@ async def hub_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             "hub_id": f"hub-test-{len(hubs)}",
             "reconnect_spread_ms": 200,
             "shutdown_timeout": 2.0,
+            "gc_freeze_interval": 0,
         }
         values.update(overrides)
         hub = Hub(HubConfig(**values))

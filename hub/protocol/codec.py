@@ -54,8 +54,17 @@ _DEPTH_DELTA = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 
 def encode(obj: Any) -> bytes:
-    """Serialize compactly; refuses NaN and infinities like the parser does."""
-    return orjson.dumps(obj)
+    """Serialize compactly. (orjson writes NaN and infinities as null; validated input has none.)
+
+    orjson hands back its whole 4 KB working buffer even for a 50-byte result; a message
+    that waits in a queue (an admin subscriber's, say) would cost 4 KB. Small results are
+    copied into an object of their own size.
+    """
+    data = orjson.dumps(obj)
+    return bytes(memoryview(data)) if len(data) < _ORJSON_BUFFER else data
+
+
+_ORJSON_BUFFER = 4096
 
 
 def decode(data: bytes | str) -> Any:

@@ -44,8 +44,9 @@ SEND_EOF = b""
 class Connection(asyncio.Protocol):
     """One WebSocket connection. Subclasses handle messages in :meth:`on_message`.
 
-    ``max_buffer`` bounds the bytes waiting in the transport's write buffer: a peer that
-    stops reading is aborted instead of growing the process without bound.
+    ``max_buffer`` bounds the bytes waiting in the transport's write buffer, whatever wrote
+    them (messages, pongs, close frames): a peer that stops reading is aborted instead of
+    growing the process without bound.
     """
 
     __slots__ = (
@@ -56,6 +57,7 @@ class Connection(asyncio.Protocol):
         "_ping_sent_at",
         "close_timeout",
         "closed",
+        "early_data",
         "max_buffer",
         "opened",
         "peer",
@@ -79,7 +81,9 @@ class Connection(asyncio.Protocol):
         self.opened = False
         self.closed = False
         self.writable = True
-        self._fragments: list[bytes] | None = None
+        #: Server side: frames arrived before the handshake response was sent.
+        self.early_data = False
+        self._fragments: bytearray | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._keepalive: asyncio.TimerHandle | None = None
         self._ping_sent_at: float = 0.0
@@ -125,7 +129,13 @@ class Connection(asyncio.Protocol):
         except EOFError:
             return
         self._flush()
-        for event in protocol.events_received():
+        events = protocol.events_received()
+        if not self.opened and protocol.side is Side.SERVER:
+            # RFC 6455 §4.1: a client MUST wait for the response before sending frames.
+            # Anything parsed as a frame in the same read as the request, or while the
+            # answer is pending, was sent before the client could have seen a 101.
+            self.early_data = self.early_data or any(type(e) is Frame for e in events)
+        for event in events:
             if self.closed:
                 break
             if type(event) is Frame:
@@ -156,6 +166,7 @@ class Connection(asyncio.Protocol):
             except EOFError:
                 pass
         code, reason = self.close_code()
+        self.transport = None  # the transport references us: break the cycle now
         handshake = self._handshake
         if handshake is not None and not handshake.done():
             handshake.set_exception(
@@ -189,10 +200,7 @@ class Connection(asyncio.Protocol):
         self.protocol.send_text(data)
         self._flush()
         transport = self.transport
-        if transport is not None and transport.get_write_buffer_size() > self.max_buffer:
-            self._overflow()
-            return False
-        return True
+        return transport is not None and not transport.is_closing()
 
     def buffered(self) -> int:
         """Bytes accepted for sending that the peer has not read yet."""
@@ -256,20 +264,30 @@ class Connection(asyncio.Protocol):
         if interval <= 0:
             return
         loop = asyncio.get_running_loop()
+        last_ping = time.monotonic()
 
         def tick() -> None:
+            nonlocal last_ping
             if self.closed:
                 return
-            if self._ping_sent_at and time.monotonic() - self._ping_sent_at > timeout:
+            now = time.monotonic()
+            pending = self._ping_sent_at
+            if pending and now - pending >= timeout:
                 self.close(Close.INTERNAL_ERROR, "keepalive ping timeout")
                 return
-            if not self._ping_sent_at:
-                self._ping_sent_at = time.monotonic()
+            if not pending and now - last_ping >= interval:
+                last_ping = self._ping_sent_at = now
                 if self.protocol.state is OPEN:
                     self.protocol.send_ping(b"")
                     self._flush()
-            delay = interval if not self._ping_sent_at else min(interval, timeout)
-            self._keepalive = loop.call_later(delay, tick)
+            # Wake for the next ping, or for the pong deadline while one is outstanding
+            # (the next ping waits for the pong).
+            wake = last_ping + interval
+            if self._ping_sent_at:
+                deadline = self._ping_sent_at + timeout
+                if wake <= now or deadline < wake:
+                    wake = deadline
+            self._keepalive = loop.call_later(max(0.0, wake - now), tick)
 
         self._keepalive = loop.call_later(interval, tick)
 
@@ -281,15 +299,18 @@ class Connection(asyncio.Protocol):
             if frame.fin:
                 self._guard(self.on_message, frame.data)
             else:
-                self._fragments = [frame.data]
+                # One contiguous buffer, not a list of pieces: a message of many tiny or
+                # empty fragments then costs its own bytes (websockets bounds those at
+                # max_size), not a Python object per fragment.
+                self._fragments = bytearray(frame.data)
         elif opcode is Opcode.CONT:
-            if self._fragments is None:
+            fragments = self._fragments
+            if fragments is None:
                 return
-            self._fragments.append(frame.data)
+            fragments += frame.data
             if frame.fin:
-                data = b"".join(self._fragments)
                 self._fragments = None
-                self._guard(self.on_message, data)
+                self._guard(self.on_message, bytes(fragments))
         elif opcode is Opcode.BINARY:
             self._guard(self.on_binary)
         elif opcode is Opcode.PONG:
@@ -355,6 +376,11 @@ class Connection(asyncio.Protocol):
                     transport.close()
                 return
             transport.write(chunk)
+        # Every write counts against the bound, not only our own messages: websockets
+        # answers each ping with a pong, so a peer that floods pings and never reads would
+        # otherwise grow this buffer without limit.
+        if transport.get_write_buffer_size() > self.max_buffer:
+            self._overflow()
 
     def _overflow(self) -> None:
         log.warning(

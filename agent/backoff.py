@@ -1,0 +1,98 @@
+"""When to dial the hub again (PROTOCOL §4.5, §4.6). Pure: no I/O, no sleeping.
+
+A fleet that reconnects in lockstep knocks its hub over again, so every wait is drawn at
+random: full-jitter exponential backoff, where retry ``n`` (counting from 0) waits a uniform
+time in ``[0, min(cap, base·2ⁿ)]``. The counter resets once a connection has stayed
+registered for ``reset_after`` seconds, so one blip after a long healthy session retries fast.
+
+Hints from the hub take precedence over the plain backoff:
+
+* ``reconnect.after_ms`` is already drawn at random per agent by the hub, so it is used as is;
+* HTTP ``Retry-After`` is one number for everyone, so it is a floor to which the ordinary
+  jitter is added (thousands of agents refused with ``Retry-After: 5`` must not all come
+  back in the same second);
+* close 4001 (superseded: another process claims our id) waits at least 30 s plus jitter;
+* close 4003 (credential revoked) waits at least 10 minutes plus jitter;
+* close 1013 (try again later) waits at least 5 s plus jitter, unless the hub sent a hint.
+
+The RNG and the clock are injected so tests can check the bounds exactly.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hub.protocol.constants import Close
+
+__all__ = ["Backoff", "Hint"]
+
+#: Floors (seconds) and the width of the jitter added to each, for the close codes of §4.5.
+SUPERSEDED_WAIT = (30.0, 30.0)
+REVOKED_WAIT = (600.0, 300.0)
+OVERLOAD_FLOOR = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Hint:
+    """What the last attempt taught us; every field is optional."""
+
+    close_code: int | None = None
+    retry_after: float | None = None  # seconds, from an HTTP refusal
+    after_ms: int | None = None  # from a ``reconnect`` message
+
+
+class Backoff:
+    """Full-jitter exponential backoff with hub hints. One per agent; a few dozen bytes."""
+
+    __slots__ = ("_clock", "_registered_at", "_rng", "attempt", "base", "cap", "reset_after")
+
+    def __init__(
+        self,
+        *,
+        base: float = 1.0,
+        cap: float = 60.0,
+        reset_after: float = 30.0,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.base = base
+        self.cap = cap
+        self.reset_after = reset_after
+        self._rng = rng if rng is not None else random.Random()
+        self._clock = clock
+        self._registered_at: float | None = None
+        #: How many retries have been drawn since the last reset.
+        self.attempt = 0
+
+    def registered(self) -> None:
+        """The hub welcomed us: start timing the session for the reset rule."""
+        self._registered_at = self._clock()
+
+    def ceiling(self) -> float:
+        """Upper bound of the plain jitter for the next retry."""
+        return min(self.cap, self.base * 2.0 ** min(self.attempt, 62))
+
+    def next_delay(self, hint: Hint | None = None) -> float:
+        """Seconds to wait before the next dial; advances the retry counter."""
+        registered_at, self._registered_at = self._registered_at, None
+        if registered_at is not None and self._clock() - registered_at >= self.reset_after:
+            self.attempt = 0
+        jitter = self._rng.uniform(0.0, self.ceiling())
+        self.attempt += 1
+        if hint is None:
+            return jitter
+        code = hint.close_code
+        if code == Close.REVOKED:
+            return REVOKED_WAIT[0] + self._rng.uniform(0.0, REVOKED_WAIT[1])
+        if code == Close.SUPERSEDED:
+            return SUPERSEDED_WAIT[0] + self._rng.uniform(0.0, SUPERSEDED_WAIT[1])
+        if hint.after_ms is not None:
+            return hint.after_ms / 1000.0
+        if hint.retry_after is not None:
+            return hint.retry_after + jitter
+        if code == Close.TRY_AGAIN_LATER:
+            return OVERLOAD_FLOOR + jitter
+        return jitter

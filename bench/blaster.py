@@ -1,0 +1,99 @@
+"""Load for the message-throughput figure: a few hundred lean connections that register
+once, then send heartbeats at a fixed total rate for a bounded time.
+
+    python bench/blaster.py --url ws://127.0.0.1:8765 --token tte_… --count 400 \\
+        --rate 20000 --seconds 20
+
+Prints one JSON line when registered and one when done: ``{"sent": n, "seconds": s}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hub.protocol.connection import Connection, connect
+from hub.protocol.constants import AGENT_SUBPROTOCOL
+
+HEARTBEAT = orjson.dumps(
+    {
+        "type": "heartbeat",
+        "status": "ok",
+        "metrics": {"cpu_percent": 12.5, "mem_percent": 40.1, "load1": 0.3, "uptime_s": 86400},
+    }
+)
+
+
+class Quiet(Connection):
+    __slots__ = ()
+
+
+async def open_one(url: str, token: str, agent_id: str) -> Connection:
+    conn = await connect(
+        url.rstrip("/") + "/ws",
+        Quiet,
+        headers=[("Authorization", f"Bearer {token}")],
+        subprotocols=[AGENT_SUBPROTOCOL],
+    )
+    conn.send_text(
+        orjson.dumps(
+            {
+                "type": "register",
+                "agent_id": agent_id,
+                "platform": "linux",
+                "region": "bench",
+                "capabilities": ["ping"],
+            }
+        )
+    )
+    return conn
+
+
+async def main(args: argparse.Namespace) -> None:
+    semaphore = asyncio.Semaphore(100)
+
+    async def one(n: int) -> Connection:
+        async with semaphore:
+            return await open_one(args.url, args.token, f"{args.prefix}{n:05d}")
+
+    conns = await asyncio.gather(*(one(n) for n in range(args.count)))
+    print(orjson.dumps({"registered": len(conns)}).decode(), flush=True)
+    await asyncio.sleep(1.0)  # let the welcomes arrive
+    started = time.monotonic()
+    sent = 0
+    deadline = started + args.seconds
+    while (now := time.monotonic()) < deadline:
+        due = int(args.rate * (now - started)) - sent
+        for n in range(max(0, due)):
+            conn = conns[(sent + n) % len(conns)]
+            conn.send_text(HEARTBEAT)
+        sent += max(0, due)
+        await asyncio.sleep(0.005)
+    print(orjson.dumps({"sent": sent, "seconds": time.monotonic() - started}).decode(), flush=True)
+    for conn in conns:
+        conn.close(1000)
+    await asyncio.sleep(0.5)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--token", default="x")
+    parser.add_argument("--count", type=int, default=400)
+    parser.add_argument("--rate", type=float, default=20_000)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--prefix", default="blast-")
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    import uvloop
+
+    uvloop.run(main(args))

@@ -1,0 +1,42 @@
+"""Regression: ``hub.protocol.connection`` must work on uvloop, which the CLI uses."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from hub.protocol.connection import Connection, HandshakeRefused, connect
+
+uvloop = pytest.importorskip("uvloop")
+
+NOT_FOUND = (
+    b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n"
+    b'Content-Length: 21\r\nConnection: close\r\n\r\n{"error":"not_found"}'
+)
+
+
+async def _refused_handshake() -> HandshakeRefused:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(NOT_FOUND)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(HandshakeRefused) as refused:
+            await connect(f"ws://127.0.0.1:{port}/ws", Connection, open_timeout=5)
+        return refused.value
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_client_handshake_on_uvloop() -> None:
+    # Before the fix, connection_made asserted an asyncio.Transport subclass, uvloop's
+    # transport is not one, and every dial ended in an open timeout instead.
+    refused = uvloop.run(_refused_handshake())
+    assert refused.status == 404
+    assert refused.error == "not_found"
