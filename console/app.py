@@ -1,0 +1,202 @@
+"""``tether-console``: the desktop console (PySide6 on a qasync event loop).
+
+::
+
+    tether-console [--hub URL --token T] [--ca-file F] [--insecure] [--light]
+    tether-console --hub URL --token T --screenshot PNG
+                   [--view map|agents|graphs|topology|alerts|jobs]
+
+``--hub`` and ``--token`` fall back to ``TETHER_HUB_URL`` (the first of a comma-separated
+list) and ``TETHER_TOKEN``; without them a connect dialog asks. ``--screenshot`` connects,
+waits for the snapshot, renders the chosen view of the main window into the PNG and exits
+0; it exits 2 when it cannot connect within 30 s (at once when the hub refuses the token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import ssl
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+os.environ.setdefault("QT_API", "pyside6")  # before qasync (or pyqtgraph) is imported
+
+__all__ = ["VIEWS", "main", "parse_args"]
+
+VIEWS = ("map", "agents", "graphs", "topology", "alerts", "jobs")
+CONNECT_TIMEOUT = 30.0
+#: Tests may shorten the screenshot's connect deadline; the contract's value is 30 s.
+CONNECT_TIMEOUT_ENV = "TETHER_CONSOLE_CONNECT_TIMEOUT"
+#: Documentation screenshots may let the graphs gather this many seconds of ticks first.
+SETTLE_ENV = "TETHER_CONSOLE_SCREENSHOT_SETTLE"
+SCREENSHOT_SIZE = (1600, 1000)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="tether-console",
+        description="Tether desktop console: watch and drive the fleet live.",
+    )
+    parser.add_argument("--hub", help="hub base URL, ws:// or wss:// (env TETHER_HUB_URL)")
+    parser.add_argument("--token", help="admin token (env TETHER_TOKEN)")
+    parser.add_argument("--ca-file", help="CA bundle that signed the hub's certificate")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="DANGEROUS: do not verify the hub's TLS certificate",
+    )
+    parser.add_argument("--screenshot", metavar="PNG", help="save one view as PNG and exit")
+    parser.add_argument("--view", choices=VIEWS, help="the view to show (with --screenshot)")
+    parser.add_argument("--light", action="store_true", help="light theme")
+    parser.add_argument("--settings", help=argparse.SUPPRESS)  # an INI file instead of QSettings
+    args = parser.parse_args(argv)
+    if args.hub is None:
+        env = os.environ.get("TETHER_HUB_URL", "")
+        args.hub = next((u.strip() for u in env.split(",") if u.strip()), None)
+    if args.token is None:
+        args.token = os.environ.get("TETHER_TOKEN") or None
+    if args.hub is not None and not args.hub.startswith(("ws://", "wss://")):
+        parser.error(f"--hub needs a ws:// or wss:// URL, got {args.hub!r}")
+    if args.screenshot and (not args.hub or not args.token):
+        parser.error("--screenshot needs --hub and --token (or TETHER_HUB_URL and TETHER_TOKEN)")
+    return args
+
+
+def ssl_context_for(hub: str, ca_file: str | None, insecure: bool) -> ssl.SSLContext | None:
+    if not hub.startswith("wss://"):
+        return None
+    from hub.protocol.client import tls_context
+
+    return tls_context(ca_file=ca_file, insecure=insecure)
+
+
+@dataclass
+class ConnectionParams:
+    hub: str
+    token: str
+    ca_file: str | None = None
+    insecure: bool = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.insecure:
+        print(
+            "WARNING: --insecure: the hub's TLS certificate is NOT verified; anyone on the "
+            "path can read and change this session, including the admin token.",
+            file=sys.stderr,
+        )
+    if (
+        args.screenshot
+        and not os.environ.get("QT_QPA_PLATFORM")
+        and not os.environ.get("DISPLAY")
+        and not os.environ.get("WAYLAND_DISPLAY")
+    ):
+        os.environ["QT_QPA_PLATFORM"] = "offscreen"  # a screenshot needs no screen
+
+    import qasync
+    from PySide6.QtCore import qInstallMessageHandler
+    from PySide6.QtWidgets import QApplication
+
+    qInstallMessageHandler(_qt_message)
+
+    app = QApplication.instance() or QApplication([sys.argv[0] if sys.argv else "tether-console"])
+    app.setApplicationName("Tether console")
+    app.setOrganizationName("Tether")
+    loop = qasync.QEventLoop(app)
+    asyncio.set_event_loop(loop)
+    try:
+        with loop:
+            return loop.run_until_complete(_run(args))
+    finally:
+        asyncio.set_event_loop(None)
+
+
+#: Qt messages that say nothing to an operator (offscreen and Xvfb platforms).
+_QUIET = ("propagateSizeHints", "QXcbConnection: XCB error", "XDG_RUNTIME_DIR")
+
+
+def _qt_message(_kind: Any, _context: Any, message: str) -> None:
+    if not any(part in message for part in _QUIET):
+        print(message, file=sys.stderr)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from .settings import ConsoleSettings, TokenStore
+    from .window import MainWindow
+
+    settings = ConsoleSettings(args.settings)
+    tokens = TokenStore(settings)
+    light = bool(args.light or (not args.screenshot and settings.light_theme))
+    window = MainWindow(settings, tokens, light=light)
+    if args.screenshot:
+        return await _screenshot(window, args)
+    params: ConnectionParams | None = None
+    if args.hub and args.token:
+        params = ConnectionParams(args.hub, args.token, args.ca_file, args.insecure)
+    window.restore_layout()
+    window.show()
+    if params is not None:
+        window.connect_to(params)
+    else:
+        window.ask_connection(args.hub, args.ca_file, args.insecure)
+    await window.closed.wait()
+    await window.shutdown()
+    return 0
+
+
+async def _screenshot(window: Any, args: argparse.Namespace) -> int:
+    from .client import ConnState
+
+    timeout = CONNECT_TIMEOUT
+    with contextlib.suppress(ValueError):
+        timeout = float(os.environ.get(CONNECT_TIMEOUT_ENV, CONNECT_TIMEOUT))
+    window.resize(*SCREENSHOT_SIZE)
+    window.set_focus_view(args.view)
+    window.show()
+    params = ConnectionParams(args.hub, args.token, args.ca_file, args.insecure)
+    try:
+        session = window.connect_to(params)
+    except (ssl.SSLError, OSError) as exc:
+        print(f"tether-console: cannot use the TLS settings: {exc}", file=sys.stderr)
+        return 2
+    deadline = time.monotonic() + timeout
+    fleet = window.fleet
+    while fleet.snapshot_count == 0:
+        if session.state == ConnState.FAILED:
+            print(f"tether-console: {session.last_error}", file=sys.stderr)
+            await window.shutdown()
+            return 2
+        if time.monotonic() > deadline:
+            reason = session.last_error or "no answer"
+            print(
+                f"tether-console: could not connect to {args.hub} within {timeout:g} s: {reason}",
+                file=sys.stderr,
+            )
+            await window.shutdown()
+            return 2
+        await asyncio.sleep(0.05)
+    settle = 0.0
+    with contextlib.suppress(ValueError):
+        settle = min(600.0, float(os.environ.get(SETTLE_ENV, "0")))
+    if settle > 0:
+        await asyncio.sleep(settle)
+    try:
+        await window.prepare_screenshot(args.view)
+        pixmap = window.grab()
+        if not pixmap.save(args.screenshot, "PNG"):
+            print(f"tether-console: could not write {args.screenshot}", file=sys.stderr)
+            return 2
+    finally:
+        await window.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

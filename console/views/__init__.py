@@ -1,0 +1,1 @@
+"""The console's views. Each reads the one fleet model (``console.fleet``) and nothing else."""
