@@ -83,12 +83,19 @@ def decode(data: bytes | str) -> Any:
         walker.walk(value, 1)
     except _NeedsExactPath:
         return _decode_exactly(data, "large number")
-    # Cheap test first; only when colons outnumber members are strings stripped
-    # (colons inside strings are not member separators).
+    # Every ':' outside a string separates a member. Colons counted in the parsed strings
+    # are at least those inside the raw strings (an escape may add one, a dropped duplicate
+    # may hide one), so more separators than members is always a duplicate. Only a text
+    # with \u escapes needs the exact count, made by stripping its strings.
+    colons = data.count(b":")
+    members = walker.members
     if (
-        walker.members
-        and data.count(b":") > walker.members
-        and _STRING.sub(b"", data).count(b":") > walker.members
+        members
+        and colons > members
+        and (
+            colons - walker.colons > members
+            or (b"\\u" in data and _STRING.sub(b"", data).count(b":") > members)
+        )
     ):
         raise LimitExceeded("duplicate key in an object")
     return value
@@ -99,48 +106,61 @@ class _NeedsExactPath(Exception):
 
 
 class _Walker:
-    """Checks limits on a parsed value and counts object members (for duplicates)."""
+    """Checks limits on a parsed value and counts object members (for duplicates).
 
-    __slots__ = ("members",)
+    This runs on every message the hub receives, so the checks are inlined: one type test
+    per value, string lengths tested cheaply before being measured exactly.
+    """
+
+    __slots__ = ("colons", "members")
 
     def __init__(self) -> None:
         self.members = 0
+        self.colons = 0
 
     def walk(self, value: Any, depth: int) -> None:
         if depth > MAX_DEPTH:
             raise LimitExceeded(f"nesting deeper than {MAX_DEPTH}")
-        if isinstance(value, dict):
+        kind = type(value)
+        if kind is dict:
             self.members += len(value)
             for key, item in value.items():
-                _check_string(key)
-                if isinstance(item, (dict, list)):
-                    self.walk(item, depth + 1)
-                else:
-                    _check_scalar(item)
-        elif isinstance(value, list):
+                if len(key) > _SHORT:
+                    _check_string(key)
+                if ":" in key:
+                    self.colons += key.count(":")
+                self._item(item, depth)
+        elif kind is list:
             for item in value:
-                if isinstance(item, (dict, list)):
-                    self.walk(item, depth + 1)
-                else:
-                    _check_scalar(item)
+                self._item(item, depth)
         else:
-            _check_scalar(value)
+            self._item(value, depth - 1)
+
+    def _item(self, item: Any, depth: int) -> None:
+        kind = type(item)
+        if kind is str:
+            if len(item) > _SHORT:
+                _check_string(item)
+            if ":" in item:
+                self.colons += item.count(":")
+        elif kind is float:
+            if not -MAX_INT < item < MAX_INT:
+                # Either a legitimate large double or an integer orjson could not hold.
+                raise _NeedsExactPath
+        elif kind is int:
+            if not -MAX_INT <= item <= MAX_INT:
+                raise LimitExceeded("integer beyond ±2**53")
+        elif kind is dict or kind is list:
+            self.walk(item, depth + 1)
 
 
-def _check_scalar(value: Any) -> None:
-    if isinstance(value, str):
-        _check_string(value)
-    elif isinstance(value, float):
-        if not -MAX_INT < value < MAX_INT:
-            # Either a legitimate large double or an integer orjson could not hold.
-            raise _NeedsExactPath
-    elif isinstance(value, int) and not -MAX_INT <= value <= MAX_INT:
-        raise LimitExceeded("integer beyond ±2**53")
+#: Strings up to this many characters cannot exceed 64 KiB of UTF-8 (4 bytes a character).
+_SHORT = MAX_STRING_BYTES // 4
 
 
 def _check_string(value: str) -> None:
     n = len(value)
-    if n > MAX_STRING_BYTES // 4 and (
+    if n > _SHORT and (
         n > MAX_STRING_BYTES or len(value.encode("utf-8", "surrogatepass")) > MAX_STRING_BYTES
     ):
         raise LimitExceeded("string longer than 64 KiB")
