@@ -88,6 +88,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--prefix", default="sim-")
     sim.add_argument("--rate", type=float, default=200.0, help="new connections per second")
     sim.add_argument("--churn", type=float, default=0.0, help="fraction dropped per minute")
+    sim.add_argument(
+        "--degraded", type=float, default=0.0, help="fraction reporting status degraded"
+    )
     sim.add_argument("--seed", type=int, default=0)
     log_level(sim)
 
@@ -301,6 +304,7 @@ async def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             prefix=args.prefix,
             rate=args.rate,
             churn=args.churn,
+            degraded=args.degraded,
             seed=args.seed,
         ),
         settings,

@@ -217,11 +217,48 @@ async def _sim_sysinfo(ctx: CommandContext) -> HandlerResult:
     )
 
 
+async def _sim_exec(ctx: CommandContext) -> HandlerResult:
+    """``exec`` pretended, never run: plausible output and an exit code, for demos.
+
+    About one agent in twenty "fails" (exit 1), chosen by its id, so job views have
+    something to show; the output says plainly that nothing ran.
+    """
+    argv = ctx.args.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        return HandlerResult(status="rejected", error="args.argv must be a list of strings")
+    agent = ctx.agent
+    rng = _agent_rng(agent.agent_id + " ".join(argv), 3)
+    await ctx.emit("stdout", f"[simulated on {agent.hostname}] $ {' '.join(argv)}\n")
+    await ctx.emit(
+        "stdout", f"up {rng.randint(1, 90)} days, load average: {rng.uniform(0, 4):.2f}\n"
+    )
+    failed = _agent_rng(agent.agent_id, 4).random() < 0.05
+    if failed:
+        await ctx.emit("stderr", "error: simulated failure\n")
+    return HandlerResult(
+        status="failed" if failed else "succeeded",
+        exit_code=1 if failed else 0,
+        data={"simulated": True},
+    )
+
+
 def sim_registry() -> HandlerRegistry:
     registry = HandlerRegistry()
     registry.add("ping", ping_handler.handle)
     registry.add("sysinfo", _sim_sysinfo)
+    registry.add("exec", _sim_exec)
     return registry
+
+
+class _SimClient(AgentClient):
+    """A simulated agent that may report itself ``degraded`` (chosen at creation)."""
+
+    __slots__ = ("degraded",)
+
+    @property
+    def status(self) -> Any:
+        status = super().status
+        return "degraded" if status == "ok" and self.degraded else status
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +270,8 @@ class SimulationOptions:
     rate: float = 200.0
     #: Fraction of registered agents dropped (then reconnecting) per minute.
     churn: float = 0.0
+    #: Fraction of agents whose heartbeats report ``degraded``.
+    degraded: float = 0.0
     seed: int = 0
     #: Seconds between summary lines; 0 for none.
     report_every: float = 10.0
@@ -253,7 +292,7 @@ class Simulation:
     def _make(self, index: int) -> AgentClient:
         profile = sim_profile(index, self.options.prefix, self.options.seed)
         executor = Executor(profile, self.registry, MemoryJournal(max_entries=SIM_JOURNAL_ENTRIES))
-        return AgentClient(
+        client = _SimClient(
             profile,
             self.settings,
             Credentials(self.options.token),
@@ -261,6 +300,10 @@ class Simulation:
             SimMetrics(_agent_rng(profile.agent_id, self.options.seed + 7)),
             backoff=Backoff(rng=self.rng),
         )
+        client.degraded = (
+            _agent_rng(profile.agent_id, self.options.seed + 11).random() < self.options.degraded
+        )
+        return client
 
     async def run(self) -> None:
         """Ramp up, then churn and report until :meth:`shutdown`."""

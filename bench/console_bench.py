@@ -7,7 +7,7 @@
    updates a second to the console; meanwhile a 10 ms ``QTimer`` (PreciseTimer) measures how
    late the Qt event loop runs it. Budget: p99 lateness at most 50 ms.
 
-The hub (``python -m hub serve``) and the fleet (``tools/fleet.py``) run as separate
+The hub (``python -m hub serve``) and the fleet (``tether-agent simulate``) run as separate
 processes on the same machine, so the console competes with them for the CPU, as it would
 on a NOC workstation running nothing else only if it had the machine to itself: the figures
 are conservative. Results are printed and appended to bench/RESULTS.md under "Console".
@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,6 +198,26 @@ def append_results(section: str) -> None:
     RESULTS.write_text(text)
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def wait_online(url: str, count: int, timeout: float) -> int:
+    """Poll the hub's /metrics until ``count`` agents are online."""
+    metrics = url.replace("ws://", "http://") + "/metrics"
+    deadline = time.monotonic() + timeout
+    online = 0
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(metrics, timeout=5) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith('tether_agents{state="online"}'):
+                    online = int(float(line.split()[-1]))
+        if online >= count:
+            return online
+        time.sleep(0.5)
+    raise SystemExit(f"only {online} of {count} agents registered in time")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="Console benchmark")
     parser.add_argument("--agents", type=int, default=10_000)
@@ -212,20 +233,15 @@ def main() -> int:
         enroll = token(work / "data", "--enroll")
         admin = token(work / "data", "--admin", "--role", "viewer")
         time.sleep(1.5)
-        ready = work / "ready"
+        # Simulated agents heartbeat at the hub's interval: agents / rate updates a second.
         fleet = subprocess.Popen(
-            [sys.executable, str(ROOT / "tools" / "fleet.py"), "--hub", url, "--token", enroll,
-             "--count", str(args.agents), "--period", str(period), "--rate", "2000",
-             "--offline-share", "0", "--degraded-share", "0.03", "--prefix", "bench-",
-             "--ready-file", str(ready)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [sys.executable, "-m", "agent", "simulate", "--hub", url, "--token", enroll,
+             "--count", str(args.agents), "--rate", "2000", "--degraded", "0.03",
+             "--prefix", "bench-", "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
         )  # fmt: skip
-        deadline = time.monotonic() + 180
-        while not ready.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not ready.exists():
-            raise SystemExit("the fleet did not register in time")
-        print(f"hub {url}: {ready.read_text()} agents registered; measuring…", flush=True)
+        online = wait_online(url, args.agents, timeout=180)
+        print(f"hub {url}: {online} agents registered; measuring…", flush=True)
         result = run_console(url, admin, int(args.agents * 0.98), args.duration)
     finally:
         if fleet is not None:

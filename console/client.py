@@ -37,8 +37,6 @@ TOPICS = ("agents", "commands", "alerts", "metrics")
 STABLE_AFTER = 30.0
 
 
-
-
 class ConnState(enum.StrEnum):
     IDLE = "idle"
     CONNECTING = "connecting"

@@ -541,7 +541,6 @@ async def _wait_job(
     job is read once at the end.
     """
     finished: dict[str, dict[str, Any]] = {}
-    events = client.events()
     last_check = 0.0
     while True:
         now = time.monotonic()
@@ -552,13 +551,9 @@ async def _wait_job(
                 break
         if now >= deadline:
             break
-        try:
-            async with asyncio.timeout(min(0.5, deadline - now)):
-                event = await anext(events)
-        except TimeoutError:
+        event = await client.next_event(timeout=min(0.5, deadline - now))
+        if event is None:
             continue
-        except StopAsyncIteration:
-            raise ConnectionError("the hub closed the connection") from None
         command = event.get("command") or {}
         if command.get("job_id") != job_id or command.get("state") not in TERMINAL:
             continue

@@ -93,9 +93,10 @@ class LagMonitor:
         self._recent: deque[tuple[float, float]] = deque(maxlen=1200)
         self._handle: asyncio.TimerHandle | None = None
         self._expected = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._expected = loop.time() + self.interval
         self._handle = loop.call_at(self._expected, self._tick)
 
@@ -105,7 +106,9 @@ class LagMonitor:
             self._handle = None
 
     def _tick(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
         now = loop.time()
         lag = max(0.0, now - self._expected)
         if lag > self.max_ever:

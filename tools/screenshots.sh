@@ -2,7 +2,7 @@
 # Screenshots of every console view, from the real app on a real X server (Debian's Xvfb).
 #
 # Starts a hub on a free loopback port, a demo fleet of a few hundred protocol agents
-# (tools/fleet.py, with some degraded, some gone, a little churn), runs one exec job so the
+# (tether-agent simulate: some degraded, a dozen gone, a little churn), runs one exec job so the
 # jobs view has results, then runs `tether-console --screenshot` once per view under
 # xvfb-run. Output: docs/screenshots/<view>.png, plus dashboard.png and dashboard-light.png.
 #
@@ -23,7 +23,7 @@ cleanup() {
   [ -n "$FLEET_PID" ] && kill "$FLEET_PID" 2>/dev/null || true
   [ -n "$HUB_PID" ] && kill "$HUB_PID" 2>/dev/null || true
   wait 2>/dev/null || true
-  rm -rf "$WORK"
+  [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 
@@ -47,12 +47,17 @@ ENROLL=$("$PY" -m hub token create --data-dir "$WORK/data" --enroll)
 ADMIN=$("$PY" -m hub token create --data-dir "$WORK/data" --admin --role operator --name noc)
 sleep 1.5  # the running hub picks up new credentials within a second
 
-"$PY" tools/fleet.py --hub "$HUB" --token "$ENROLL" --count "$COUNT" --churn 2 \
-  --ready-file "$WORK/ready" >"$WORK/fleet.log" 2>&1 &
+"$PY" -m agent simulate --hub "$HUB" --token "$ENROLL" --count "$COUNT" --rate 500 \
+  --churn 0.02 --degraded 0.05 --prefix demo- --log-level warning >"$WORK/fleet.log" 2>&1 &
 FLEET_PID=$!
-for _ in $(seq 300); do [ -f "$WORK/ready" ] && break; sleep 0.2; done
-[ -f "$WORK/ready" ] || { echo "fleet did not register" >&2; exit 1; }
-echo "hub $HUB, $(cat "$WORK/ready") agents registered"
+# A few agents that register and then vanish: offline agents and their alerts.
+"$PY" -m agent simulate --hub "$HUB" --token "$ENROLL" --count 12 --rate 100 --prefix gone- \
+  --log-level warning >"$WORK/gone.log" 2>&1 &
+GONE_PID=$!
+online() { curl -s "http://127.0.0.1:$PORT/metrics" | awk '/^tether_agents\{state="online"\}/ {print int($2)}'; }
+for _ in $(seq 300); do [ "$(online)" -ge $((COUNT + 12)) ] 2>/dev/null && break; sleep 0.2; done
+kill -9 "$GONE_PID" 2>/dev/null || true
+echo "hub $HUB, $(online) agents online"
 
 # A job with results and output for the jobs view (some agents fail, on purpose).
 "$PY" -m hub send --hub "$HUB" --token "$ADMIN" ping --selector "region=ap-*" \

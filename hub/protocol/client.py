@@ -166,6 +166,22 @@ class AdminClient:
                 return
             yield event
 
+    async def next_event(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next event, or None when ``timeout`` passes first.
+
+        Raises ConnectionError once the connection has closed and every event was read.
+        (Unlike :meth:`events`, a timeout here leaves the stream usable.)
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                event = await self._events.get()
+        except TimeoutError:
+            return None
+        if event is None:
+            self._events.put_nowait(None)  # keep the end visible to later calls
+            raise ConnectionError(f"the admin connection closed ({self.close_code})")
+        return event
+
     async def wait_closed(self) -> None:
         await self._closed_event.wait()
 

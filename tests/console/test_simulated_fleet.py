@@ -33,7 +33,7 @@ async def test_console_shows_and_drives_a_simulated_fleet(hub: HubHandle, window
         await wait_for(lambda: fleet.counts["online"] + fleet.counts["degraded"] == COUNT, 60,
                        what="every simulated agent online in the console")  # fmt: skip
         await wait_for(lambda: len(window.agent_model.rows) == COUNT, what="table rows")
-        assert len(window.map.ids) == COUNT
+        await wait_for(lambda: len(window.map.ids) == COUNT, what="map points")
         assert all(agent_id.startswith("sim-") for agent_id in fleet.agents)
         window.topology.refresh()
         total = sum(int(item.text(1)) for item in window.topology.hub_items.values())
