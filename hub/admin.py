@@ -63,10 +63,10 @@ ROLE_NEEDED = {
 #: Largest batch of events sent as one message.
 BATCH_EVENTS = 2_000
 BATCH_BYTES = 1024 * 1024
-#: Flushes to one subscriber: a burst of this many goes out at once (an event leaves at the
-#: end of the event-loop turn that made it), then at most FLUSH_RATE a second (batching).
-FLUSH_BURST = 10.0
-FLUSH_RATE = 50.0
+# Events leave at the end of the event-loop turn that produced them, all of that turn's
+# events in one batch. There is no timer: when a subscriber reads slower than events come,
+# its socket stops being writable, events coalesce in its queue, and the next batch is
+# bigger. Batching follows the subscriber's pace instead of a fixed delay.
 
 
 class RequestError(Exception):
@@ -79,8 +79,6 @@ class RequestError(Exception):
 class AdminSession(Session):
     __slots__ = (
         "_flush_handle",
-        "_flush_tokens",
-        "_last_flush",
         "_queue",
         "_queue_bytes",
         "_sending_snapshot",
@@ -103,8 +101,6 @@ class AdminSession(Session):
         self._queue_bytes = 0
         self._unkeyed = itertools.count()
         self._flush_handle: asyncio.Handle | None = None
-        self._last_flush = 0.0
-        self._flush_tokens = FLUSH_BURST
         self.hold = False
         self.resync_pending = False
         self._sending_snapshot = False
@@ -190,7 +186,7 @@ class AdminSession(Session):
         self._reply(request.id, data)
         if isinstance(request, Subscribe):
             self.hold = False
-            self._schedule_flush(0)
+            self._schedule_flush()
 
     def _reply(self, request_id: Any, data: Any) -> None:
         self.send(encode({"type": "reply", "id": request_id, "ok": True, "data": data}))
@@ -296,37 +292,21 @@ class AdminSession(Session):
             self.hub.auditor.record(
                 "admin.resync", actor=self.actor, source=self.conn.peer, reason="queue bound"
             )
-            self._schedule_flush(0)
+            self._schedule_flush()
             return
         if self._flush_handle is None:
-            self._schedule_flush(self._flush_wait())
+            self._schedule_flush()
 
-    def _schedule_flush(self, delay: float) -> None:
-        if self._flush_handle is not None:
-            if delay > 0:
-                return
-            self._flush_handle.cancel()
-        loop = asyncio.get_running_loop()
-        self._flush_handle = (
-            loop.call_later(delay, self._flush) if delay > 0 else loop.call_soon(self._flush)
-        )
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
 
     def writable(self) -> None:
         if self._queue or self.resync_pending:
-            self._schedule_flush(0)
-
-    def _flush_wait(self) -> float:
-        """Seconds until the flush budget allows the next flush (0: now)."""
-        now = asyncio.get_running_loop().time()
-        tokens = min(FLUSH_BURST, self._flush_tokens + (now - self._last_flush) * FLUSH_RATE)
-        return 0.0 if tokens >= 1 else (1 - tokens) / FLUSH_RATE
+            self._schedule_flush()
 
     def _flush(self) -> None:
         self._flush_handle = None
-        now = asyncio.get_running_loop().time()
-        tokens = min(FLUSH_BURST, self._flush_tokens + (now - self._last_flush) * FLUSH_RATE)
-        self._flush_tokens = max(0.0, tokens - 1)
-        self._last_flush = now
         conn = self.conn
         if self.hold or conn.closed or not conn.writable or self._sending_snapshot:
             return
@@ -355,7 +335,7 @@ class AdminSession(Session):
         else:
             self.send(b'{"type":"batch","events":[' + b",".join(events) + b"]}")
         if queue and conn.writable:
-            self._schedule_flush(max(self._flush_wait(), 1 / FLUSH_RATE))
+            self._schedule_flush()
 
     async def _send_snapshot(self) -> None:
         try:
@@ -364,4 +344,4 @@ class AdminSession(Session):
         finally:
             self._sending_snapshot = False
         if self._queue or self.resync_pending:
-            self._schedule_flush(0)
+            self._schedule_flush()
