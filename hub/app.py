@@ -59,7 +59,9 @@ class Hub:
     def __init__(self, config: HubConfig, store: Store | None = None) -> None:
         self.config = config
         self.hub_id = config.hub_id
-        self.store: Store = store or SQLiteStore(config.data_dir)
+        self.store: Store = store or SQLiteStore(
+            config.data_dir, synchronous=config.store_synchronous
+        )
         self.bus = Bus()
         self.events = Events(self.bus)
         self.metrics = Metrics()

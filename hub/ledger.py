@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DispatchRefused", "Ledger"]
 
+#: How long non-terminal transitions (sent, acked) may wait to share a commit.
+NON_TERMINAL_HOLD = 0.005
 #: Commands a dispatch hands to connections per turn of the event loop.
 DELIVERY_SLICE = 500
 #: Finished command ids remembered to tell a harmless repeated result from a foreign one.
@@ -113,7 +115,8 @@ class Ledger:
         self._deadlines: list[tuple[float, int, str]] = []
         self._finished: OrderedDict[str, str] = OrderedDict()
         self._pending: list[tuple[CommandRecord, AuditEntry]] = []
-        self._flush_scheduled = False
+        self._flush_handle: asyncio.Handle | None = None
+        self._flush_delayed = False
         self._writes: set[asyncio.Future[Any]] = set()
         #: Agents whose heartbeat says ``draining``: they get no new commands.
         self.draining: set[str] = set()
@@ -574,13 +577,28 @@ class Ledger:
             job_id=command.job_id,
         )
         self._pending.append((command, entry))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        handle = self._flush_handle
+        if state in TERMINAL_STATES:
+            # A result is on someone's critical path: write it at the end of this turn.
+            if handle is None or self._flush_delayed:
+                if handle is not None:
+                    handle.cancel()
+                self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+                self._flush_delayed = False
+        elif handle is None:
+            # sent and acked are not waited for: hold them briefly so that they usually
+            # share one commit with the result that follows.
+            self._flush_handle = asyncio.get_running_loop().call_later(
+                NON_TERMINAL_HOLD, self._flush
+            )
+            self._flush_delayed = True
 
     def _flush(self) -> None:
         """Write this turn's transitions in one store call; announce them once committed."""
-        self._flush_scheduled = False
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._flush_delayed = False
         pending, self._pending = self._pending, []
         if not pending:
             return

@@ -33,6 +33,9 @@ T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 
 SCHEMA_VERSION = 1
+#: ``full`` fsyncs every commit (survives power loss); ``normal`` lets the OS write the WAL
+#: back (survives a crash or kill -9 of the hub, not of the machine).
+SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
 #: Most operations a writer runs in one transaction; bounds commit latency under load.
 MAX_GROUP = 20_000
 
@@ -231,10 +234,10 @@ def migrate(conn: sqlite3.Connection) -> None:
             raise
 
 
-def connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA synchronous={SYNCHRONOUS[synchronous.lower()]}")
     conn.execute("PRAGMA busy_timeout=10000")
     conn.execute("PRAGMA temp_store=MEMORY")
     return conn
@@ -250,9 +253,17 @@ class _Worker(threading.Thread):
     operation on its own.
     """
 
-    def __init__(self, path: Path, loop: asyncio.AbstractEventLoop, name: str, writer: bool):
+    def __init__(
+        self,
+        path: Path,
+        loop: asyncio.AbstractEventLoop,
+        name: str,
+        writer: bool,
+        synchronous: str = "full",
+    ):
         super().__init__(name=name, daemon=True)
         self.path = path
+        self.synchronous = synchronous
         self.loop = loop
         self.writer = writer
         self.queue: queue.SimpleQueue[tuple[Op, asyncio.Future[Any] | None] | None] = (
@@ -263,7 +274,7 @@ class _Worker(threading.Thread):
 
     def run(self) -> None:
         try:
-            conn = connect(self.path)
+            conn = connect(self.path, self.synchronous)
             if self.writer:
                 migrate(conn)
         except BaseException as exc:
@@ -314,6 +325,8 @@ class _Worker(threading.Thread):
         self, conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any] | None]]
     ) -> list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]:
         outcomes: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
+        if len(batch) == 1:
+            return self._commit_one(conn, *batch[0])
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op, future in batch:
@@ -340,6 +353,24 @@ class _Worker(threading.Thread):
             failure = StoreUnavailable(f"commit failed: {exc}")
             return [(future, None, failure) for _, future in batch]
         return outcomes
+
+    def _commit_one(
+        self, conn: sqlite3.Connection, op: Op, future: asyncio.Future[Any] | None
+    ) -> list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]:
+        """A group of one needs no savepoint: its transaction is its own."""
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            result = op(conn)
+            if type(result) is sqlite3.Cursor:
+                result.close()
+                result = None
+            conn.execute("COMMIT")
+        except Exception as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            log.warning("store operation failed: %s", exc, exc_info=True)
+            return [(future, None, exc)]
+        return [(future, result, None)]
 
     def _resolve(
         self, outcomes: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]
@@ -368,7 +399,12 @@ def _settle(outcomes: list[tuple[asyncio.Future[Any] | None, Any, BaseException 
 class SQLiteStore(Store):
     """Tether's embedded store in ``DATA_DIR/tether.db``."""
 
-    def __init__(self, data_dir: str | os.PathLike[str], readers: int = 2) -> None:
+    def __init__(
+        self, data_dir: str | os.PathLike[str], readers: int = 2, synchronous: str = "full"
+    ) -> None:
+        if synchronous.lower() not in SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {sorted(SYNCHRONOUS)}")
+        self.synchronous = synchronous.lower()
         self.data_dir = Path(data_dir)
         self.path = self.data_dir / "tether.db"
         self._readers_count = readers
@@ -383,7 +419,9 @@ class SQLiteStore(Store):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         self._loop = loop
-        writer = _Worker(self.path, loop, "tether-store-writer", writer=True)
+        writer = _Worker(
+            self.path, loop, "tether-store-writer", writer=True, synchronous=self.synchronous
+        )
         writer.start()
         await asyncio.to_thread(writer.ready.wait)
         if writer.failure is not None:
