@@ -317,7 +317,10 @@ async def hub_latency(url: str, token: str, size: int, samples: int) -> tuple[li
         "dispatch", target={"selector": {"status": "online"}}, name="ping", reply_timeout=120
     )
     job_id = reply["job_id"]
-    while (await client.request("job", job_id=job_id))["job"]["state"] == "running":
+    # The job summary (not the full job with every command) is what a watcher polls.
+    while (await client.request("jobs", filter={"job_id": job_id}))["jobs"][0]["state"] == (
+        "running"
+    ):
         await asyncio.sleep(0.01)
     job_seconds = time.perf_counter() - started
     await client.close()

@@ -26,7 +26,7 @@ from .bus import Bus
 from .config import HubConfig, parse_listen
 from .identity import JwtVerifier, certificate_agent_id
 from .ledger import Ledger
-from .metrics import Metrics
+from .metrics import Metrics, StallReporter
 from .model import AgentRecord
 from .protocol.codec import encode
 from .protocol.constants import Close
@@ -97,6 +97,7 @@ class Hub:
         self.port = 0
         self._takeovers: dict[str, deque[float]] = {}
         self._loops: list[asyncio.Task[None]] = []
+        self._stall_reporter: StallReporter | None = None
         interval = config.heartbeat_interval
         self.heartbeat_interval_wire: float = (
             int(interval) if interval == int(interval) else interval
@@ -149,6 +150,10 @@ class Hub:
             gc.collect()
             gc.freeze()
         self.metrics.lag.start()
+        self.metrics.gc.install()
+        if config.stall_report_ms:
+            self._stall_reporter = StallReporter(self.metrics.lag, config.stall_report_ms / 1000)
+            self._stall_reporter.start()
         self.auditor.record("hub.start", subject=self.hub_id, listen=config.listen)
         log.info("hub %s listening on %s:%d", self.hub_id, host, self.port)
 
@@ -190,6 +195,9 @@ class Hub:
             admin.conn.abort()
         await asyncio.sleep(0)
         self.metrics.lag.stop()
+        self.metrics.gc.uninstall()
+        if self._stall_reporter is not None:
+            self._stall_reporter.stopping.set()
         for task in self._loops:
             task.cancel()
         for task in self._loops:

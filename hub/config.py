@@ -81,7 +81,7 @@ class HubConfig(BaseModel):
     shutdown_timeout: float = Field(default=5.0, gt=0)
     #: Long-lived objects move out of the garbage collector's sight this often (0: never),
     #: so that a full collection does not stall the loop for every agent's objects.
-    gc_freeze_interval: float = Field(default=60.0, ge=0)
+    gc_freeze_interval: float = Field(default=1.0, ge=0)
     #: A full collection of everything, to reclaim cycles that were frozen (0: never).
     gc_full_interval: float = Field(default=3600.0, ge=0)
 
@@ -101,6 +101,8 @@ class HubConfig(BaseModel):
     alert_hub_down_after: float = Field(default=30.0, gt=0)
 
     # Logging
+    #: Log the event loop's stack when it stalls longer than this (0: off; a diagnostic).
+    stall_report_ms: float = Field(default=0.0, ge=0)
     log_level: str = "INFO"
     log_json: bool = False
 

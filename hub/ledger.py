@@ -48,6 +48,8 @@ __all__ = ["DispatchRefused", "Ledger"]
 NON_TERMINAL_HOLD = 0.005
 #: Commands a dispatch hands to connections per turn of the event loop.
 DELIVERY_SLICE = 500
+#: Transitions written (and later announced) per turn of the event loop.
+FLUSH_SLICE = 1_000
 #: Finished command ids remembered to tell a harmless repeated result from a foreign one.
 RECENT_FINISHED = 20_000
 
@@ -188,8 +190,19 @@ class Ledger:
             updated_at=now,
             spec=spec,
         )
-        commands = [
-            CommandRecord(
+        commands: list[CommandRecord] = []
+        entries = [
+            self.auditor.entry(
+                "job.dispatch",
+                actor=actor,
+                subject=job_id,
+                name=request.name,
+                targets=total,
+                refused=len(refused),
+            )
+        ]
+        for index, agent_id in enumerate(targets, 1):
+            command = CommandRecord(
                 command_id=secrets.token_hex(12),
                 job_id=job_id,
                 agent_id=agent_id,
@@ -202,24 +215,14 @@ class Ledger:
                 updated_at=now,
                 dispatched_by=actor,
             )
-            for agent_id in targets
-        ]
-        entries = [
-            self.auditor.entry(
-                "job.dispatch",
-                actor=actor,
-                subject=job_id,
-                name=request.name,
-                targets=total,
-                refused=len(refused),
+            commands.append(command)
+            entries.append(
+                self.auditor.entry(
+                    "command.queued", actor=actor, subject=command.command_id, agent_id=agent_id
+                )
             )
-        ]
-        entries.extend(
-            self.auditor.entry(
-                "command.queued", actor=actor, subject=c.command_id, agent_id=c.agent_id
-            )
-            for c in commands
-        )
+            if index % DELIVERY_SLICE == 0:
+                await asyncio.sleep(0)  # a job to the whole fleet must not stall the loop
         await self.store.add_job(job, commands, entries)
         run = JobRun(
             record=job,
@@ -228,14 +231,13 @@ class Ledger:
             remaining=total,
         )
         self.jobs[job_id] = run
-        announce = self.bus.wanted("commands")
         for command in commands:
             self.commands[command.command_id] = command
             self.by_agent.setdefault(command.agent_id, []).append(command)
             self._schedule(command)
-            if announce:
-                self._announce(command.view())
         self.metrics.commands["queued"] += total
+        if self.bus.wanted("commands"):
+            self._announce_queued(commands)
         for command in commands:
             if command.state == "queued" and self._deliverable(command.agent_id):
                 run.waiting.append(command)
@@ -599,9 +601,13 @@ class Ledger:
             self._flush_handle.cancel()
             self._flush_handle = None
         self._flush_delayed = False
-        pending, self._pending = self._pending, []
+        # A slice per turn of the event loop: a job to the whole fleet finishes in bursts
+        # of thousands of transitions, and each costs a view and a row.
+        pending, self._pending = self._pending[:FLUSH_SLICE], self._pending[FLUSH_SLICE:]
         if not pending:
             return
+        if self._pending:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
         latest: dict[str, CommandRecord] = {}
         for command, _ in pending:
             latest[command.command_id] = command
@@ -616,8 +622,22 @@ class Ledger:
         if future.cancelled() or future.exception() is not None:
             log.error("saving command transitions failed: %s", future.exception())
             return
-        for view in views:
+        self._announce_all(views)
+
+    def _announce_all(self, views: list[dict[str, Any]]) -> None:
+        for view in views[:FLUSH_SLICE]:
             self._announce(view)
+        if len(views) > FLUSH_SLICE:
+            asyncio.get_running_loop().call_soon(self._announce_all, views[FLUSH_SLICE:])
+
+    def _announce_queued(self, commands: list[CommandRecord]) -> None:
+        """Announce new commands a slice per turn; one that already moved on is announced
+        by its next transition, once that is stored."""
+        for command in commands[:FLUSH_SLICE]:
+            if command.state == "queued":
+                self._announce(command.view())
+        if len(commands) > FLUSH_SLICE:
+            asyncio.get_running_loop().call_soon(self._announce_queued, commands[FLUSH_SLICE:])
 
     def _announce(self, view: dict[str, Any]) -> None:
         self.bus.publish("commands", "state", view["command_id"], command=view)

@@ -9,7 +9,12 @@ library directly; commands are far rarer than messages.
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
+import sys
+import threading
 import time
+import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,7 +23,9 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "RateWindow"]
+__all__ = ["LagMonitor", "Metrics", "RateWindow", "StallReporter"]
+
+log = logging.getLogger(__name__)
 
 RTT_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300,
@@ -91,6 +98,8 @@ class LagMonitor:
         self.interval = interval
         self.max_ever = 0.0
         self._recent: deque[tuple[float, float]] = deque(maxlen=1200)
+        #: time.monotonic() of the last tick, read by the stall reporter's thread.
+        self.last_tick = 0.0
         self._handle: asyncio.TimerHandle | None = None
         self._expected = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -114,6 +123,7 @@ class LagMonitor:
         if lag > self.max_ever:
             self.max_ever = lag
         self._recent.append((now, lag))
+        self.last_tick = time.monotonic()
         self._expected = now + self.interval
         self._handle = loop.call_at(self._expected, self._tick)
 
@@ -122,6 +132,63 @@ class LagMonitor:
             return 0.0
         cutoff = self._recent[-1][0] - window
         return max((lag for when, lag in self._recent if when >= cutoff), default=0.0)
+
+
+class StallReporter(threading.Thread):
+    """Logs what the event loop is doing when it stalls longer than ``threshold`` seconds.
+
+    A diagnostic for operators (``stall_report_ms``): a thread samples the loop thread's
+    stack whenever the lag monitor has not ticked for too long, once per stall.
+    """
+
+    def __init__(self, lag: LagMonitor, threshold: float) -> None:
+        super().__init__(name="tether-stall-reporter", daemon=True)
+        self.lag = lag
+        self.threshold = threshold
+        self.loop_thread = threading.get_ident()
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        reported_at = 0.0
+        while not self.stopping.wait(self.threshold / 4):
+            last = self.lag.last_tick
+            if not last:
+                continue
+            # The loop owes a tick every `interval`: a stall is time past the one it owes.
+            stalled = time.monotonic() - last - self.lag.interval
+            if stalled > self.threshold and last != reported_at:
+                reported_at = last
+                frame = sys._current_frames().get(self.loop_thread)
+                if frame is not None:
+                    stack = "".join(traceback.format_stack(frame, limit=12))
+                    log.warning("event loop stalled %.0f ms in:\n%s", stalled * 1000, stack)
+
+
+class GcMonitor:
+    """How long the garbage collector stops the process, per generation."""
+
+    def __init__(self) -> None:
+        self.max_pause = [0.0, 0.0, 0.0]
+        self.collections = [0, 0, 0]
+        self._started = 0.0
+
+    def install(self) -> None:
+        if self._callback not in gc.callbacks:
+            gc.callbacks.append(self._callback)
+
+    def uninstall(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            generation = info.get("generation", 2)
+            pause = time.perf_counter() - self._started
+            self.collections[generation] += 1
+            if pause > self.max_pause[generation]:
+                self.max_pause[generation] = pause
 
 
 class Metrics(Collector):
@@ -145,6 +212,7 @@ class Metrics(Collector):
         self.refusals_window = RateWindow()
         self.round_trips = _Percentiles()
         self.lag = LagMonitor()
+        self.gc = GcMonitor()
         self.round_trip = Histogram(
             "tether_command_round_trip_seconds",
             "Time from dispatch to a command's terminal result.",
@@ -252,6 +320,14 @@ class Metrics(Collector):
             "Longest delay of the event loop in the last minute.",
             value=self.lag.recent_max(),
         )
+        pauses = GaugeMetricFamily(
+            "tether_gc_pause_max_seconds",
+            "Longest garbage-collection pause since start, by generation.",
+            labels=["generation"],
+        )
+        for generation, pause in enumerate(self.gc.max_pause):
+            pauses.add_metric([str(generation)], pause)
+        yield pauses
         for name, read in self.extra_gauges.items():
             yield GaugeMetricFamily(name, name.replace("_", " "), value=read())
 

@@ -361,7 +361,11 @@ class HubConnection(Connection):
         assert isinstance(protocol, ServerProtocol)
         protocol.available_subprotocols = [subprotocol] if offered else None  # type: ignore[list-item]
         if not agent_channel and hub.config.admin_compression:
-            protocol.available_extensions = [ServerPerMessageDeflateFactory()]
+            # Level 1: on JSON it compresses nearly as well as the default and 3-4x faster,
+            # which matters for multi-megabyte snapshots.
+            protocol.available_extensions = [
+                ServerPerMessageDeflateFactory(compress_settings={"level": 1, "memLevel": 5})
+            ]
             self.max_buffer = hub.config.admin_write_buffer
         response = protocol.accept(request)
         if response.status_code != 101:

@@ -38,6 +38,8 @@ SCHEMA_VERSION = 1
 SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
 #: Most operations a writer runs in one transaction; bounds commit latency under load.
 MAX_GROUP = 20_000
+#: Waiters woken per event-loop callback after a commit.
+SETTLE_SLICE = 500
 
 
 def _dumps(value: Any) -> str | None:
@@ -375,22 +377,30 @@ class _Worker(threading.Thread):
     def _resolve(
         self, outcomes: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]
     ) -> None:
-        if all(future is None for future, _, _ in outcomes):
+        waiting = [outcome for outcome in outcomes if outcome[0] is not None]
+        if not waiting:
             return
         try:
-            self.loop.call_soon_threadsafe(_settle, outcomes)
+            self.loop.call_soon_threadsafe(_settle, self.loop, waiting)
         except RuntimeError:
             pass  # the loop is closed: nobody waits any more
 
 
-def _settle(outcomes: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]) -> None:
-    for future, result, error in outcomes:
+def _settle(
+    loop: asyncio.AbstractEventLoop,
+    outcomes: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]],
+) -> None:
+    """Wake the waiters of a commit, a slice per turn of the event loop: thousands woken in
+    one callback would stall every connection behind them."""
+    for future, result, error in outcomes[:SETTLE_SLICE]:
         if future is None or future.done():
             continue
         if error is not None:
             future.set_exception(error)
         else:
             future.set_result(result)
+    if len(outcomes) > SETTLE_SLICE:
+        loop.call_soon(_settle, loop, outcomes[SETTLE_SLICE:])
 
 
 # -- the store ---------------------------------------------------------------------------
@@ -660,15 +670,18 @@ class SQLiteStore(Store):
         )
 
     def save_heartbeats(self, agents: Iterable[AgentRecord], samples: bool) -> None:
-        rows = [
-            (a.last_seen, a.status, _dumps(a.metrics), a.agent_id)
-            for a in agents
-            if a.last_seen is not None
-        ]
-        if not rows:
+        agents = list(agents)
+        if not agents:
             return
 
         def op(conn: sqlite3.Connection) -> None:
+            # Built in the writer thread: heartbeat fields are replaced whole, never mutated,
+            # so a row reads one consistent value of each, and the next batch has the latest.
+            rows = [
+                (a.last_seen, a.status, _dumps(a.metrics), a.agent_id)
+                for a in agents
+                if a.last_seen is not None
+            ]
             conn.executemany(
                 "UPDATE agents SET last_seen = ?, status = ?, metrics = ? WHERE agent_id = ?",
                 rows,
@@ -779,13 +792,16 @@ class SQLiteStore(Store):
         audit: Sequence[AuditEntry] = (),
     ) -> None:
         job_row = self._job_row(job)
-        rows = [self._command_row(c) for c in commands]
-        audit_rows = [self._audit_row(e) for e in audit]
+        commands = list(commands)
+        audit = list(audit)
 
         def op(conn: sqlite3.Connection) -> None:
+            # Rows are built here, in the writer thread: the records are new and nobody
+            # else holds them until this write completes, and a job to the whole fleet
+            # would otherwise cost the event loop tens of milliseconds.
             conn.execute(self._JOB_SQL, job_row)
-            conn.executemany(self._COMMAND_SQL, rows)
-            conn.executemany(self._AUDIT_SQL, audit_rows)
+            conn.executemany(self._COMMAND_SQL, map(self._command_row, commands))
+            conn.executemany(self._AUDIT_SQL, map(self._audit_row, audit))
 
         await self._write(op)
 
