@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from hub.protocol.messages import Location, ValidationError
+from hub.protocol.tls import TlsOptions, make_ssl_context, parse_fingerprint
 
 from . import __version__
 from .client import AgentClient, ClientSettings, agent_url
-from .tls import TlsOptions, make_ssl_context, parse_fingerprint
 
 __all__ = ["main"]
 

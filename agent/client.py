@@ -40,6 +40,7 @@ from hub.protocol.messages import (
     Welcome,
     describe_validation_error,
 )
+from hub.protocol.tls import pin_matches
 
 from . import __version__
 from .backoff import Backoff, Hint
@@ -47,7 +48,6 @@ from .executor import Executor
 from .metrics import MetricsSource
 from .profile import AgentProfile
 from .state import Credentials
-from .tls import pin_matches
 
 __all__ = ["AgentClient", "AgentConnection", "ClientSettings", "agent_url"]
 

@@ -35,12 +35,12 @@ from hub.protocol.codec import decode, encode
 from hub.protocol.connection import Connection, HandshakeRefused, connect
 from hub.protocol.constants import AGENT_SUBPROTOCOL, Close
 from hub.protocol.messages import HUB_TO_AGENT, Register, ValidationError, Welcome
+from hub.protocol.tls import peer_fingerprint
 
 from . import __version__
 from .client import REFUSALS, agent_url
 from .profile import AgentProfile
 from .state import KeyFile, prepare_state_dir
-from .tls import peer_fingerprint
 
 __all__ = ["DoctorOptions", "doctor", "jwt_claims"]
 

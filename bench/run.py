@@ -45,8 +45,11 @@ from bench.harness import (
 )
 from hub.protocol.client import AdminClient
 
-OUT = ROOT / "bench" / "out"
+OUT = ROOT / "bench" / "results"
 RESULTS = ROOT / "bench" / "RESULTS.md"
+
+
+FULL = "memory,registrations,latency,throughput,hold"
 
 
 class Bench:
@@ -367,10 +370,7 @@ def machine() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument(
-        "--only", default="memory,registrations,latency,throughput,hold",
-        help="comma-separated scenarios",
-    )  # fmt: skip
+    parser.add_argument("--only", default=FULL, help="comma-separated scenarios")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="tether-bench-"))
@@ -401,6 +401,11 @@ def main() -> None:
     path = OUT / f"results-{report['when'].replace(':', '')}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
+    if not args.quick and args.only == FULL:
+        from bench.report import render, write
+
+        write(render(report))
+        print("updated bench/RESULTS.md")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="DANGEROUS: do not verify the hub's TLS certificate",
     )
+    parser.add_argument(
+        "--hub-cert-sha256", metavar="HEX", help="pin the hub certificate's SHA-256"
+    )
     parser.add_argument("--screenshot", metavar="PNG", help="save one view as PNG and exit")
     parser.add_argument("--view", choices=VIEWS, help="the view to show (with --screenshot)")
     parser.add_argument("--light", action="store_true", help="light theme")
@@ -63,17 +66,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.token = os.environ.get("TETHER_TOKEN") or None
     if args.hub is not None and not args.hub.startswith(("ws://", "wss://")):
         parser.error(f"--hub needs a ws:// or wss:// URL, got {args.hub!r}")
+    args.pin_sha256 = None
+    if args.hub_cert_sha256:
+        from hub.protocol.tls import parse_fingerprint
+
+        try:
+            args.pin_sha256 = parse_fingerprint(args.hub_cert_sha256)
+        except ValueError as exc:
+            parser.error(f"--hub-cert-sha256: {exc}")
     if args.screenshot and (not args.hub or not args.token):
         parser.error("--screenshot needs --hub and --token (or TETHER_HUB_URL and TETHER_TOKEN)")
     return args
 
 
-def ssl_context_for(hub: str, ca_file: str | None, insecure: bool) -> ssl.SSLContext | None:
+def ssl_context_for(
+    hub: str, ca_file: str | None, insecure: bool, pin: bytes | None = None
+) -> ssl.SSLContext | None:
     if not hub.startswith("wss://"):
         return None
-    from hub.protocol.client import tls_context
+    from hub.protocol.tls import TlsOptions, make_ssl_context
 
-    return tls_context(ca_file=ca_file, insecure=insecure)
+    return make_ssl_context(TlsOptions(ca_file=ca_file, insecure=insecure, pin_sha256=pin))
 
 
 @dataclass
@@ -82,6 +95,8 @@ class ConnectionParams:
     token: str
     ca_file: str | None = None
     insecure: bool = False
+    #: SHA-256 of the hub's certificate, when pinned (--hub-cert-sha256).
+    pin_sha256: bytes | None = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -139,7 +154,9 @@ async def _run(args: argparse.Namespace) -> int:
         return await _screenshot(window, args)
     params: ConnectionParams | None = None
     if args.hub and args.token:
-        params = ConnectionParams(args.hub, args.token, args.ca_file, args.insecure)
+        params = ConnectionParams(
+            args.hub, args.token, args.ca_file, args.insecure, args.pin_sha256
+        )
     window.restore_layout()
     window.show()
     if params is not None:
@@ -160,7 +177,7 @@ async def _screenshot(window: Any, args: argparse.Namespace) -> int:
     window.resize(*SCREENSHOT_SIZE)
     window.set_focus_view(args.view)
     window.show()
-    params = ConnectionParams(args.hub, args.token, args.ca_file, args.insecure)
+    params = ConnectionParams(args.hub, args.token, args.ca_file, args.insecure, args.pin_sha256)
     try:
         session = window.connect_to(params)
     except (ssl.SSLError, OSError) as exc:

@@ -80,6 +80,7 @@ class HubSession(QObject):
         token: str,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        pin_sha256: bytes | None = None,
         topics: tuple[str, ...] = TOPICS,
         backoff: Backoff | None = None,
         open_timeout: float = 10.0,
@@ -90,6 +91,7 @@ class HubSession(QObject):
         self.url = admin_url(hub_url)
         self._token = token
         self.ssl_context = ssl_context
+        self.pin_sha256 = pin_sha256
         self.topics = topics
         self.backoff = backoff or Backoff()
         self.open_timeout = open_timeout
@@ -189,6 +191,7 @@ class HubSession(QObject):
             self.hub_url,
             self._token,
             ssl_context=self.ssl_context,
+            pin_sha256=self.pin_sha256,
             on_event=self._on_event,
             open_timeout=self.open_timeout,
         )

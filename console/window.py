@@ -256,7 +256,8 @@ class MainWindow(QMainWindow):
     def connect_to(self, params: Any) -> HubSession:
         from .app import ssl_context_for
 
-        context = ssl_context_for(params.hub, params.ca_file, params.insecure)
+        pin = getattr(params, "pin_sha256", None)
+        context = ssl_context_for(params.hub, params.ca_file, params.insecure, pin)
         old = self.session
         if old is not None:
             self._spawn(old.stop())
@@ -267,7 +268,9 @@ class MainWindow(QMainWindow):
             self.fleet.apply_snapshot({"agents": [], "alerts": [], "commands": []})
             self.fleet.jobs.clear()
         self.params = params
-        session = HubSession(params.hub, params.token, ssl_context=context, parent=self)
+        session = HubSession(
+            params.hub, params.token, ssl_context=context, pin_sha256=pin, parent=self
+        )
         session.snapshot_received.connect(self.fleet.apply_snapshot)
         session.events_received.connect(self.fleet.apply_events)
         session.state_changed.connect(self._session_state)

@@ -17,7 +17,8 @@ from typing import Any, NoReturn
 
 import orjson
 
-from .protocol.client import AdminClient, AdminError, HandshakeRefused, tls_context
+from .protocol.client import AdminClient, AdminError, HandshakeRefused
+from .protocol.tls import TlsOptions, make_ssl_context, parse_fingerprint
 
 __all__ = ["main"]
 
@@ -56,6 +57,9 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hub", default=_env_hub(), help="ws:// or wss:// base URL")
     parser.add_argument("--token", default=os.environ.get("TETHER_TOKEN"), help="admin token")
     parser.add_argument("--ca-file", help="CA bundle to verify the hub's certificate")
+    parser.add_argument(
+        "--hub-cert-sha256", metavar="HEX", help="pin the hub certificate's SHA-256"
+    )
     parser.add_argument(
         "--insecure",
         action="store_true",
@@ -396,14 +400,20 @@ async def _client_command(args: argparse.Namespace) -> int:
     if args.command == "send":
         _check_send(args)
     context = None
+    pin = None
+    if args.hub_cert_sha256:
+        try:
+            pin = parse_fingerprint(args.hub_cert_sha256)
+        except ValueError as exc:
+            raise UsageError(f"--hub-cert-sha256: {exc}") from None
     if args.hub.startswith("wss://"):
         try:
-            context = tls_context(args.ca_file, args.insecure)
+            context = make_ssl_context(TlsOptions(args.ca_file, args.insecure, pin_sha256=pin))
         except OSError as exc:
             raise UsageError(f"cannot read --ca-file: {exc}") from None
         if args.insecure:
             print("tether-hub: WARNING: TLS verification is off (--insecure)", file=sys.stderr)
-    client = AdminClient(args.hub, args.token, ssl_context=context)
+    client = AdminClient(args.hub, args.token, ssl_context=context, pin_sha256=pin)
     try:
         await client.open()
     except HandshakeRefused as exc:

@@ -19,8 +19,9 @@ from websockets.client import ClientProtocol
 from .codec import encode
 from .connection import Connection, HandshakeRefused, connect
 from .constants import ADMIN_PATH, ADMIN_SUBPROTOCOL, MAX_ADMIN_INBOUND_BYTES
+from .tls import TlsOptions, make_ssl_context
 
-__all__ = ["AdminClient", "AdminError", "HandshakeRefused", "admin_url", "tls_context"]
+__all__ = ["AdminClient", "AdminError", "HandshakeRefused", "admin_url"]
 
 
 class AdminError(Exception):
@@ -38,23 +39,6 @@ def admin_url(hub: str) -> str:
     if base.endswith(ADMIN_PATH):
         return base
     return base + ADMIN_PATH
-
-
-def tls_context(
-    ca_file: str | None = None,
-    insecure: bool = False,
-    cert: str | None = None,
-    key: str | None = None,
-) -> ssl.SSLContext:
-    """Verification on by default (system CAs, or ``ca_file``); off only when asked."""
-    context = ssl.create_default_context(cafile=ca_file)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if insecure:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if cert is not None:
-        context.load_cert_chain(cert, key)
-    return context
 
 
 class _AdminConnection(Connection):
@@ -80,6 +64,7 @@ class AdminClient:
         token: str,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        pin_sha256: bytes | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
         on_close: Callable[[int, str], None] | None = None,
         open_timeout: float = 10.0,
@@ -88,6 +73,7 @@ class AdminClient:
         self.url = admin_url(hub)
         self.token = token
         self.ssl_context = ssl_context
+        self.pin_sha256 = pin_sha256
         self.on_event = on_event
         self.on_close = on_close
         self.open_timeout = open_timeout
@@ -100,7 +86,7 @@ class AdminClient:
 
     async def open(self) -> AdminClient:
         if self.url.startswith("wss://") and self.ssl_context is None:
-            self.ssl_context = tls_context()
+            self.ssl_context = make_ssl_context(TlsOptions())
         self.conn = await connect(
             self.url,
             lambda protocol: _AdminConnection(protocol, self),
@@ -110,6 +96,7 @@ class AdminClient:
             compression=True,
             max_size=MAX_ADMIN_INBOUND_BYTES,
             open_timeout=self.open_timeout,
+            pin_sha256=self.pin_sha256,
         )
         return self
 

@@ -34,6 +34,7 @@ from websockets.protocol import OPEN, Protocol, Side, State
 from websockets.uri import parse_uri
 
 from .constants import Close
+from .tls import pin_matches
 
 __all__ = ["Connection", "HandshakeRefused", "connect"]
 
@@ -509,11 +510,14 @@ async def connect(
     max_size: int | None = 1024 * 1024,
     open_timeout: float = 10.0,
     local_addr: tuple[str, int] | None = None,
+    pin_sha256: bytes | None = None,
 ) -> Connection:
     """Open a client WebSocket and return the connection once the handshake succeeded.
 
     Raises :class:`HandshakeRefused` for an HTTP refusal, ``OSError`` for network errors,
-    ``ssl.SSLError`` for TLS failures and ``TimeoutError`` when ``open_timeout`` passes.
+    ``ssl.SSLError`` for TLS failures (a certificate that does not match ``pin_sha256``
+    among them, checked before a byte of HTTP is sent) and ``TimeoutError`` when
+    ``open_timeout`` passes.
     """
     uri = parse_uri(url)
     extensions = [ClientPerMessageDeflateFactory()] if compression else None
@@ -540,6 +544,13 @@ async def connect(
                 server_hostname=(server_hostname or uri.host) if uri.secure else None,
                 local_addr=local_addr,
             )
+            if pin_sha256 is not None and uri.secure:
+                transport = connection.transport
+                ssl_object = transport.get_extra_info("ssl_object") if transport else None
+                if not pin_matches(ssl_object, pin_sha256):
+                    raise ssl.SSLCertVerificationError(
+                        "the hub's certificate does not match the pinned SHA-256"
+                    )
             request = protocol.connect()
             for name, value in headers:
                 request.headers[name] = value

@@ -20,7 +20,7 @@ from agent.journal import MemoryJournal
 from agent.metrics import HostMetrics
 from agent.profile import AgentProfile
 from agent.state import Credentials
-from agent.tls import TlsOptions, make_ssl_context, parse_fingerprint
+from hub.protocol.tls import TlsOptions, make_ssl_context, parse_fingerprint
 
 from .conftest import eventually
 

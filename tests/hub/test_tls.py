@@ -289,3 +289,38 @@ async def test_jwt_public_key_and_key_confusion(hub_factory, tmp_path: Path, kin
     forged = f"{header}.{body}.{b64(signature)}"
     status, _ = await refused_status(hub.agent_url, forged)
     assert status == 401
+
+
+# -- admin clients: verification and pinning -----------------------------------------
+
+
+async def test_admin_client_pins_the_hub_certificate(hub_factory, server_files, ca) -> None:
+    import hashlib
+
+    from cryptography import x509
+
+    from hub.protocol.client import AdminClient
+    from tests.support import run_cli_async
+
+    hub = await tls_hub(hub_factory, server_files)
+    token = await hub.admin_token("viewer")
+    pem = server_files["cert"].read_bytes()
+    der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    good = hashlib.sha256(der).digest()
+    url = f"wss://127.0.0.1:{hub.hub.port}"
+    client = await AdminClient(url, token, ssl_context=client_context(ca), pin_sha256=good).open()
+    assert (await client.request("agents"))["agents"] == []
+    await client.close()
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await AdminClient(url, token, ssl_context=client_context(ca), pin_sha256=b"\0" * 32).open()
+    # The CLI: a pin alone is enough to trust a certificate no CA vouches for here.
+    done = await run_cli_async(
+        "agents", "--hub", url, "--token", token, "--hub-cert-sha256", good.hex(), "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    done = await run_cli_async(
+        "agents", "--hub", url, "--token", token, "--hub-cert-sha256", "00" * 32
+    )
+    assert done.returncode == 2 and "pinned" in done.stderr
+    done = await run_cli_async("agents", "--hub", url, "--token", token)
+    assert done.returncode == 2 and "certificate" in done.stderr.lower()

@@ -1,4 +1,4 @@
-"""How the agent trusts the hub: system CAs by default, or a CA file, a pin, or nothing.
+"""How a client (agent, CLI, console) trusts the hub: system CAs, a CA file, a pin, or nothing.
 
 Verification is on unless ``--insecure`` says otherwise, loudly. A pin (``--hub-cert-sha256``,
 the SHA-256 of the hub's DER certificate) is checked on every connection after the TLS
@@ -23,7 +23,7 @@ __all__ = [
     "pin_matches",
 ]
 
-log = logging.getLogger("tether.agent.tls")
+log = logging.getLogger("tether.tls")
 
 
 @dataclass(frozen=True, slots=True)

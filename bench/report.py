@@ -1,0 +1,190 @@
+"""Render a bench/run.py results file as the "Hub" section of bench/RESULTS.md.
+
+    python bench/report.py [bench/out/results-….json]    # default: the newest
+
+The section sits between marker comments so the console's section (written by
+bench/console_bench.py) and notes written by hand around it are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "RESULTS.md"
+BEGIN = "<!-- hub results: begin (bench/report.py) -->"
+END = "<!-- hub results: end -->"
+
+
+def _get(results: dict[str, Any], key: str) -> Any:
+    return results.get(key)
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        text = f"{value:,.3g}" if abs(value) < 10 else f"{value:,.0f}"
+    elif isinstance(value, int):
+        text = f"{value:,}"
+    else:
+        text = str(value)
+    return f"{text}{unit}"
+
+
+def _ratio(hub: Any, floor: Any) -> str:
+    if not isinstance(hub, (int, float)) or not isinstance(floor, (int, float)) or not floor:
+        return "—"
+    return f"{hub / floor:.2f}×"
+
+
+def _verdict(ok: bool | None) -> str:
+    return {True: "met", False: "**not met**", None: "—"}[ok]
+
+
+def render(report: dict[str, Any]) -> str:
+    r = report["results"]
+    machine = report["machine"]
+    lines = [
+        BEGIN,
+        "## Hub",
+        "",
+        f"`{report['command']}` — {report['when']}, {report['seconds']} s; "
+        f"{machine['cpus']} cores ({machine['cpu']}), {machine['memory_gb']} GiB, "
+        f"Python {machine['python']}, websockets {machine['websockets']}, "
+        f"Linux {machine['kernel']}. The hub (`tether-hub serve`, uvloop, SQLite store with "
+        "`synchronous=FULL`) and the floor (`bench/floor.py`: the websockets library's own "
+        "asyncio server, uvloop, compression off, answering the same clients) run as their "
+        "own processes; the load comes from `tether-agent simulate` and `bench/blaster.py` "
+        "processes on the same two cores.",
+        "",
+        "| figure | target | hub | floor | hub / floor | |",
+        "|---|---|---|---|---|---|",
+    ]
+    for count in (1_000, 5_000, 10_000, 19_000):
+        hub = _get(r, f"hub.memory_per_agent_kb.{count}")
+        if hub is None:
+            continue
+        floor = _get(r, f"floor.memory_per_agent_kb.{count}")
+        lines.append(
+            f"| memory per idle registered agent, {count:,} agents | ≤ 10 KB | "
+            f"{_fmt(hub, ' KB')} | {_fmt(floor, ' KB')} | {_ratio(hub, floor)} | "
+            f"{_verdict(hub <= 10)} |"
+        )
+    for count in (5_000, 10_000, 19_000):
+        cpu = _get(r, f"hub.idle_cpu_share.{count}")
+        if cpu is not None:
+            floor = _get(r, f"floor.idle_cpu_share.{count}")
+            ok = cpu < 0.10 if count <= 10_000 else None
+            lines.append(
+                f"| CPU with {count:,} idle agents (heartbeats every 15 s) | < 10 % of a core "
+                f"at 10,000 | {_fmt(cpu * 100, ' %')} | "
+                f"{_fmt(floor * 100 if floor is not None else None, ' %')} | "
+                f"{_ratio(cpu, floor)} | {_verdict(ok)} |"
+            )
+    hold = _get(r, "hub.hold_agents")
+    if hold is not None:
+        held = _get(r, "hub.hold_lowest_online") == hold and _get(r, "hub.hold_disconnects") == 0
+        lines.append(
+            f"| agents held for {_fmt(_get(r, 'hub.hold_seconds'))} s | 19,000 for 600 s | "
+            f"{_fmt(hold)} (lowest online {_fmt(_get(r, 'hub.hold_lowest_online'))}, "
+            f"{_fmt(_get(r, 'hub.hold_disconnects'))} disconnects, CPU "
+            f"{_fmt(_get(r, 'hub.hold_cpu_share') * 100, ' %')}, peak RSS "
+            f"{_fmt(_get(r, 'hub.hold_peak_rss_mb'), ' MB')}) | | | "
+            f"{_verdict(held and hold >= 19_000)} |"
+        )
+    reg = _get(r, "hub.registrations_per_s")
+    if reg is not None:
+        floor = _get(r, "floor.registrations_per_s")
+        lines.append(
+            f"| registrations per second, with authentication | ≥ 1,500/s | {_fmt(reg, '/s')} "
+            f"| {_fmt(floor, '/s')} | {_ratio(reg, floor)} | {_verdict(reg >= 1500)} |"
+        )
+        storm = _get(r, "hub.storm_seconds_all_back")
+        lines.append(
+            f"| reconnect storm after a hub restart (SIGTERM, agents spread over 10 s) | all "
+            f"back within 15 s | {_fmt(storm, ' s')} from restart, refusals "
+            f"{_get(r, 'hub.storm_refusals') or 'none'} | | | "
+            f"{_verdict(storm is not None and storm <= 15)} |"
+        )
+    for size in (1_000, 5_000, 10_000):
+        p50 = _get(r, f"hub.rtt_p50_ms.{size}")
+        if p50 is None:
+            continue
+        p99 = _get(r, f"hub.rtt_p99_ms.{size}")
+        f50 = _get(r, f"floor.rtt_p50_ms.{size}")
+        f99 = _get(r, f"floor.rtt_p99_ms.{size}")
+        lines.append(
+            f"| command round trip console → hub → agent → hub → console, {size:,} agents "
+            f"(p50 / p99) | ≤ 1 / ≤ 5 ms | {_fmt(p50)} / {_fmt(p99)} ms | {_fmt(f50)} / "
+            f"{_fmt(f99)} ms | {_ratio(p50, f50)} / {_ratio(p99, f99)} | "
+            f"{_verdict(p50 <= 1 and p99 <= 5)} |"
+        )
+    for size in (5_000, 10_000):
+        job = _get(r, f"hub.job_all_results_s.{size}")
+        if job is None:
+            continue
+        floor = _get(r, f"floor.job_all_results_s.{size}")
+        ok = job <= 1.5 if size == 10_000 else None
+        lines.append(
+            f"| one job to {size:,} agents until every result is stored | ≤ 1.5 s at 10,000 | "
+            f"{_fmt(job, ' s')} | {_fmt(floor, ' s')} (broadcast) | {_ratio(job, floor)} | "
+            f"{_verdict(ok)} |"
+        )
+    rate = _get(r, "hub.messages_per_cpu_s")
+    if rate is not None:
+        floor = _get(r, "floor.messages_per_cpu_s")
+        lines.append(
+            f"| heartbeats per CPU-second (one core) | ≥ 20,000 | {_fmt(rate, '/s')} | "
+            f"{_fmt(floor, '/s')} | {_ratio(rate, floor)} | {_verdict(rate >= 20_000)} |"
+        )
+    stalls = {
+        key: value for key, value in r.items() if key.startswith("hub.") and "lag_max_ms" in key
+    }
+    if stalls:
+        at_10k = [v for k, v in stalls.items() if "10000" in k or "hold" in k]
+        worst = max(at_10k) if at_10k else None
+        floor_10k = _get(r, "floor.lag_max_ms.10000")
+        lines.append(
+            f"| longest event-loop stall at 10,000 agents | ≤ 50 ms | {_fmt(worst, ' ms')} | "
+            f"{_fmt(floor_10k, ' ms')} | {_ratio(worst, floor_10k)} | "
+            f"{_verdict(worst is not None and worst <= 50)} |"
+        )
+    lines += [
+        "",
+        "Every stall figure, in milliseconds, by phase (the maximum since that hub process "
+        "started): " + ", ".join(f"`{k}` {v}" for k, v in sorted(stalls.items())) + ".",
+        "",
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def write(section: str) -> None:
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if BEGIN in text and END in text:
+        before, _, rest = text.partition(BEGIN)
+        _, _, after = rest.partition(END)
+        text = before + section + after
+    else:
+        head, sep, tail = text.partition("\n## ")
+        text = head.rstrip() + "\n\n" + section + "\n\n" + (sep.strip() + " " + tail if sep else "")
+    RESULTS.write_text(text.rstrip() + "\n")
+
+
+def main() -> None:
+    if len(sys.argv) > 1:
+        path = Path(sys.argv[1])
+    else:
+        path = max((ROOT / "bench" / "out").glob("results-*.json"), key=lambda p: p.stat().st_mtime)
+    report = json.loads(path.read_text())
+    section = render(report)
+    write(section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
