@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -44,16 +45,22 @@ def running_hub(tmp_path_factory: pytest.TempPathFactory):
         viewer = run_cli(
             "token", "create", "--data-dir", str(hub.data_dir), "--admin", "--role", "viewer"
         ).stdout.strip()
-        ready = tmp_path / "ready"
         fleet = subprocess.Popen(
-            [sys.executable, str(ROOT / "tools" / "fleet.py"), "--hub", hub.url, "--token",
-             enroll.strip(), "--count", "40", "--ready-file", str(ready)],
+            [sys.executable, "-m", "agent", "simulate", "--hub", hub.url, "--token",
+             enroll.strip(), "--count", "40", "--rate", "200", "--log-level", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )  # fmt: skip
+        metrics = hub.url.replace("ws://", "http://") + "/metrics"
         deadline = time.monotonic() + 60
-        while not ready.exists() and time.monotonic() < deadline:
+        online = 0
+        while online < 40 and time.monotonic() < deadline:
+            with urllib.request.urlopen(metrics, timeout=5) as response:  # noqa: S310
+                for line in response.read().decode().splitlines():
+                    if line.startswith('tether_agents{state="online"}'):
+                        online = int(float(line.split()[-1]))
             time.sleep(0.1)
-        assert ready.exists(), "the demo fleet did not register"
+        assert online >= 40, "the simulated fleet did not register"
         yield hub, viewer
     finally:
         if fleet is not None:
