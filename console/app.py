@@ -54,6 +54,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--hub-cert-sha256", metavar="HEX", help="pin the hub certificate's SHA-256"
     )
+    parser.add_argument("--cert", help="client certificate (hubs that require one)")
+    parser.add_argument("--key", help="private key of --cert")
     parser.add_argument("--screenshot", metavar="PNG", help="save one view as PNG and exit")
     parser.add_argument("--view", choices=VIEWS, help="the view to show (with --screenshot)")
     parser.add_argument("--light", action="store_true", help="light theme")
@@ -80,13 +82,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def ssl_context_for(
-    hub: str, ca_file: str | None, insecure: bool, pin: bytes | None = None
+    hub: str,
+    ca_file: str | None,
+    insecure: bool,
+    pin: bytes | None = None,
+    cert: str | None = None,
+    key: str | None = None,
 ) -> ssl.SSLContext | None:
     if not hub.startswith("wss://"):
         return None
     from hub.protocol.tls import TlsOptions, make_ssl_context
 
-    return make_ssl_context(TlsOptions(ca_file=ca_file, insecure=insecure, pin_sha256=pin))
+    return make_ssl_context(
+        TlsOptions(ca_file=ca_file, insecure=insecure, cert=cert, key=key, pin_sha256=pin)
+    )
 
 
 @dataclass
@@ -97,6 +106,9 @@ class ConnectionParams:
     insecure: bool = False
     #: SHA-256 of the hub's certificate, when pinned (--hub-cert-sha256).
     pin_sha256: bytes | None = None
+    #: Client certificate and key, for hubs that require one.
+    cert: str | None = None
+    key: str | None = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -155,7 +167,7 @@ async def _run(args: argparse.Namespace) -> int:
     params: ConnectionParams | None = None
     if args.hub and args.token:
         params = ConnectionParams(
-            args.hub, args.token, args.ca_file, args.insecure, args.pin_sha256
+            args.hub, args.token, args.ca_file, args.insecure, args.pin_sha256, args.cert, args.key
         )
     window.restore_layout()
     window.show()
@@ -177,7 +189,9 @@ async def _screenshot(window: Any, args: argparse.Namespace) -> int:
     window.resize(*SCREENSHOT_SIZE)
     window.set_focus_view(args.view)
     window.show()
-    params = ConnectionParams(args.hub, args.token, args.ca_file, args.insecure, args.pin_sha256)
+    params = ConnectionParams(
+        args.hub, args.token, args.ca_file, args.insecure, args.pin_sha256, args.cert, args.key
+    )
     try:
         session = window.connect_to(params)
     except (ssl.SSLError, OSError) as exc:

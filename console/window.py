@@ -257,7 +257,14 @@ class MainWindow(QMainWindow):
         from .app import ssl_context_for
 
         pin = getattr(params, "pin_sha256", None)
-        context = ssl_context_for(params.hub, params.ca_file, params.insecure, pin)
+        context = ssl_context_for(
+            params.hub,
+            params.ca_file,
+            params.insecure,
+            pin,
+            getattr(params, "cert", None),
+            getattr(params, "key", None),
+        )
         old = self.session
         if old is not None:
             self._spawn(old.stop())

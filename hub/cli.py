@@ -60,6 +60,8 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hub-cert-sha256", metavar="HEX", help="pin the hub certificate's SHA-256"
     )
+    parser.add_argument("--cert", help="client certificate (hubs that require one)")
+    parser.add_argument("--key", help="private key of --cert")
     parser.add_argument(
         "--insecure",
         action="store_true",
@@ -408,9 +410,11 @@ async def _client_command(args: argparse.Namespace) -> int:
             raise UsageError(f"--hub-cert-sha256: {exc}") from None
     if args.hub.startswith("wss://"):
         try:
-            context = make_ssl_context(TlsOptions(args.ca_file, args.insecure, pin_sha256=pin))
+            context = make_ssl_context(
+                TlsOptions(args.ca_file, args.insecure, args.cert, args.key, pin_sha256=pin)
+            )
         except OSError as exc:
-            raise UsageError(f"cannot read --ca-file: {exc}") from None
+            raise UsageError(f"cannot read --ca-file or --cert/--key: {exc}") from None
         if args.insecure:
             print("tether-hub: WARNING: TLS verification is off (--insecure)", file=sys.stderr)
     client = AdminClient(args.hub, args.token, ssl_context=context, pin_sha256=pin)
