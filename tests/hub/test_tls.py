@@ -324,3 +324,24 @@ async def test_admin_client_pins_the_hub_certificate(hub_factory, server_files, 
     assert done.returncode == 2 and "pinned" in done.stderr
     done = await run_cli_async("agents", "--hub", url, "--token", token)
     assert done.returncode == 2 and "certificate" in done.stderr.lower()
+
+
+async def test_admin_cli_presents_a_client_certificate(
+    hub_factory, server_files, ca, tmp_path: Path
+) -> None:
+    from tests.support import run_cli_async
+
+    hub = await tls_hub(
+        hub_factory, server_files, client_ca=server_files["ca"], require_client_cert=True
+    )
+    token = await hub.admin_token("viewer")
+    cert = ca.issue_cert("noc-laptop", common_name="noc-laptop")
+    cert_file, key_file = tmp_path / "noc.crt", tmp_path / "noc.key"
+    cert.cert_chain_pems[0].write_to_path(cert_file)
+    cert.private_key_pem.write_to_path(key_file)
+    url = f"wss://127.0.0.1:{hub.hub.port}"
+    base = ("agents", "--hub", url, "--token", token, "--ca-file", str(server_files["ca"]))
+    refused = await run_cli_async(*base)
+    assert refused.returncode == 2 and "403" in refused.stderr
+    done = await run_cli_async(*base, "--cert", str(cert_file), "--key", str(key_file), "--json")
+    assert done.returncode == 0, done.stderr
