@@ -52,11 +52,23 @@ RESULTS = ROOT / "bench" / "RESULTS.md"
 FULL = "memory,registrations,latency,throughput,hold"
 
 
+class FellShort(Exception):
+    """Not every agent came online in time; the figure is what did."""
+
+    def __init__(self, online: int, seconds: float, procs: list[Proc]) -> None:
+        super().__init__(f"{online} agents online after {seconds:.0f} s")
+        self.online = online
+        self.seconds = seconds
+        self.procs = procs
+
+
 class Bench:
     def __init__(self, quick: bool, workdir: Path) -> None:
         self.quick = quick
         self.workdir = workdir
         self.results: dict[str, Any] = {}
+        #: Every process a scenario started, stopped after it whatever happened.
+        self.started: list[Proc] = []
 
     def note(self, key: str, value: Any) -> None:
         self.results[key] = value
@@ -69,16 +81,32 @@ class Bench:
         (self.workdir / f"{name}.toml").write_text(
             '[hub]\nlog_level = "WARNING"\nmax_agents = 100000\n' + config
         )
-        return hub.start()
+        hub.start()
+        assert hub.proc is not None
+        self.started.append(hub.proc)
+        return hub
+
+    def floor(self) -> Floor:
+        floor = Floor(self.workdir).start()
+        assert floor.proc is not None
+        self.started.append(floor.proc)
+        return floor
 
     def connect_fleet(
         self, server: Hub | Floor, count: int, tag: str, token: str = "x", rate: float = 1000
     ) -> tuple[list[Proc], float]:
         procs = simulators(self.workdir, server.url, token, count, f"{tag}", rate=rate, tag=tag)
-        seconds = wait_until(
-            lambda: server.online() >= count, timeout=count / 200 + 60, interval=0.2,
-            what=f"{count} agents online",
-        )  # fmt: skip
+        self.started.extend(procs)
+        started = time.monotonic()
+        try:
+            seconds = wait_until(
+                lambda: server.online() >= count, timeout=count / 200 + 60, interval=0.2,
+                what=f"{count} agents online",
+            )  # fmt: skip
+        except TimeoutError:
+            online = server.online()
+            self.note(f"{type(server).__name__.lower()}.fell_short.{tag}", f"{online}/{count}")
+            raise FellShort(online, time.monotonic() - started, procs) from None
         return procs, seconds
 
     # -- memory and idle CPU ----------------------------------------------------------
@@ -93,7 +121,7 @@ class Bench:
                     server = self.fresh_hub(f"mem{count}")
                     token = server.token("--enroll")
                 else:
-                    server = Floor(self.workdir).start()
+                    server = self.floor()
                     token = "x"
                 assert server.proc is not None
                 time.sleep(2)
@@ -130,10 +158,17 @@ class Bench:
                 server: Hub | Floor = self.fresh_hub("reg")
                 token = server.token("--enroll")
             else:
-                server = Floor(self.workdir).start()
+                server = self.floor()
                 token = "x"
             assert server.proc is not None
-            procs, seconds = self.connect_fleet(server, count, "r", token, rate=2_500)
+            try:
+                procs, seconds = self.connect_fleet(server, count, "r", token, rate=2_500)
+            except FellShort as short:
+                self.note(f"{kind}.registrations_per_s", round(short.online / short.seconds))
+                for proc in short.procs:
+                    proc.stop()
+                server.proc.stop()
+                continue
             self.note(f"{kind}.registrations_per_s", round(count / seconds))
             if kind == "hub":
                 assert isinstance(server, Hub)
@@ -176,7 +211,7 @@ class Bench:
                     server: Hub | Floor = self.fresh_hub(f"rtt{size}")
                     token = server.token("--enroll")
                 else:
-                    server = Floor(self.workdir).start()
+                    server = self.floor()
                     token = "x"
                 assert server.proc is not None
                 procs, _ = self.connect_fleet(server, size, f"t{size}", token)
@@ -214,7 +249,7 @@ class Bench:
                     )
                     token = server.token("--enroll")
                 else:
-                    server = Floor(self.workdir).start()
+                    server = self.floor()
                     token = "x"
                 assert server.proc is not None
                 blaster = Proc(
@@ -385,10 +420,29 @@ def main() -> None:
     }
     try:
         for name in args.only.split(","):
-            scenarios[name.strip()]()
+            try:
+                scenarios[name.strip()]()
+            except Exception as exc:  # keep the other scenarios' figures
+                bench.note(f"error.{name.strip()}", f"{type(exc).__name__}: {exc}")
+            finally:
+                for proc in reversed(bench.started):
+                    proc.stop()
+                bench.started.clear()
+            save(bench, args, started)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+    path = save(bench, args, started)
+    print(f"wrote {path}")
+    if not args.quick and args.only == FULL:
+        from bench.report import render, write
+
+        write(render(json.loads(path.read_text())))
+        print("updated bench/RESULTS.md")
+
+
+def save(bench: Bench, args: argparse.Namespace, started: float) -> Path:
+    """Write what was measured so far (a long run must not lose it to a late failure)."""
     report = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started),
@@ -400,12 +454,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"results-{report['when'].replace(':', '')}.json"
     path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
-    if not args.quick and args.only == FULL:
-        from bench.report import render, write
-
-        write(render(report))
-        print("updated bench/RESULTS.md")
+    return path
 
 
 if __name__ == "__main__":
