@@ -33,10 +33,27 @@ HEARTBEAT = orjson.dumps(
 
 
 class Quiet(Connection):
-    __slots__ = ()
+    """Keeps only what the benchmark needs: whether welcome came, and the key it carried."""
+
+    __slots__ = ("agent_key", "welcomed")
+
+    def __init__(self, protocol: object) -> None:
+        super().__init__(protocol)  # type: ignore[arg-type]
+        self.agent_key: str | None = None
+        self.welcomed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_message(self, data: bytes) -> None:
+        if not self.welcomed.done() and data.startswith(b'{"type":"welcome"'):
+            self.agent_key = orjson.loads(data).get("agent_key")
+            self.welcomed.set_result(None)
+
+    def on_close(self, code: int, reason: str) -> None:
+        if not self.welcomed.done():
+            self.welcomed.set_exception(ConnectionError(f"closed {code} {reason}"))
 
 
 async def open_one(url: str, token: str, agent_id: str) -> Connection:
+    """Connect and send ``register``; the connection's ``welcomed`` resolves on welcome."""
     conn = await connect(
         url.rstrip("/") + "/ws",
         Quiet,
@@ -57,15 +74,44 @@ async def open_one(url: str, token: str, agent_id: str) -> Connection:
     return conn
 
 
-async def main(args: argparse.Namespace) -> None:
-    semaphore = asyncio.Semaphore(100)
+async def register_all(
+    args: argparse.Namespace, tokens: list[str], concurrency: int = 200
+) -> tuple[list[Quiet], float]:
+    """Open and register every agent (``concurrency`` handshakes in flight); wall seconds."""
+    semaphore = asyncio.Semaphore(concurrency)
 
-    async def one(n: int) -> Connection:
+    async def one(n: int) -> Quiet:
         async with semaphore:
-            return await open_one(args.url, args.token, f"{args.prefix}{n:05d}")
+            conn = await open_one(args.url, tokens[n], f"{args.prefix}{n:05d}")
+            await asyncio.wait_for(conn.welcomed, 60)
+            return conn  # type: ignore[return-value]
 
+    started = time.monotonic()
     conns = await asyncio.gather(*(one(n) for n in range(args.count)))
-    print(orjson.dumps({"registered": len(conns)}).decode(), flush=True)
+    return list(conns), time.monotonic() - started
+
+
+async def main(args: argparse.Namespace) -> None:
+    conns, seconds = await register_all(args, [args.token] * args.count)
+    print(
+        orjson.dumps(
+            {"registered": len(conns), "seconds": seconds, "per_s": len(conns) / seconds}
+        ).decode(),
+        flush=True,
+    )
+    if args.rekey:
+        # Again, each agent with the key the hub issued it: registration by agent key.
+        keys = [c.agent_key or args.token for c in conns]
+        for conn in conns:
+            conn.close(1000)
+        await asyncio.sleep(2.0)
+        conns, seconds = await register_all(args, keys)
+        print(
+            orjson.dumps(
+                {"reregistered": len(conns), "seconds": seconds, "per_s": len(conns) / seconds}
+            ).decode(),
+            flush=True,
+        )
     await asyncio.sleep(1.0)  # let the welcomes arrive
     started = time.monotonic()
     sent = 0
@@ -91,6 +137,9 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=20_000)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--prefix", default="blast-")
+    parser.add_argument(
+        "--rekey", action="store_true", help="then reconnect all with their issued agent keys"
+    )
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

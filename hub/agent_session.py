@@ -7,6 +7,7 @@ lives in its :class:`~hub.model.AgentRecord`, which outlives connections.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import time
@@ -36,7 +37,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AgentSession"]
+__all__ = ["AgentSession", "next_session_id"]
+
+#: Session ids need to be unique, not secret: a random per-process prefix and a counter
+#: (no system call per registration, unlike a fresh random token).
+_SESSION_PREFIX = secrets.token_hex(4)
+_session_numbers = itertools.count(1)
+
+
+def next_session_id() -> str:
+    return f"{_SESSION_PREFIX}{next(_session_numbers):08x}"
 
 
 class AgentSession(Session):
@@ -270,7 +280,7 @@ class AgentSession(Session):
         if enrolled_by is not None:
             record.enrolled_by = enrolled_by
         self.record = record
-        self.session_id = secrets.token_hex(8)
+        self.session_id = next_session_id()
         previous = registry.install(self)
         self.registered = True
         if previous is not None:
