@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import re
 import sys
@@ -262,7 +263,13 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         return 0
 
-    return _run(serve())
+    code = _run(serve())
+    # The hub's state is saved (every shutdown step is bounded). Leave now: a worker thread
+    # still finishing a timed-out step must not keep a stopping hub from exiting.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # -- token ---------------------------------------------------------------------------------
