@@ -172,13 +172,18 @@ class Bench:
                 self.workdir / "blaster-reg.log",
             ).start()  # fmt: skip
             self.started.append(blaster)
-            first = blaster.wait_for_line(
-                r'"registered":\d+,"seconds":[\d.]+,"per_s":([\d.]+)', 300
-            )
-            again = blaster.wait_for_line(
-                r'"reregistered":\d+,"seconds":[\d.]+,"per_s":([\d.]+)', 300
-            )
+            rate = r'"seconds":[\d.]+,"per_s":([\d.]+)'
             label = "enrollment" if kind == "hub" else "first"
+            try:
+                first = blaster.wait_for_line(r'"registered":\d+,' + rate, 300)
+                again = blaster.wait_for_line(r'"reregistered":\d+,' + rate, 300)
+            except (RuntimeError, TimeoutError):
+                # The floor can fail to finish thousands of handshakes in flight: say so.
+                self.note(f"{kind}.registrations_failed", f"not all {count} registered in 60 s")
+                blaster.stop()
+                assert server.proc is not None
+                server.proc.stop()
+                continue
             self.note(f"{kind}.registrations_per_s.{label}", round(float(first.group(1))))
             self.note(f"{kind}.registrations_per_s.key", round(float(again.group(1))))
             if kind == "hub":
