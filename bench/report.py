@@ -153,14 +153,24 @@ def render(report: dict[str, Any]) -> str:
     stalls = {
         key: value for key, value in r.items() if key.startswith("hub.") and "lag_max_ms" in key
     }
-    if stalls:
-        at_10k = [v for k, v in stalls.items() if "10000" in k or "hold" in k]
-        worst = max(at_10k) if at_10k else None
+    steady = {key: value for key, value in stalls.items() if "steady" in key}
+    bursts = {key: value for key, value in stalls.items() if "steady" not in key}
+    if steady:
+        worst = max(steady.values())
+        lines.append(
+            f"| longest event-loop stall in steady state ({_fmt(_get(r, 'hub.hold_agents'))} "
+            f"agents heartbeating, after the connect burst) | ≤ 50 ms at 10,000 | "
+            f"{_fmt(worst, ' ms')} | | | {_verdict(worst <= 50)} |"
+        )
+    at_10k = [v for k, v in bursts.items() if "10000" in k]
+    if at_10k:
+        worst = max(at_10k)
         floor_10k = _get(r, "floor.lag_max_ms.10000")
         lines.append(
-            f"| longest event-loop stall at 10,000 agents | ≤ 50 ms | {_fmt(worst, ' ms')} | "
+            f"| longest event-loop stall at 10,000 agents, bursts included (connecting at "
+            f"1,000/s, one job to all) | ≤ 50 ms | {_fmt(worst, ' ms')} | "
             f"{_fmt(floor_10k, ' ms')} | {_ratio(worst, floor_10k)} | "
-            f"{_verdict(worst is not None and worst <= 50)} |"
+            f"{_verdict(worst <= 50)} |"
         )
     lines += [
         "",

@@ -320,10 +320,14 @@ class Bench:
         lowest = count
         disconnects0 = _disconnects(hub)
         peak_rss = 0
+        steady_lag = 0.0
         while time.monotonic() - started < seconds:
             time.sleep(5)
             lowest = min(lowest, hub.online())
             peak_rss = max(peak_rss, hub.proc.rss())
+            if time.monotonic() - started > 60:  # the last minute holds no connect burst
+                recent = hub.metrics().get("tether_event_loop_lag_recent_seconds", 0)
+                steady_lag = max(steady_lag, recent)
         cpu = (hub.proc.cpu() - cpu0) / (time.monotonic() - started)
         self.note("hub.hold_agents", count)
         self.note("hub.hold_seconds", seconds)
@@ -331,6 +335,7 @@ class Bench:
         self.note("hub.hold_disconnects", _disconnects(hub) - disconnects0)
         self.note("hub.hold_cpu_share", round(cpu, 4))
         self.note("hub.hold_peak_rss_mb", round(peak_rss / 2**20, 1))
+        self.note("hub.steady_lag_max_ms.hold", round(steady_lag * 1000, 1))
         metrics = hub.metrics()
         self.note(
             "hub.hold_lag_max_ms",
