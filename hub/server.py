@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import random
 from typing import TYPE_CHECKING, Any
 
 from websockets.datastructures import Headers
@@ -337,7 +338,9 @@ class HubConnection(Connection):
             return self._refuse(403, "forbidden", f"{principal.kind} credential on {path}", path)
 
         if agent_channel:
-            retry = str(hub.config.overload_retry_after)
+            # Drawn per refusal (1 s up to twice the setting): refused agents come back
+            # spread out instead of in one wave that is refused again.
+            retry = str(random.randint(1, 2 * hub.config.overload_retry_after))
             takeover = principal.agent_id is not None and principal.agent_id in hub.registry.live
             if hub.registry.connected >= hub.config.max_agents and not takeover:
                 return self._refuse(
