@@ -69,6 +69,8 @@ class Bench:
         self.results: dict[str, Any] = {}
         #: Every process a scenario started, stopped after it whatever happened.
         self.started: list[Proc] = []
+        self.hold_agents = 0
+        self.hold_seconds = 0
 
     def note(self, key: str, value: Any) -> None:
         self.results[key] = value
@@ -308,8 +310,8 @@ class Bench:
     # -- holding the fleet -------------------------------------------------------------------
 
     def hold(self) -> None:
-        count = 5_000 if self.quick else 19_000
-        seconds = 60 if self.quick else 600
+        count = self.hold_agents or (5_000 if self.quick else 19_000)
+        seconds = self.hold_seconds or (60 if self.quick else 600)
         print(f"hold: {count} agents for {seconds} s", flush=True)
         hub = self.fresh_hub("hold")
         token = hub.token("--enroll")
@@ -441,9 +443,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default=FULL, help="comma-separated scenarios")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
+    parser.add_argument("--hold-agents", type=int, default=0, help="agents held (hold scenario)")
+    parser.add_argument("--hold-seconds", type=int, default=0, help="how long (hold scenario)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="tether-bench-"))
     bench = Bench(args.quick, workdir)
+    bench.hold_agents = args.hold_agents
+    bench.hold_seconds = args.hold_seconds
     started = time.time()
     scenarios: dict[str, Callable[[], None]] = {
         "memory": bench.memory,
