@@ -76,6 +76,12 @@ _WEBSOCKETS_ERRORS = {
     505: "http_version_not_supported",
 }
 _CHANNELS = {AGENT_PATH: AGENT_SUBPROTOCOL, ADMIN_PATH: ADMIN_SUBPROTOCOL}
+_OVERLOADED = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 22\r\nRetry-After: %d\r\nCache-Control: no-store\r\n"
+    b"Connection: close\r\n\r\n"
+    b'{"error":"overloaded"}'
+)
 
 
 def json_response(status: int, body: Any, headers: list[tuple[str, str]] | None = None) -> Response:
@@ -130,7 +136,7 @@ class _ServerProtocol(ServerProtocol):
 class HubConnection(Connection):
     """A connection to the hub, from the first byte to the close."""
 
-    __slots__ = ("_open_timer", "hub", "session")
+    __slots__ = ("_open_timer", "_shed", "hub", "session")
 
     def __init__(self, hub: Hub) -> None:
         protocol = _ServerProtocol(max_size=MAX_MESSAGE_BYTES, logger=WIRE_LOGGER)
@@ -138,6 +144,7 @@ class HubConnection(Connection):
         self.hub = hub
         self.session: Session | None = None
         self._open_timer: asyncio.TimerHandle | None = None
+        self._shed = False
 
     # -- connection ----------------------------------------------------------------------
 
@@ -145,8 +152,19 @@ class HubConnection(Connection):
         super().connection_made(transport)
         hub = self.hub
         if hub.pending_handshakes >= hub.config.max_pending_handshakes:
+            # Answered before its request is read: a 503 with a Retry-After drawn per
+            # refusal spreads a reconnect storm out, where a reset would send every agent
+            # into ever longer backoff.
             hub.metrics.connection("overloaded")
-            self.abort()
+            retry = random.randint(1, 2 * hub.config.overload_retry_after)
+            self._shed = True
+            transport.write(_OVERLOADED % retry)  # type: ignore[attr-defined]
+            # Half-close and read the request to its end, so that the client gets the
+            # answer rather than a reset; a client that never finishes is cut at 2 s.
+            if transport.can_write_eof():  # type: ignore[attr-defined]
+                transport.write_eof()  # type: ignore[attr-defined]
+            self._open_timer = None
+            asyncio.get_running_loop().call_later(2.0, self.abort)
             return
         hub.pending_handshakes += 1
         self._open_timer = asyncio.get_running_loop().call_later(
@@ -170,6 +188,8 @@ class HubConnection(Connection):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._shed:
+            return  # answered 503 already; the request is read and dropped
         super().data_received(data)
         exc = self.protocol.handshake_exc
         if exc is not None and self._open_timer is not None:
@@ -185,6 +205,13 @@ class HubConnection(Connection):
                 status = None
             error = _WEBSOCKETS_ERRORS[status] if status else "bad_request"
             self._record_refusal(status, error, _describe(exc), None)
+
+    def eof_received(self) -> bool | None:
+        if self._shed:
+            if self.transport is not None:
+                self.transport.close()
+            return None
+        return super().eof_received()
 
     def on_open(self) -> None:
         if self.session is not None:

@@ -424,10 +424,17 @@ async def test_half_open_handshakes_beyond_the_limit_are_shed(hub_factory) -> No
         await wire.send(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
         held.append(wire)
     await wait_for(lambda: hub.hub.pending_handshakes == 3)
-    # The fourth connection, even a health probe, is closed before a byte is read.
+    # The fourth connection, even a health probe, is answered 503 before its request is
+    # read, with a Retry-After drawn per refusal (1 to 10 s by default), and closed.
     before = hub.hub.metrics.connections["overloaded"]
-    await dropped(hub.hub.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-    await dropped(hub.hub.port, upgrade_request("/ws", await hub.agent_token("edge-1")))
+    for request in (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        upgrade_request("/ws", await hub.agent_token("edge-1")),
+    ):
+        response = await refused(hub.hub.port, request)
+        assert response.status == 503
+        assert response.json() == {"error": "overloaded"}
+        assert 1 <= int(response.headers["retry-after"]) <= 10
     assert hub.hub.metrics.connections["overloaded"] == before + 2
     assert hub.hub.pending_handshakes == 3
     for wire in held:
