@@ -8,10 +8,14 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import random
 import signal
 import ssl
+import sys
+import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import replace
@@ -42,6 +46,29 @@ __all__ = ["Events", "Hub"]
 
 #: Agents a snapshot or listing turns into views per turn of the event loop.
 VIEW_CHUNK = 2_000
+
+
+def _exit_watchdog(seconds: float) -> threading.Timer:
+    """A stop that has not finished after ``seconds`` logs every thread's stack and exits.
+
+    Every step of :meth:`Hub.stop` is bounded, so this should never fire; if it does, an
+    operator gets the stacks to report and the process still ends (what SQLite committed
+    is safe; systemd would otherwise kill it at TimeoutStopSec without a word).
+    """
+
+    def fire() -> None:
+        stacks = "".join(
+            f"\n-- thread {ident}\n" + "".join(traceback.format_stack(frame))
+            for ident, frame in sys._current_frames().items()
+        )
+        log.critical("shutdown did not finish in %.0f s; exiting. Stacks:%s", seconds, stacks)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 class Events:
@@ -177,6 +204,7 @@ class Hub:
             return
         self.stopping = True
         config = self.config
+        watchdog = _exit_watchdog(8 * config.shutdown_timeout)
         if self.server is not None:
             self.server.close()
         spread = config.reconnect_spread_ms
@@ -213,6 +241,7 @@ class Hub:
                 await asyncio.wait_for(step(), config.shutdown_timeout)
             except (TimeoutError, StoreUnavailable) as exc:
                 log.error("shutdown step %s did not complete: %r", step.__qualname__, exc)
+        watchdog.cancel()
         log.info("hub %s stopped", self.hub_id)
 
     async def serve_forever(self) -> None:
