@@ -8,9 +8,11 @@ registered for ``reset_after`` seconds, so one blip after a long healthy session
 Hints from the hub take precedence over the plain backoff:
 
 * ``reconnect.after_ms`` is already drawn at random per agent by the hub, so it is used as is;
-* HTTP ``Retry-After`` is one number for everyone, so it is a floor to which the ordinary
-  jitter is added (thousands of agents refused with ``Retry-After: 5`` must not all come
-  back in the same second);
+* HTTP ``Retry-After`` may be one number for everyone, so it is a floor to which a jitter
+  as wide as itself is added: ``Retry-After: 5`` means 5 to 10 s (thousands of agents
+  refused together must not come back in the same second). Not the exponential jitter: an
+  agent refused a few times during a reconnect storm would otherwise wait a minute after the
+  hub has room again;
 * close 4001 (superseded: another process claims our id) waits at least 30 s plus jitter;
 * close 4003 (credential revoked) waits at least 10 minutes plus jitter;
 * close 1013 (try again later) waits at least 5 s plus jitter, unless the hub sent a hint.
@@ -92,7 +94,7 @@ class Backoff:
         if hint.after_ms is not None:
             return hint.after_ms / 1000.0
         if hint.retry_after is not None:
-            return hint.retry_after + jitter
+            return hint.retry_after + self._rng.uniform(0.0, max(1.0, hint.retry_after))
         if code == Close.TRY_AGAIN_LATER:
             return OVERLOAD_FLOOR + jitter
         return jitter
