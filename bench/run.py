@@ -337,7 +337,7 @@ class Bench:
         self.note("hub.hold_disconnects", _disconnects(hub) - disconnects0)
         self.note("hub.hold_cpu_share", round(cpu, 4))
         self.note("hub.hold_peak_rss_mb", round(peak_rss / 2**20, 1))
-        self.note("hub.steady_lag_max_ms.hold", round(steady_lag * 1000, 1))
+        self.note(f"hub.steady_lag_max_ms.hold{count}", round(steady_lag * 1000, 1))
         metrics = hub.metrics()
         self.note(
             "hub.hold_lag_max_ms",
@@ -475,9 +475,9 @@ def main() -> None:
     path = save(bench, args, started)
     print(f"wrote {path}")
     if not args.quick and args.only == FULL:
-        from bench.report import render, write
+        from bench.report import merge, render, write
 
-        write(render(json.loads(path.read_text())))
+        write(render(merge([json.loads(path.read_text())])))
         print("updated bench/RESULTS.md")
 
 
