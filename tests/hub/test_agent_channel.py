@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -88,8 +87,9 @@ async def test_takeover_newest_wins_and_late_cleanup_keeps_it(hub: HubHandle) ->
     new = await RawAgent.connect(hub.agent_url, token)
     await new.register("edge-1")
     assert await old.closed() == 4001
-    # The old connection's clean-up has run by now; the new one is still the live one.
-    await asyncio.sleep(0.05)
+    # Wait for the old connection's clean-up (its disconnect is counted when it runs): the
+    # new connection must still be the live one afterwards.
+    await wait_for(lambda: hub.hub.metrics.disconnects[4001] == 1, what="old clean-up")
     live = hub.hub.registry.live["edge-1"]
     assert hub.hub.registry.records["edge-1"].state == "online"
     await new.send({"type": "heartbeat", "metrics": {"cpu_percent": 3.0}})
