@@ -204,7 +204,6 @@ class Hub:
             return
         self.stopping = True
         config = self.config
-        watchdog = _exit_watchdog(8 * config.shutdown_timeout)
         if self.server is not None:
             self.server.close()
         spread = config.reconnect_spread_ms
@@ -241,7 +240,6 @@ class Hub:
                 await asyncio.wait_for(step(), config.shutdown_timeout)
             except (TimeoutError, StoreUnavailable) as exc:
                 log.error("shutdown step %s did not complete: %r", step.__qualname__, exc)
-        watchdog.cancel()
         log.info("hub %s stopped", self.hub_id)
 
     async def serve_forever(self) -> None:
@@ -253,7 +251,13 @@ class Hub:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("signal received: draining")
-        await self.stop()
+        # Only the process that owns the hub may end itself: a library user (a test, an
+        # embedding) gets a stop that returns, never an os._exit from a timer.
+        watchdog = _exit_watchdog(8 * self.config.shutdown_timeout)
+        try:
+            await self.stop()
+        finally:
+            watchdog.cancel()
 
     # -- periodic work -------------------------------------------------------------------
 

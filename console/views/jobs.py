@@ -286,7 +286,9 @@ class JobsView(QWidget):
         jobs = reply.get("jobs") if isinstance(reply, dict) else None
         if isinstance(jobs, list):
             self.fleet.set_jobs(jobs)
-            self.fleet.flush()
+            # Show the list now, from the model; the fleet's batch still goes out at its own
+            # pace (flushing it here would hand every other view an early, extra batch).
+            self._refresh_list()
             if self.job_id is None and self.job_model.jobs:
                 self.select_job(self.job_model.jobs[0].job_id)
 
@@ -301,7 +303,9 @@ class JobsView(QWidget):
             return
         if isinstance(reply, dict) and isinstance(reply.get("job"), dict):
             self.fleet.set_job(reply["job"], reply.get("commands") or [])
-            self.fleet.flush()
+            self._refresh_list()
+            if job_id == self.job_id:
+                self._refresh_detail()
 
     async def load_output(self, command_id: str) -> None:
         try:

@@ -8,6 +8,7 @@ ones offscreen. Nothing is mocked. Waits poll with deadlines (``tests.support.wa
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("QT_API", "pyside6")
 
 import pytest
+import pytestqt.plugin
 from PySide6.QtWidgets import QApplication
 
 from tests.conftest import HubHandle
@@ -29,10 +31,43 @@ def _qapp() -> QApplication:
     return app if isinstance(app, QApplication) else QApplication(["tether-console-tests"])
 
 
+#: The qasync loop of the test that is running (one per test).
+_current_loop: list[asyncio.AbstractEventLoop] = []
+
+
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[[], Any]]:
     import qasync
 
-    return {"qasync": lambda: qasync.QEventLoop(_qapp())}
+    def make() -> asyncio.AbstractEventLoop:
+        loop = qasync.QEventLoop(_qapp())
+        _current_loop[:] = [loop]
+        return loop
+
+    return {"qasync": make}
+
+
+def _process_events_as_the_loop() -> None:
+    """pytest-qt processes Qt events between test phases, outside any asyncio run.
+
+    On a qasync loop those events include asyncio callbacks (the hub's periodic tasks,
+    a fixture's pending steps), which then run with no running loop and fail at random
+    in ``get_running_loop()``. Running them as the loop keeps asyncio's invariant.
+    """
+    app = QApplication.instance()
+    if app is None:
+        return
+    loop = _current_loop[0] if _current_loop else None
+    if loop is None or loop.is_closed() or loop.is_running():
+        app.processEvents()
+        return
+    asyncio.events._set_running_loop(loop)
+    try:
+        app.processEvents()
+    finally:
+        asyncio.events._set_running_loop(None)
+
+
+pytestqt.plugin._process_events = _process_events_as_the_loop
 
 
 @pytest.fixture
