@@ -66,6 +66,7 @@ def _exit_watchdog(seconds: float) -> threading.Timer:
         os._exit(1)
 
     timer = threading.Timer(seconds, fire)
+    timer.name = "tether-exit-watchdog"
     timer.daemon = True
     timer.start()
     return timer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 from hub.protocol.client import AdminClient
@@ -120,3 +121,11 @@ async def test_kill_9_loses_no_accepted_command(tmp_path: Path) -> None:
         await away.close()
     finally:
         hub.stop()
+
+
+async def test_an_embedded_hub_stops_without_arming_the_exit_watchdog(hub_factory) -> None:
+    """Only ``serve_forever`` (the process that owns the hub) may end the process."""
+    handle = await hub_factory()
+    await handle.hub.stop()
+    names = [thread.name for thread in threading.enumerate()]
+    assert "tether-exit-watchdog" not in names
