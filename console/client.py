@@ -72,6 +72,7 @@ class HubSession(QObject):
 
     state_changed = Signal(str, str)  # ConnState value, human-readable detail
     snapshot_received = Signal(object)  # dict: the subscribe reply's data
+    history_received = Signal(object)  # dict: the metrics_history reply's data
     events_received = Signal(object)  # list of events (and resync/snapshot markers), in order
 
     def __init__(
@@ -229,6 +230,7 @@ class HubSession(QObject):
         self.last_error = ""
         self._connected_since = time.monotonic()
         self._set_state(ConnState.CONNECTED, f"connected to {self.hub_url}")
+        await self._load_history(client)
         await client.wait_closed()
         self.client = None
         code = client.close_code
@@ -253,6 +255,17 @@ class HubSession(QObject):
         finally:
             self._holding = False
         self._flush()
+
+    async def _load_history(self, client: AdminClient) -> None:
+        """The graphs' last hour, from the hub (an extension: an older hub refuses it)."""
+        if "metrics" not in self.topics:
+            return
+        try:
+            history = await client.request("metrics_history", reply_timeout=30)
+        except (AdminError, ConnectionError, TimeoutError) as exc:
+            log.info("no metrics history from the hub: %s", exc)
+        else:
+            self.history_received.emit(history)
 
     # -- events --------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -174,6 +175,32 @@ class MetricsHistory:
             array[i] = float(value) if isinstance(value, int | float) else np.nan
         self._next = (i + 1) % self.capacity
         self._size = min(self._size + 1, self.capacity)
+
+    def prepend(self, ticks: list[tuple[float, dict[str, Any]]]) -> int:
+        """Put older ticks (the hub's history) before those already here; how many went in.
+
+        Ticks at or after the oldest one here are dropped: the live ticks already cover them.
+        """
+        order = self._order()
+        kept_t = self._t[order].copy()
+        kept = {name: array[order].copy() for name, array in self._data.items()}
+        oldest = kept_t[0] if len(kept_t) else np.inf
+        older = sorted((t, stats) for t, stats in ticks if t < oldest - 0.5)
+        room = self.capacity - len(kept_t)
+        older = older[-room:] if room > 0 else []
+        latest = self.latest
+        self.clear()
+        for t, stats in older:
+            self.append(t, stats)
+        for i in range(len(kept_t)):
+            j = self._next
+            self._t[j] = kept_t[i]
+            for name, array in self._data.items():
+                array[j] = kept[name][i]
+            self._next = (j + 1) % self.capacity
+            self._size = min(self._size + 1, self.capacity)
+        self.latest = latest or (older[-1][1] if older else {})
+        return len(older)
 
     def _order(self) -> np.ndarray:
         if self._size < self.capacity:
@@ -432,6 +459,24 @@ class FleetModel(QObject):
             self.resolved_alerts.appendleft(alert)
         else:
             self.open_alerts[alert.alert_id] = alert
+
+    def apply_history(self, data: Any) -> None:
+        """The hub's last hour of ticks (``metrics_history``), under the live ones."""
+        ticks = data.get("ticks") if isinstance(data, dict) else None
+        if not isinstance(ticks, list):
+            return
+        good = [
+            (float(tick["at"]), tick["stats"])
+            for tick in ticks
+            if isinstance(tick, dict)
+            and isinstance(tick.get("at"), int | float)
+            and not isinstance(tick.get("at"), bool)
+            and math.isfinite(tick["at"])
+            and isinstance(tick.get("stats"), dict)
+        ]
+        if self.history.prepend(good):
+            self._pending.metrics = True
+            self._schedule()
 
     def _set_stats(self, stats: dict[str, Any], append: bool) -> None:
         self.stats = stats

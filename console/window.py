@@ -269,16 +269,19 @@ class MainWindow(QMainWindow):
         if old is not None:
             self._spawn(old.stop())
             old.snapshot_received.disconnect()
+            old.history_received.disconnect()
             old.events_received.disconnect()
             old.state_changed.disconnect()
         if self.params is not None and self.params.hub != params.hub:
             self.fleet.apply_snapshot({"agents": [], "alerts": [], "commands": []})
             self.fleet.jobs.clear()
+            self.fleet.history.clear()
         self.params = params
         session = HubSession(
             params.hub, params.token, ssl_context=context, pin_sha256=pin, parent=self
         )
         session.snapshot_received.connect(self.fleet.apply_snapshot)
+        session.history_received.connect(self.fleet.apply_history)
         session.events_received.connect(self.fleet.apply_events)
         session.state_changed.connect(self._session_state)
         self.session = session

@@ -32,6 +32,7 @@ from .protocol.messages import (
     Dispatch,
     JobRequest,
     JobsRequest,
+    MetricsHistoryRequest,
     OutputRequest,
     Subscribe,
     describe_validation_error,
@@ -59,6 +60,7 @@ ROLE_NEEDED = {
     "alerts": "viewer",
     "ack_alert": "operator",
     "audit": "admin",
+    "metrics_history": "viewer",
 }
 #: Largest batch of events sent as one message.
 BATCH_EVENTS = 2_000
@@ -252,6 +254,8 @@ class AdminSession(Session):
         if kind is AuditRequest:
             page = await hub.store.audit_entries(request.filter, request.limit, request.before)
             return {"entries": page.items, "next": page.next}
+        if kind is MetricsHistoryRequest:
+            return {"ticks": hub.metrics.history.since(request.since)}
         raise RequestError("invalid_message", f"unsupported request {request.type}")
 
     # -- subscriptions -------------------------------------------------------------------

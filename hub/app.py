@@ -307,8 +307,14 @@ class Hub:
         await self.credentials.sync()
 
     def _tick(self) -> None:
-        if self.bus.wanted("metrics"):
-            self.bus.publish("metrics", "tick", "tick", stats=self.stats())
+        history = self.metrics.history
+        now = time.time()
+        wanted = self.bus.wanted("metrics")
+        if wanted or history.due(now):
+            stats = self.stats()
+            history.offer(now, stats)
+            if wanted:
+                self.bus.publish("metrics", "tick", "tick", stats=stats)
         self.alerts.evaluate()
 
     async def _check_store(self) -> None:

@@ -61,6 +61,39 @@ class RateWindow:
             buckets.popleft()
 
 
+class StatsHistory:
+    """The last hour of ``metrics`` ticks, one kept every ``interval`` seconds.
+
+    A console that connects (or reconnects) draws its graphs from this at once instead of
+    starting empty; a few hundred small dicts, whatever the fleet's size.
+    """
+
+    __slots__ = ("_last", "_ticks", "interval")
+
+    def __init__(self, span: float = 3600.0, interval: float = 5.0) -> None:
+        self.interval = interval
+        self._ticks: deque[dict[str, Any]] = deque(maxlen=max(1, int(span / interval)))
+        self._last = float("-inf")
+
+    def __len__(self) -> int:
+        return len(self._ticks)
+
+    def due(self, at: float) -> bool:
+        return at - self._last >= self.interval
+
+    def offer(self, at: float, stats: dict[str, Any]) -> None:
+        """Keep ``stats`` if ``interval`` has passed since the last one kept."""
+        if self.due(at):
+            self._last = at
+            self._ticks.append({"at": round(at, 3), "stats": stats})
+
+    def since(self, since: float | None = None) -> list[dict[str, Any]]:
+        """Oldest first, only ticks after ``since`` (wall-clock seconds) if given."""
+        if since is None:
+            return list(self._ticks)
+        return [tick for tick in self._ticks if tick["at"] > since]
+
+
 class _Percentiles:
     """Round trips of the last minute, for p50 and p99 in the tick (bounded sample)."""
 
@@ -211,6 +244,7 @@ class Metrics(Collector):
         self.auth_failures_window = RateWindow()
         self.refusals_window = RateWindow()
         self.round_trips = _Percentiles()
+        self.history = StatsHistory()
         self.lag = LagMonitor()
         self.gc = GcMonitor()
         self.round_trip = Histogram(

@@ -49,6 +49,7 @@ __all__ = [
     "JobView",
     "JobsRequest",
     "Location",
+    "MetricsHistoryRequest",
     "Output",
     "OutputRequest",
     "Reconnect",
@@ -312,6 +313,13 @@ class AckAlert(_Request):
     comment: Annotated[str, StringConstraints(max_length=1024)] | None = None
 
 
+class MetricsHistoryRequest(_Request):
+    """Extension (docs/protocol.md): the last hour of ticks, so graphs need not start empty."""
+
+    type: Literal["metrics_history"]
+    since: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+
+
 class AuditRequest(_Request):
     type: Literal["audit"]
     filter: Filter = {}
@@ -332,6 +340,7 @@ AdminRequestType = (
     | AlertsRequest
     | AckAlert
     | AuditRequest
+    | MetricsHistoryRequest
 )
 ADMIN_REQUEST: TypeAdapter[AdminRequestType] = TypeAdapter(
     Annotated[AdminRequestType, Field(discriminator="type")]

@@ -171,3 +171,25 @@ async def test_model_batches_at_most_ten_times_a_second(hub: HubHandle, window_f
     assert (gaps >= 0.09).all(), gaps.min()
     for agent in agents:
         await agent.close()
+
+
+async def test_graphs_open_with_the_hubs_last_hour(hub: HubHandle, window_factory):
+    """A console that connects late still draws what happened before it came."""
+    history = hub.hub.metrics.history
+    history.interval = 0.2  # the default keeps one tick in five seconds
+    agent = await online_agent(hub, "edge-early")
+    await wait_for(lambda: len(history) >= 5, what="five ticks kept by the hub")
+    opened = time.time()
+    window = await window_factory(hub, "viewer")
+    fleet = window.fleet
+    await wait_for(
+        lambda: (fleet.history.series("online")[0] < opened - 0.5).sum() >= 4,
+        what="the hub's earlier ticks in the console's history",
+    )
+    t, online = fleet.history.series("online")
+    assert (np.diff(t) > 0).all(), "ticks in time order, live ones after the hub's"
+    assert online[-1] == 1
+    window.graphs.redraw()
+    xs, _ = window.graphs.curves["online"].getData()
+    assert xs is not None and xs[0] < opened - 0.5
+    await agent.close()

@@ -147,6 +147,30 @@ async def test_metrics_tick(hub: HubHandle) -> None:
     await admin.close()
 
 
+async def test_metrics_history_gives_a_new_console_the_last_hour(hub: HubHandle) -> None:
+    """Kept every 5 s whether or not anyone subscribes; a viewer may read it."""
+    history = hub.hub.metrics.history
+    history.interval = 0.2  # the test's own pace; the default keeps one tick in five seconds
+    agent = await online_agent(hub, "edge-h")
+    await wait_for(lambda: len(history) >= 3, what="three ticks kept")
+    viewer = await admin_client(hub, "viewer")
+    data = await viewer.request("metrics_history")
+    ticks = data["ticks"]
+    assert len(ticks) >= 3
+    ats = [tick["at"] for tick in ticks]
+    assert ats == sorted(ats)
+    assert ticks[-1]["stats"]["agents"]["online"] == 1
+    assert ticks[-1]["stats"]["hubs"] == {hub.hub.hub_id: 1}
+    later = await viewer.request("metrics_history", since=ats[-2])
+    assert [tick["at"] for tick in later["ticks"]][:1] == [ats[-1]]
+    for bad in (-1, "yesterday", True):
+        with pytest.raises(AdminError) as refused:
+            await viewer.request("metrics_history", since=bad)
+        assert refused.value.code == "invalid_message"
+    await viewer.close()
+    await agent.close()
+
+
 async def test_heartbeat_events_coalesce_per_agent(hub: HubHandle) -> None:
     agents = [await online_agent(hub, f"edge-{n}") for n in range(5)]
     admin = await admin_client(hub)
