@@ -47,7 +47,7 @@ class Proc:
 
     def start(self) -> Proc:
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("wb") as out:
+        with self.log.open("ab") as out:  # a restarted process keeps the earlier log
             self.process = subprocess.Popen(
                 self.args, stdout=out, stderr=subprocess.STDOUT, env=ENV,
                 preexec_fn=raise_file_limit,

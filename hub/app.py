@@ -5,8 +5,8 @@ runs the periodic work, and shuts down cleanly on SIGTERM.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
+import io
 import logging
 import os
 import random
@@ -48,7 +48,7 @@ __all__ = ["Events", "Hub"]
 VIEW_CHUNK = 2_000
 
 
-def _exit_watchdog(seconds: float) -> threading.Timer:
+def _exit_watchdog(seconds: float, loop: asyncio.AbstractEventLoop) -> threading.Timer:
     """A stop that has not finished after ``seconds`` logs every thread's stack and exits.
 
     Every step of :meth:`Hub.stop` is bounded, so this should never fire; if it does, an
@@ -61,6 +61,16 @@ def _exit_watchdog(seconds: float) -> threading.Timer:
             f"\n-- thread {ident}\n" + "".join(traceback.format_stack(frame))
             for ident, frame in sys._current_frames().items()
         )
+        # Where each coroutine waits: a stuck stop is an await, not a running frame.
+        # Read from this thread without the loop's help; good enough for a dying process.
+        try:
+            tasks = list(asyncio.all_tasks(loop))
+        except RuntimeError:
+            tasks = []
+        for task in tasks[:100]:
+            out = io.StringIO()
+            task.print_stack(limit=12, file=out)
+            stacks += f"\n-- task {task.get_name()}\n{out.getvalue()}"
         log.critical("shutdown did not finish in %.0f s; exiting. Stacks:%s", seconds, stacks)
         logging.shutdown()
         os._exit(1)
@@ -228,9 +238,12 @@ class Hub:
             self._stall_reporter.stopping.set()
         for task in self._loops:
             task.cancel()
-        for task in self._loops:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._loops:
+            # Bounded like every other step: a loop that swallowed its cancel must not hold
+            # the stop (it happened, through wait_for on Python 3.11).
+            _, stuck = await asyncio.wait(self._loops, timeout=config.shutdown_timeout)
+            for task in stuck:
+                log.error("periodic task %s did not stop when cancelled", task.get_name())
         self._flush_heartbeats(force=True)
         self.auditor.record("hub.stop", subject=self.hub_id)
         for task in list(self.tasks):
@@ -238,7 +251,8 @@ class Hub:
         # Every step is bounded: a stuck write must not keep the process from exiting.
         for step in (self.ledger.drain, self.auditor.drain, self.store.flush, self.store.close):
             try:
-                await asyncio.wait_for(step(), config.shutdown_timeout)
+                async with asyncio.timeout(config.shutdown_timeout):
+                    await step()
             except (TimeoutError, StoreUnavailable) as exc:
                 log.error("shutdown step %s did not complete: %r", step.__qualname__, exc)
         log.info("hub %s stopped", self.hub_id)
@@ -254,7 +268,7 @@ class Hub:
         log.info("signal received: draining")
         # Only the process that owns the hub may end itself: a library user (a test, an
         # embedding) gets a stop that returns, never an os._exit from a timer.
-        watchdog = _exit_watchdog(8 * self.config.shutdown_timeout)
+        watchdog = _exit_watchdog(8 * self.config.shutdown_timeout, loop)
         try:
             await self.stop()
         finally:

@@ -534,30 +534,41 @@ async def connect(
     connection._handshake = opened
     if uri.secure and ssl_context is None:
         ssl_context = ssl.create_default_context()
-    async with asyncio.timeout(open_timeout):
-        try:
-            await loop.create_connection(
-                lambda: connection,
-                uri.host,
-                uri.port,
-                ssl=ssl_context if uri.secure else None,
-                server_hostname=(server_hostname or uri.host) if uri.secure else None,
-                local_addr=local_addr,
-            )
-            if pin_sha256 is not None and uri.secure:
-                transport = connection.transport
-                ssl_object = transport.get_extra_info("ssl_object") if transport else None
-                if not pin_matches(ssl_object, pin_sha256):
-                    raise ssl.SSLCertVerificationError(
-                        "the hub's certificate does not match the pinned SHA-256"
-                    )
-            request = protocol.connect()
-            for name, value in headers:
-                request.headers[name] = value
-            protocol.send_request(request)
-            connection._flush()
-            await opened
-        except BaseException:
-            connection.abort()
-            raise
+    try:
+        async with asyncio.timeout(open_timeout):
+            try:
+                await loop.create_connection(
+                    lambda: connection,
+                    uri.host,
+                    uri.port,
+                    ssl=ssl_context if uri.secure else None,
+                    server_hostname=(server_hostname or uri.host) if uri.secure else None,
+                    local_addr=local_addr,
+                )
+                if pin_sha256 is not None and uri.secure:
+                    transport = connection.transport
+                    ssl_object = transport.get_extra_info("ssl_object") if transport else None
+                    if not pin_matches(ssl_object, pin_sha256):
+                        raise ssl.SSLCertVerificationError(
+                            "the hub's certificate does not match the pinned SHA-256"
+                        )
+                request = protocol.connect()
+                for name, value in headers:
+                    request.headers[name] = value
+                protocol.send_request(request)
+                connection._flush()
+                await opened
+            except BaseException:
+                connection.abort()
+                if opened.done() and not opened.cancelled():
+                    opened.exception()  # seen: no "never retrieved" noise if we re-raise
+                raise
+    except (TimeoutError, OSError, ValueError) as exc:
+        # The server's answer may have come as the open timed out or as sending the
+        # request failed (a 503 written on accept, under load): that answer, with its
+        # Retry-After, is the cause to report.
+        refusal = opened.exception() if opened.done() and not opened.cancelled() else None
+        if refusal is not None and refusal is not exc:
+            raise refusal from None
+        raise
     return connection

@@ -483,7 +483,10 @@ class SQLiteStore(Store):
         if self._writer is None or not self._writer.is_alive():
             return False
         try:
-            await asyncio.wait_for(self._read(lambda c: c.execute("SELECT 1").fetchone()), 2.0)
+            # asyncio.timeout, not wait_for: on Python 3.11, wait_for swallows a cancel that
+            # lands as the read completes, and a cancelled readiness loop then never ended.
+            async with asyncio.timeout(2.0):
+                await self._read(lambda c: c.execute("SELECT 1").fetchone())
         except (TimeoutError, sqlite3.Error, StoreUnavailable):
             return False
         return True

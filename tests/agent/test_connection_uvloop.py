@@ -40,3 +40,43 @@ def test_client_handshake_on_uvloop() -> None:
     refused = uvloop.run(_refused_handshake())
     assert refused.status == 404
     assert refused.error == "not_found"
+
+
+OVERLOADED = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 22\r\nRetry-After: 7\r\nConnection: close\r\n\r\n"
+    b'{"error":"overloaded"}'
+)
+
+
+async def _answered_on_accept() -> list[HandshakeRefused]:
+    """The hub past its pending-handshake cap answers 503 before reading the request."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(OVERLOADED)
+        writer.write_eof()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    refusals = []
+    try:
+        for _ in range(20):
+            with pytest.raises(HandshakeRefused) as refused:
+                await connect(f"ws://127.0.0.1:{port}/ws", Connection, open_timeout=5)
+            refusals.append(refused.value)
+    finally:
+        server.close()
+        await server.wait_closed()
+    return refusals
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_a_503_written_on_accept_is_the_refusal_with_its_retry_after(run) -> None:
+    # Before the fix, the answer could arrive before the request went out; sending it then
+    # failed, that error was raised instead and the Retry-After was lost (agents fell back
+    # to their exponential backoff in a reconnect storm).
+    for refused in run(_answered_on_accept()):
+        assert refused.status == 503
+        assert refused.retry_after == 7
