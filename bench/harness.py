@@ -44,10 +44,13 @@ class Proc:
     args: list[str]
     log: Path
     process: subprocess.Popen[bytes] | None = None
+    #: Append to the log (a restarted hub keeps its earlier stacks) instead of starting it
+    #: afresh; only for processes whose log lines nobody waits for.
+    append: bool = False
 
     def start(self) -> Proc:
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as out:  # a restarted process keeps the earlier log
+        with self.log.open("ab" if self.append else "wb") as out:
             self.process = subprocess.Popen(
                 self.args, stdout=out, stderr=subprocess.STDOUT, env=ENV,
                 preexec_fn=raise_file_limit,
@@ -128,6 +131,7 @@ class Hub:
             [PYTHON, "-m", "hub", "serve", "--listen", f"127.0.0.1:{self.port}",
              "--data-dir", str(self.data), "--config", str(config), *self.extra],
             self.workdir / f"{self.name}.log",
+            append=True,
         ).start()  # fmt: skip
         # The listening line is logged at INFO; find the port from the process instead.
         deadline = time.monotonic() + 30
