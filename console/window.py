@@ -494,7 +494,7 @@ class MainWindow(QMainWindow):
             await self.jobs.load_jobs()
             if self.jobs.job_id is not None:
                 await self.jobs.load_job(self.jobs.job_id)
-                if self.jobs.command_model.commands:
+                if self.jobs.command_model.rows:
                     self.jobs.command_view.selectRow(0)
                     if self.jobs.command_id is not None:
                         await self.jobs.load_output(self.jobs.command_id)

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, Qt, Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -19,12 +19,10 @@ from PySide6.QtWidgets import (
     QDialog,
     QDialogButtonBox,
     QHBoxLayout,
-    QHeaderView,
     QLabel,
     QPlainTextEdit,
     QPushButton,
     QSplitter,
-    QTableView,
     QVBoxLayout,
     QWidget,
 )
@@ -34,10 +32,10 @@ from console.fleet import Changes, FleetModel
 from hub.protocol.messages import AlertView
 
 from .common import SEVERITY_COLOURS, SEVERITY_RANK, plain_label
+from .tables import Index, ListTableModel, make_table, short_time
 
 __all__ = ["AckDialog", "AlertTableModel", "AlertsView"]
 
-_Index = QModelIndex | QPersistentModelIndex
 Requester = Callable[..., Awaitable[Any]]
 
 COLUMNS = [
@@ -51,40 +49,18 @@ COLUMNS = [
     "By",
     "Comment",
 ]
+ALERT_WIDTHS = (86, 96, 130, 120, 300, 130, 130, 90)
+EXTENDED = QAbstractItemView.SelectionMode.ExtendedSelection
 SEVERITY_GLYPHS = {"info": "ℹ", "warning": "⚠", "critical": "✖"}
 
 
-def _short_time(text: str | None) -> str:
-    if not text:
-        return ""
-    return text.replace("T", " ")[:19]
+class AlertTableModel(ListTableModel[AlertView]):
+    columns = COLUMNS
 
-
-class AlertTableModel(QAbstractTableModel):
-    def __init__(self, parent: Any = None) -> None:
-        super().__init__(parent)
-        self.alerts: list[AlertView] = []
-
-    def set_alerts(self, alerts: list[AlertView]) -> None:
-        self.beginResetModel()
-        self.alerts = alerts
-        self.endResetModel()
-
-    def rowCount(self, parent: _Index = QModelIndex()) -> int:  # noqa: B008
-        return 0 if parent.isValid() else len(self.alerts)
-
-    def columnCount(self, parent: _Index = QModelIndex()) -> int:  # noqa: B008
-        return 0 if parent.isValid() else len(COLUMNS)
-
-    def headerData(self, section: int, orientation: Qt.Orientation, role: int = 0) -> Any:
-        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
-            return COLUMNS[section]
-        return None
-
-    def data(self, index: _Index, role: int = 0) -> Any:
-        if not index.isValid() or index.row() >= len(self.alerts):
+    def data(self, index: Index, role: int = 0) -> Any:
+        alert = self.row_at(index)
+        if alert is None:
             return None
-        alert = self.alerts[index.row()]
         column = index.column()
         if role == Qt.ItemDataRole.DisplayRole:
             return [
@@ -93,8 +69,8 @@ class AlertTableModel(QAbstractTableModel):
                 alert.rule,
                 alert.subject,
                 alert.message,
-                _short_time(alert.first_seen),
-                _short_time(alert.last_seen),
+                short_time(alert.first_seen),
+                short_time(alert.last_seen),
                 alert.acknowledged_by or "",
                 alert.comment or "",
             ][column]
@@ -106,24 +82,6 @@ class AlertTableModel(QAbstractTableModel):
         if role == Qt.ItemDataRole.UserRole:
             return alert.alert_id
         return None
-
-
-def _table(model: QAbstractTableModel) -> QTableView:
-    view = QTableView()
-    view.setModel(model)
-    view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-    view.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
-    view.setWordWrap(False)
-    view.setShowGrid(False)
-    view.setAlternatingRowColors(True)
-    view.verticalHeader().setVisible(False)
-    view.verticalHeader().setDefaultSectionSize(view.fontMetrics().height() + 4)
-    header = view.horizontalHeader()
-    header.setStretchLastSection(True)
-    header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
-    for column, width in enumerate((86, 96, 130, 120, 300, 130, 130, 90)):
-        header.resizeSection(column, width)
-    return view
 
 
 class AckDialog(QDialog):
@@ -194,7 +152,7 @@ class AlertsView(QWidget):
         layout.addWidget(self.message)
         splitter = QSplitter(Qt.Orientation.Vertical)
         self.open_model = AlertTableModel(self)
-        self.open_view = _table(self.open_model)
+        self.open_view = make_table(self.open_model, ALERT_WIDTHS, EXTENDED)
         self.open_view.doubleClicked.connect(lambda _i: self.acknowledge_selected())
         splitter.addWidget(self.open_view)
         history = QWidget()
@@ -203,7 +161,7 @@ class AlertsView(QWidget):
         history_layout.setSpacing(0)
         history_layout.addWidget(QLabel("Resolved"))
         self.resolved_model = AlertTableModel(self)
-        self.resolved_view = _table(self.resolved_model)
+        self.resolved_view = make_table(self.resolved_model, ALERT_WIDTHS, EXTENDED)
         history_layout.addWidget(self.resolved_view)
         splitter.addWidget(history)
         splitter.setSizes([300, 150])
@@ -231,7 +189,7 @@ class AlertsView(QWidget):
             key=key,
         )
         selected = self.selected_ids()
-        self.open_model.set_alerts(open_alerts)
+        self.open_model.set_rows(open_alerts)
         for row, alert in enumerate(open_alerts):
             if alert.alert_id in selected:
                 self.open_view.selectionModel().select(
@@ -242,7 +200,7 @@ class AlertsView(QWidget):
         resolved = [
             a for a in self.fleet.resolved_alerts if SEVERITY_RANK.get(a.severity, 0) >= minimum
         ]
-        self.resolved_model.set_alerts(resolved)
+        self.resolved_model.set_rows(resolved)
         firing = sum(1 for a in self.fleet.open_alerts.values() if a.state == "firing")
         critical = sum(
             1
@@ -252,7 +210,7 @@ class AlertsView(QWidget):
         self.summary.setText(f"{firing} firing ({critical} critical), {len(resolved)} resolved")
 
     def selected_ids(self) -> set[str]:
-        alerts = self.open_model.alerts
+        alerts = self.open_model.rows
         return {
             alerts[i.row()].alert_id
             for i in self.open_view.selectionModel().selectedRows()
@@ -267,7 +225,7 @@ class AlertsView(QWidget):
 
     def acknowledge_selected(self) -> AckDialog | None:
         ids = self.selected_ids()
-        alerts = [a for a in self.open_model.alerts if a.alert_id in ids and a.state == "firing"]
+        alerts = [a for a in self.open_model.rows if a.alert_id in ids and a.state == "firing"]
         if not alerts:
             self.show_message("Select one or more firing alerts to acknowledge.")
             return None

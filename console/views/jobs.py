@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import operator
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from PySide6.QtCore import QAbstractTableModel, QModelIndex, QPersistentModelIndex, Qt, QTimer
+from PySide6.QtCore import QModelIndex, Qt, QTimer
 from PySide6.QtGui import QColor, QTextCharFormat, QTextCursor
 from PySide6.QtWidgets import (
-    QAbstractItemView,
     QHBoxLayout,
-    QHeaderView,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
     QSplitter,
-    QTableView,
     QVBoxLayout,
     QWidget,
 )
@@ -37,10 +35,10 @@ from hub.protocol.constants import ERROR_STATES, TERMINAL_STATES
 from hub.protocol.messages import CommandView, JobView
 
 from .common import monospace_font, plain_label
+from .tables import Index, ListTableModel, make_table, short_time
 
 __all__ = ["CommandTableModel", "JobTableModel", "JobsView"]
 
-_Index = QModelIndex | QPersistentModelIndex
 Requester = Callable[..., Awaitable[Any]]
 
 STATE_COLOURS = {
@@ -55,10 +53,6 @@ STATE_COLOURS = {
 }
 JOB_COLUMNS = ["Created", "Command", "State", "Progress", "OK", "Failed", "By"]
 COMMAND_COLUMNS = ["Agent", "State", "Exit", "Result", "Updated"]
-
-
-def _short_time(text: str | None) -> str:
-    return text.replace("T", " ")[:19] if text else ""
 
 
 def _finished(counts: dict[str, int]) -> int:
@@ -83,36 +77,18 @@ def result_summary(command: CommandView, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-class JobTableModel(QAbstractTableModel):
-    def __init__(self, parent: Any = None) -> None:
-        super().__init__(parent)
-        self.jobs: list[JobView] = []
+class JobTableModel(ListTableModel[JobView]):
+    columns = JOB_COLUMNS
 
-    def set_jobs(self, jobs: list[JobView]) -> None:
-        self.beginResetModel()
-        self.jobs = jobs
-        self.endResetModel()
-
-    def rowCount(self, parent: _Index = QModelIndex()) -> int:  # noqa: B008
-        return 0 if parent.isValid() else len(self.jobs)
-
-    def columnCount(self, parent: _Index = QModelIndex()) -> int:  # noqa: B008
-        return 0 if parent.isValid() else len(JOB_COLUMNS)
-
-    def headerData(self, section: int, orientation: Qt.Orientation, role: int = 0) -> Any:
-        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
-            return JOB_COLUMNS[section]
-        return None
-
-    def data(self, index: _Index, role: int = 0) -> Any:
-        if not index.isValid() or index.row() >= len(self.jobs):
+    def data(self, index: Index, role: int = 0) -> Any:
+        job = self.row_at(index)
+        if job is None:
             return None
-        job = self.jobs[index.row()]
         column = index.column()
         if role == Qt.ItemDataRole.DisplayRole:
             counts = job.counts
             return [
-                _short_time(job.created_at),
+                short_time(job.created_at),
                 job.name,
                 job.state,
                 f"{_finished(counts)}/{job.total}",
@@ -127,38 +103,14 @@ class JobTableModel(QAbstractTableModel):
         return None
 
 
-class CommandTableModel(QAbstractTableModel):
-    def __init__(self, parent: Any = None) -> None:
-        super().__init__(parent)
-        self.commands: list[CommandView] = []
+class CommandTableModel(ListTableModel[CommandView]):
+    columns = COMMAND_COLUMNS
+    row_key = operator.attrgetter("command_id")
 
-    def set_commands(self, commands: list[CommandView]) -> None:
-        if [c.command_id for c in commands] == [c.command_id for c in self.commands]:
-            self.commands = commands
-            if commands:
-                self.dataChanged.emit(
-                    self.index(0, 0), self.index(len(commands) - 1, len(COMMAND_COLUMNS) - 1)
-                )
-            return
-        self.beginResetModel()
-        self.commands = commands
-        self.endResetModel()
-
-    def rowCount(self, parent: _Index = QModelIndex()) -> int:  # noqa: B008
-        return 0 if parent.isValid() else len(self.commands)
-
-    def columnCount(self, parent: _Index = QModelIndex()) -> int:  # noqa: B008
-        return 0 if parent.isValid() else len(COMMAND_COLUMNS)
-
-    def headerData(self, section: int, orientation: Qt.Orientation, role: int = 0) -> Any:
-        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
-            return COMMAND_COLUMNS[section]
-        return None
-
-    def data(self, index: _Index, role: int = 0) -> Any:
-        if not index.isValid() or index.row() >= len(self.commands):
+    def data(self, index: Index, role: int = 0) -> Any:
+        command = self.row_at(index)
+        if command is None:
             return None
-        command = self.commands[index.row()]
         column = index.column()
         if role == Qt.ItemDataRole.DisplayRole:
             exit_code = command.result.exit_code if command.result is not None else None
@@ -167,31 +119,13 @@ class CommandTableModel(QAbstractTableModel):
                 command.state,
                 "" if exit_code is None else str(exit_code),
                 result_summary(command),
-                _short_time(command.updated_at),
+                short_time(command.updated_at),
             ][column]
         if role == Qt.ItemDataRole.ForegroundRole and column == 1:
             return STATE_COLOURS.get(command.state)
         if role == Qt.ItemDataRole.UserRole:
             return command.command_id
         return None
-
-
-def _table(model: QAbstractTableModel, widths: tuple[int, ...]) -> QTableView:
-    view = QTableView()
-    view.setModel(model)
-    view.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-    view.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-    view.setWordWrap(False)
-    view.setShowGrid(False)
-    view.setAlternatingRowColors(True)
-    view.verticalHeader().setVisible(False)
-    view.verticalHeader().setDefaultSectionSize(view.fontMetrics().height() + 4)
-    header = view.horizontalHeader()
-    header.setStretchLastSection(True)
-    header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
-    for column, width in enumerate(widths):
-        header.resizeSection(column, width)
-    return view
 
 
 class JobsView(QWidget):
@@ -212,7 +146,7 @@ class JobsView(QWidget):
         layout.addWidget(splitter)
 
         self.job_model = JobTableModel(self)
-        self.job_view = _table(self.job_model, (130, 80, 70, 70, 40, 50))
+        self.job_view = make_table(self.job_model, (130, 80, 70, 70, 40, 50))
         self.job_view.selectionModel().currentRowChanged.connect(self._job_row_changed)
         splitter.addWidget(self.job_view)
 
@@ -241,7 +175,7 @@ class JobsView(QWidget):
         detail_layout.addWidget(self.message)
         inner = QSplitter(Qt.Orientation.Vertical)
         self.command_model = CommandTableModel(self)
-        self.command_view = _table(self.command_model, (130, 80, 40, 260))
+        self.command_view = make_table(self.command_model, (130, 80, 40, 260))
         self.command_view.selectionModel().currentRowChanged.connect(self._command_row_changed)
         inner.addWidget(self.command_view)
         self.output = QPlainTextEdit()
@@ -289,8 +223,8 @@ class JobsView(QWidget):
             # Show the list now, from the model; the fleet's batch still goes out at its own
             # pace (flushing it here would hand every other view an early, extra batch).
             self._refresh_list()
-            if self.job_id is None and self.job_model.jobs:
-                self.select_job(self.job_model.jobs[0].job_id)
+            if self.job_id is None and self.job_model.rows:
+                self.select_job(self.job_model.rows[0].job_id)
 
     async def load_job(self, job_id: str | None) -> None:
         if job_id is None:
@@ -354,7 +288,7 @@ class JobsView(QWidget):
 
     def select_job(self, job_id: str) -> None:
         self._refresh_list()
-        for row, job in enumerate(self.job_model.jobs):
+        for row, job in enumerate(self.job_model.rows):
             if job.job_id == job_id:
                 self.job_view.selectRow(row)
                 break
@@ -362,7 +296,7 @@ class JobsView(QWidget):
         self._refresh_detail()
 
     def _job_row_changed(self, current: QModelIndex, _previous: QModelIndex) -> None:
-        jobs = self.job_model.jobs
+        jobs = self.job_model.rows
         if not current.isValid() or current.row() >= len(jobs):
             return
         job_id = jobs[current.row()].job_id
@@ -374,7 +308,7 @@ class JobsView(QWidget):
             self._spawn(self.load_job(job_id))
 
     def _command_row_changed(self, current: QModelIndex, _previous: QModelIndex) -> None:
-        commands = self.command_model.commands
+        commands = self.command_model.rows
         if not current.isValid() or current.row() >= len(commands):
             return
         command_id = commands[current.row()].command_id
@@ -408,7 +342,7 @@ class JobsView(QWidget):
         jobs = sorted(self.fleet.jobs.values(), key=lambda j: j.created_at, reverse=True)
         current = self.job_id
         self.job_view.selectionModel().blockSignals(True)
-        self.job_model.set_jobs(jobs)
+        self.job_model.set_rows(jobs)
         for row, job in enumerate(jobs):
             if job.job_id == current:
                 self.job_view.selectRow(row)
@@ -429,7 +363,7 @@ class JobsView(QWidget):
     def _refresh_detail(self) -> None:
         job = self.fleet.jobs.get(self.job_id) if self.job_id else None
         commands = self.job_commands()
-        self.command_model.set_commands(commands)
+        self.command_model.set_rows(commands)
         if job is None:
             self.title.setText("No job selected. Dispatch with Ctrl+Enter.")
             self.cancel_button.setEnabled(False)

@@ -41,7 +41,7 @@ async def test_dispatch_ping_to_the_selection_and_see_results(hub: HubHandle, wi
     await wait_for(lambda: window.jobs.job_id is not None, what="the job")
     jobs = window.jobs
     await wait_for(
-        lambda: [c.state for c in jobs.command_model.commands] == ["succeeded"] * 3,
+        lambda: [c.state for c in jobs.command_model.rows] == ["succeeded"] * 3,
         what="three succeeded commands in the job view",
     )
     assert all(len(a.received) == 1 and a.received[0]["name"] == "ping" for a in agents)
@@ -72,7 +72,7 @@ async def test_exec_asks_first_then_output_is_shown(hub: HubHandle, window_facto
     assert agents[0].received[0]["args"] == {"argv": ["uptime", "-p"]}
     jobs = window.jobs
     await wait_for(
-        lambda: [c.state for c in jobs.command_model.commands] == ["succeeded"] * 2,
+        lambda: [c.state for c in jobs.command_model.rows] == ["succeeded"] * 2,
         what="results in the job view",
     )
     jobs.command_view.selectRow(0)
@@ -97,7 +97,7 @@ async def test_cancel_a_running_job(hub: HubHandle, window_factory):
     await wait_for(lambda: any(a.received for a in agents), what="one command running")
     jobs.cancel_button.click()
     await wait_for(
-        lambda: sorted(c.state for c in jobs.command_model.commands) == ["cancelled"] * 2,
+        lambda: sorted(c.state for c in jobs.command_model.rows) == ["cancelled"] * 2,
         what="both cancelled",
     )
     await wait_for(lambda: window.fleet.jobs[jobs.job_id].state == "cancelled", what="job state")

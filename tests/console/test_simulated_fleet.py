@@ -46,8 +46,8 @@ async def test_console_shows_and_drives_a_simulated_fleet(hub: HubHandle, window
         jobs = window.jobs
         await wait_for(
             lambda: (
-                len(jobs.command_model.commands) == COUNT
-                and all(c.state == "succeeded" for c in jobs.command_model.commands)
+                len(jobs.command_model.rows) == COUNT
+                and all(c.state == "succeeded" for c in jobs.command_model.rows)
             ),
             30,
             what="60 pings succeeded in the job view",
