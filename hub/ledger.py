@@ -332,23 +332,23 @@ class Ledger:
 
     # -- messages from agents ------------------------------------------------------------
 
-    def owned(self, agent_id: str, command_id: str) -> CommandRecord | bool | None:
-        """The unfinished command if it is this agent's; True if it is this agent's and
-        already finished (harmless repeat); None if it is not this agent's or unknown."""
+    def owned(self, agent_id: str, command_id: str) -> tuple[bool, CommandRecord | None]:
+        """Whether ``command_id`` is this agent's, and its record while it is unfinished.
+
+        ``(False, None)``: unknown or another agent's (refused). ``(True, None)``: this
+        agent's and finished (a harmless repeat, ignored).
+        """
         command = self.commands.get(command_id)
         if command is not None:
-            return command if command.agent_id == agent_id else None
-        if self._finished.get(command_id) == agent_id:
-            return True
-        return None
+            if command.agent_id != agent_id:
+                return False, None
+            return True, None if command.state in TERMINAL_STATES else command
+        return self._finished.get(command_id) == agent_id, None
 
     def on_ack(self, agent_id: str, command_id: str) -> bool:
-        command = self.owned(agent_id, command_id)
+        owned, command = self.owned(agent_id, command_id)
         if command is None:
-            return False
-        if command is True:
-            return True
-        assert isinstance(command, CommandRecord)
+            return owned
         if STATE_RANK[command.state] < STATE_RANK["acked"]:
             self._mark_in_flight(command)
             command.acked_at = self.clock()
@@ -357,14 +357,9 @@ class Ledger:
         return True
 
     def on_output(self, agent_id: str, message: Output) -> bool:
-        command = self.owned(agent_id, message.command_id)
+        owned, command = self.owned(agent_id, message.command_id)
         if command is None:
-            return False
-        if command is True:
-            return True
-        assert isinstance(command, CommandRecord)
-        if command.state in TERMINAL_STATES:
-            return True
+            return owned
         data = message.data
         size = len(data.encode("utf-8", "replace"))
         cap = self.config.output_cap
@@ -393,14 +388,9 @@ class Ledger:
         return True
 
     def on_result(self, agent_id: str, message: Result) -> bool:
-        command = self.owned(agent_id, message.command_id)
+        owned, command = self.owned(agent_id, message.command_id)
         if command is None:
-            return False
-        if command is True:
-            return True
-        assert isinstance(command, CommandRecord)
-        if command.state in TERMINAL_STATES:
-            return True
+            return owned
         command.result = {
             "status": message.status,
             "exit_code": message.exit_code,
