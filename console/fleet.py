@@ -163,16 +163,22 @@ class MetricsHistory:
 
     def append(self, t: float, stats: dict[str, Any]) -> None:
         self.latest = stats
-        i = self._next
-        self._t[i] = t
         agents = stats.get("agents") or {}
-        for name, array in self._data.items():
+        values = {}
+        for name in self.FIELDS:
             value = (
                 agents.get(name)
                 if name in ("online", "stale", "offline", "unknown")
                 else (stats.get(name))
             )
-            array[i] = float(value) if isinstance(value, int | float) else np.nan
+            values[name] = float(value) if isinstance(value, int | float) else np.nan
+        self._put(t, values)
+
+    def _put(self, t: float, values: dict[str, float]) -> None:
+        i = self._next
+        self._t[i] = t
+        for name, array in self._data.items():
+            array[i] = values[name]
         self._next = (i + 1) % self.capacity
         self._size = min(self._size + 1, self.capacity)
 
@@ -192,13 +198,8 @@ class MetricsHistory:
         self.clear()
         for t, stats in older:
             self.append(t, stats)
-        for i in range(len(kept_t)):
-            j = self._next
-            self._t[j] = kept_t[i]
-            for name, array in self._data.items():
-                array[j] = kept[name][i]
-            self._next = (j + 1) % self.capacity
-            self._size = min(self._size + 1, self.capacity)
+        for i, t in enumerate(kept_t):
+            self._put(t, {name: values[i] for name, values in kept.items()})
         self.latest = latest or (older[-1][1] if older else {})
         return len(older)
 
