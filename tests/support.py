@@ -14,10 +14,13 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+if TYPE_CHECKING:
+    from tests.conftest import HubHandle
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,6 +120,13 @@ class RawAgent:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+async def online_agent(hub: HubHandle, agent_id: str = "edge-1", **fields: Any) -> RawAgent:
+    """A registered raw agent with a fresh key of its own."""
+    agent = await RawAgent.connect(hub.agent_url, await hub.agent_token(agent_id))
+    await agent.register(agent_id, **fields)
+    return agent
 
 
 async def refused_status(url: str, token: str | None = None, **kwargs: Any) -> tuple[int, Any]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,20 +10,14 @@ import pytest
 
 from agent.handlers import CommandContext, Stream
 from agent.profile import AgentProfile
+from tests.support import wait_for
 
 
 async def eventually(
     condition: Callable[[], Any], timeout: float = 10.0, message: str = "condition"
 ) -> Any:
     """Poll ``condition`` until it is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {message}")
-        await asyncio.sleep(0.02)
+    return await wait_for(condition, timeout, interval=0.02, what=message)
 
 
 def gone(pid: int) -> bool:

@@ -27,6 +27,7 @@ from agent.simulate import Simulation, SimulationOptions
 from agent.state import Credentials, KeyFile, prepare_state_dir
 from hub.protocol.client import AdminClient
 from tests.conftest import HubHandle
+from tests.support import wait_for
 
 from .conftest import eventually, gone
 
@@ -119,14 +120,7 @@ async def finished(admin: AdminClient, command_id: str, timeout: float = 20.0) -
         (command,) = page["commands"]
         return command if command["result"] is not None else None
 
-    async def poll() -> dict[str, Any]:
-        while True:
-            command = await check()
-            if command is not None:
-                return command
-            await asyncio.sleep(0.05)
-
-    return await asyncio.wait_for(poll(), timeout)
+    return await wait_for(check, timeout, interval=0.05, what=f"{command_id} finished")
 
 
 async def test_enrollment_stores_the_agent_key_and_uses_it_on_reconnect(

@@ -8,15 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import HubHandle
-from tests.support import RawAgent, wait_for
+from tests.support import RawAgent, online_agent, wait_for
 
 __all__ = ["Responder", "online_agent", "open_window", "wait_for"]
-
-
-async def online_agent(hub: HubHandle, agent_id: str, **fields: Any) -> RawAgent:
-    agent = await RawAgent.connect(hub.agent_url, await hub.agent_token(agent_id))
-    await agent.register(agent_id, **fields)
-    return agent
 
 
 async def open_window(

@@ -46,7 +46,9 @@ async def test_counts_rows_map_and_topology_follow_the_hub(hub: HubHandle, windo
     await a1.send({"type": "heartbeat", "status": "degraded", "metrics": {"cpu_percent": 97}})
     await wait_for(lambda: fleet.agents["edge-berlin-1"].condition == "degraded", what="degraded")
 
-    # Topology: one hub, three regions, counts and worst state per node.
+    # Topology: one hub, three regions, counts and worst state per node. Its counts follow
+    # the model's batches: hand over the pending one before reading them.
+    fleet.flush()
     window.topology.refresh()
     hub_item = window.topology.hub_items[hub.hub.hub_id]
     assert hub_item.text(1) == "4"

@@ -9,17 +9,11 @@ import pytest
 
 from hub.protocol.client import AdminClient, AdminError
 from tests.conftest import HubHandle
-from tests.support import RawAgent, wait_for
+from tests.support import RawAgent, online_agent, wait_for
 
 
 async def admin_client(hub: HubHandle, role: str = "admin") -> AdminClient:
     return await AdminClient(hub.url, await hub.admin_token(role)).open()
-
-
-async def online_agent(hub: HubHandle, agent_id: str = "edge-1", **fields) -> RawAgent:
-    agent = await RawAgent.connect(hub.agent_url, await hub.agent_token(agent_id))
-    await agent.register(agent_id, **fields)
-    return agent
 
 
 async def test_viewer_cannot_dispatch_cancel_or_read_audit(hub: HubHandle) -> None:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import HubHandle
-from tests.support import ROOT, RawAgent, run_cli, run_cli_async, wait_for
+from tests.support import ROOT, RawAgent, online_agent, run_cli, run_cli_async, wait_for
 
 
 def test_token_create_list_revoke(tmp_path: Path) -> None:
@@ -68,8 +68,7 @@ def test_usage_errors_exit_2_with_one_line(tmp_path: Path) -> None:
 
 
 async def test_agents_json_and_bad_token(hub: HubHandle) -> None:
-    agent = await RawAgent.connect(hub.agent_url, await hub.agent_token("edge-1"))
-    await agent.register("edge-1", labels={"site": "berlin"})
+    agent = await online_agent(hub, "edge-1", labels={"site": "berlin"})
     token = await hub.admin_token("viewer")
     done = await run_cli_async("agents", "--hub", hub.url, "--token", token, "--json")
     assert done.returncode == 0, done.stderr
@@ -94,10 +93,8 @@ async def answer_commands(agent: RawAgent, status: str, count: int) -> None:
 
 
 async def test_send_wait_json_and_exit_codes(hub: HubHandle) -> None:
-    good = await RawAgent.connect(hub.agent_url, await hub.agent_token("good"))
-    await good.register("good", region="eu-central")
-    bad = await RawAgent.connect(hub.agent_url, await hub.agent_token("bad"))
-    await bad.register("bad", region="us-east")
+    good = await online_agent(hub, "good", region="eu-central")
+    bad = await online_agent(hub, "bad", region="us-east")
     token = await hub.admin_token("operator")
     base = ("send", "--hub", hub.url, "--token", token)
 
@@ -143,8 +140,7 @@ async def test_tail_json_prints_one_event_per_line(hub: HubHandle) -> None:
     )  # fmt: skip
     try:
         await wait_for(lambda: hub.hub.admins and next(iter(hub.hub.admins)).topics, timeout=20)
-        agent = await RawAgent.connect(hub.agent_url, await hub.agent_token("edge-1"))
-        await agent.register("edge-1")
+        agent = await online_agent(hub, "edge-1")
         assert process.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 20)
         event = json.loads(line)
@@ -159,8 +155,7 @@ async def test_tail_json_prints_one_event_per_line(hub: HubHandle) -> None:
 
 async def test_jobs_job_alerts_ack_audit(hub_factory) -> None:
     hub = await hub_factory(alert_expected_agents=1)
-    agent = await RawAgent.connect(hub.agent_url, await hub.agent_token("edge-1"))
-    await agent.register("edge-1")
+    agent = await online_agent(hub, "edge-1")
     operator = await hub.admin_token("operator")
     admin = await hub.admin_token("admin")
     answering = asyncio.ensure_future(answer_commands(agent, "succeeded", 1))

@@ -6,7 +6,7 @@ import asyncio
 
 from hub.protocol.constants import ADMIN_SUBPROTOCOL, AGENT_SUBPROTOCOL
 from tests.conftest import HubHandle
-from tests.support import RawAgent, refused_status, wait_for
+from tests.support import RawAgent, online_agent, refused_status, wait_for
 
 
 async def audit_actions(hub: HubHandle) -> list[dict]:
@@ -133,8 +133,7 @@ async def test_failed_auth_cooloff_is_429_for_that_source_only(hub_factory) -> N
 
 async def test_agent_limit_is_503_with_retry_after(hub_factory) -> None:
     hub = await hub_factory(max_agents=1)
-    first = await RawAgent.connect(hub.agent_url, await hub.agent_token("edge-1"))
-    await first.register("edge-1")
+    first = await online_agent(hub, "edge-1")
     status, (body, headers) = await refused_status(hub.agent_url, await hub.agent_token("edge-2"))
     assert (status, body) == (503, {"error": "overloaded"})
     assert int(headers["Retry-After"]) >= 1

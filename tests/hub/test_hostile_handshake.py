@@ -455,17 +455,23 @@ async def test_frames_pipelined_before_the_101_refuse_the_upgrade(
     # check finishes after a store lookup: the frame arrives while the answer is pending.
     record, fresh = hub.hub.credentials.make("agent", agent_id="edge-2")
     await hub.hub.store.add_credential(record)
+    # The real lookup runs, held at a gate until the frame is on its way: the frame is
+    # already in the hub's socket when the lookup's store read completes.
     look_up = hub.hub.credentials.look_up
+    started, release = asyncio.Event(), asyncio.Event()
 
-    async def slow_look_up(credential_id: str) -> None:
-        await asyncio.sleep(0.3)
+    async def gated_look_up(credential_id: str) -> None:
+        started.set()
+        await release.wait()
         await look_up(credential_id)
 
-    monkeypatch.setattr(hub.hub.credentials, "look_up", slow_look_up)
+    monkeypatch.setattr(hub.hub.credentials, "look_up", gated_look_up)
     wire = await Wire.open(hub.hub.port)
     await wire.send(upgrade_request("/ws", fresh))
-    await asyncio.sleep(0.1)
+    async with asyncio.timeout(5):
+        await started.wait()
     await wire.send(text({"type": "register", "agent_id": "edge-2"}))
+    release.set()
     response = await wire.read_response()
     assert (response.status, response.json()) == (400, {"error": "bad_request"})
     assert await wire.eof() == b""

@@ -9,7 +9,7 @@ import pytest
 
 from hub.protocol.client import AdminClient, AdminError
 from tests.conftest import HubHandle
-from tests.support import RawAgent, wait_for
+from tests.support import RawAgent, online_agent, wait_for
 
 
 @pytest.fixture
@@ -18,12 +18,6 @@ async def admin(hub: HubHandle) -> AsyncIterator[AdminClient]:
     await client.open()
     yield client
     await client.close()
-
-
-async def online_agent(hub: HubHandle, agent_id: str = "edge-1", **fields) -> RawAgent:
-    agent = await RawAgent.connect(hub.agent_url, await hub.agent_token(agent_id))
-    await agent.register(agent_id, **fields)
-    return agent
 
 
 async def stored_state(hub: HubHandle, command_id: str) -> str:
