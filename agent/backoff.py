@@ -7,7 +7,9 @@ registered for ``reset_after`` seconds, so one blip after a long healthy session
 
 Hints from the hub take precedence over the plain backoff:
 
-* ``reconnect.after_ms`` is already drawn at random per agent by the hub, so it is used as is;
+* ``reconnect.after_ms`` is already drawn at random per agent by the hub, so it is used as is,
+  and it does not count as a retry: a planned reconnect (a drain) is no failure, so if the
+  hub is not back yet the next wait is drawn from ``[0, base]``, not from a doubled range;
 * HTTP ``Retry-After`` may be one number for everyone, so it is a floor to which a jitter
   as wide as itself is added: ``Retry-After: 5`` means 5 to 10 s (thousands of agents
   refused together must not come back in the same second). Not the exponential jitter: an
@@ -35,6 +37,8 @@ __all__ = ["Backoff", "Hint"]
 SUPERSEDED_WAIT = (30.0, 30.0)
 REVOKED_WAIT = (600.0, 300.0)
 OVERLOAD_FLOOR = 5.0
+#: Close codes whose own waits win over a ``reconnect`` hint sent before them.
+_FAULTS = (Close.REVOKED, Close.SUPERSEDED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +86,10 @@ class Backoff:
         registered_at, self._registered_at = self._registered_at, None
         if registered_at is not None and self._clock() - registered_at >= self.reset_after:
             self.attempt = 0
+        if hint is not None and hint.after_ms is not None and hint.close_code not in _FAULTS:
+            # The hub asked us to come back later (a drain): planned, not a failure, so
+            # the dial after it is a first try and a refusal then waits at most a second.
+            return hint.after_ms / 1000.0
         jitter = self._rng.uniform(0.0, self.ceiling())
         self.attempt += 1
         if hint is None:

@@ -92,6 +92,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "--degraded", type=float, default=0.0, help="fraction reporting status degraded"
     )
     sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument(
+        "--source",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="ADDR",
+        help="local addresses to dial from, agents spread over them (e.g. 127.0.0.2)",
+    )
     log_level(sim)
 
     doctor = commands.add_parser("doctor", help="check the way to the hub, step by step")
@@ -306,6 +314,7 @@ async def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             churn=args.churn,
             degraded=args.degraded,
             seed=args.seed,
+            sources=tuple(args.source),
         ),
         settings,
     )

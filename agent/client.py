@@ -247,6 +247,7 @@ class AgentClient:
         "metrics",
         "profile",
         "settings",
+        "source",
     )
 
     def __init__(
@@ -258,8 +259,12 @@ class AgentClient:
         metrics: MetricsSource,
         *,
         backoff: Backoff | None = None,
+        source: str | None = None,
     ) -> None:
         self.profile = profile
+        #: The local address to dial from (None: the system's choice); ``simulate`` spreads
+        #: its agents over several so that one address's ports do not run out.
+        self.source = source
         self.settings = settings
         self.credentials = credentials
         self.executor = executor
@@ -356,6 +361,7 @@ class AgentClient:
                 subprotocols=[AGENT_SUBPROTOCOL],
                 ssl_context=self.settings.ssl_context,
                 open_timeout=self.settings.open_timeout,
+                local_addr=(self.source, 0) if self.source else None,
             )
         except HandshakeRefused as exc:
             return await self._refused(url, exc, credential), True

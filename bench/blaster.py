@@ -20,25 +20,25 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hub.protocol.connection import Connection, connect
+from bench.lean import LeanClient, lean_connect, text, upgrade_request
 from hub.protocol.constants import AGENT_SUBPROTOCOL
 
-HEARTBEAT = orjson.dumps(
-    {
-        "type": "heartbeat",
-        "status": "ok",
-        "metrics": {"cpu_percent": 12.5, "mem_percent": 40.1, "load1": 0.3, "uptime_s": 86400},
-    }
+HEARTBEAT = text(
+    orjson.dumps(
+        {
+            "type": "heartbeat",
+            "status": "ok",
+            "metrics": {"cpu_percent": 12.5, "mem_percent": 40.1, "load1": 0.3, "uptime_s": 86400},
+        }
+    )
 )
 
 
-class Quiet(Connection):
+class Quiet(LeanClient):
     """Keeps only what the benchmark needs: whether welcome came, and the key it carried."""
 
-    __slots__ = ("agent_key", "welcomed")
-
-    def __init__(self, protocol: object) -> None:
-        super().__init__(protocol)  # type: ignore[arg-type]
+    def __init__(self, request: bytes) -> None:
+        super().__init__(request)
         self.agent_key: str | None = None
         self.welcomed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -47,19 +47,20 @@ class Quiet(Connection):
             self.agent_key = orjson.loads(data).get("agent_key")
             self.welcomed.set_result(None)
 
-    def on_close(self, code: int, reason: str) -> None:
+    def on_close(self, reason: str) -> None:
         if not self.welcomed.done():
-            self.welcomed.set_exception(ConnectionError(f"closed {code} {reason}"))
+            self.welcomed.set_exception(ConnectionError(reason))
 
 
-async def open_one(url: str, token: str, agent_id: str) -> Connection:
+async def open_one(url: str, token: str, agent_id: str) -> Quiet:
     """Connect and send ``register``; the connection's ``welcomed`` resolves on welcome."""
-    conn = await connect(
-        url.rstrip("/") + "/ws",
-        Quiet,
-        headers=[("Authorization", f"Bearer {token}")],
-        subprotocols=[AGENT_SUBPROTOCOL],
+    request = upgrade_request(
+        url,
+        "/ws",
+        [("Sec-WebSocket-Protocol", AGENT_SUBPROTOCOL), ("Authorization", f"Bearer {token}")],
     )
+    conn = await lean_connect(url, Quiet, request)
+    assert isinstance(conn, Quiet)
     conn.send_text(
         orjson.dumps(
             {
@@ -103,7 +104,7 @@ async def main(args: argparse.Namespace) -> None:
         # Again, each agent with the key the hub issued it: registration by agent key.
         keys = [c.agent_key or args.token for c in conns]
         for conn in conns:
-            conn.close(1000)
+            conn.close()
         await asyncio.sleep(2.0)
         conns, seconds = await register_all(args, keys)
         print(
@@ -120,7 +121,7 @@ async def main(args: argparse.Namespace) -> None:
         due = int(args.rate * (now - started)) - sent
         for n in range(max(0, due)):
             conn = conns[(sent + n) % len(conns)]
-            conn.send_text(HEARTBEAT)
+            conn.write(HEARTBEAT)
         sent += max(0, due)
         await asyncio.sleep(0.005)
     print(orjson.dumps({"sent": sent, "seconds": time.monotonic() - started}).decode(), flush=True)

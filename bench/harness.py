@@ -184,6 +184,18 @@ class Floor:
         return int(self.stats()["agents"])
 
 
+#: Loopback source addresses per load process: ~2,400 agents each, far from one address's
+#: 28,000 ephemeral ports even with a storm's TIME_WAITs on top.
+SOURCES_PER_PROCESS = 4
+
+
+def sources(process: int) -> list[str]:
+    """The loopback addresses load process ``process`` dials from (127.0.1.x onwards)."""
+    first = process * SOURCES_PER_PROCESS
+    numbers = range(first, first + SOURCES_PER_PROCESS)
+    return [f"127.0.{1 + n // 250}.{1 + n % 250}" for n in numbers]
+
+
 def simulators(workdir: Path, url: str, token: str, count: int, prefix: str,
                rate: float = 1_000, tag: str = "sim") -> list[Proc]:  # fmt: skip
     """``tether-agent simulate`` processes, at most PER_PROCESS agents each."""
@@ -198,7 +210,7 @@ def simulators(workdir: Path, url: str, token: str, count: int, prefix: str,
                 f"{tag}{index}",
                 [PYTHON, "-m", "agent", "simulate", "--hub", url, "--token", token,
                  "--count", str(n), "--prefix", f"{prefix}{index}-", "--rate", str(rate),
-                 "--log-level", "warning"],
+                 "--log-level", "warning", "--source", *sources(index)],
                 workdir / f"{tag}{index}.log",
             ).start()
         )  # fmt: skip

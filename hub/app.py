@@ -218,6 +218,8 @@ class Hub:
         if self.server is not None:
             self.server.close()
         spread = config.reconnect_spread_ms
+        began = time.monotonic()
+        agents = len(self.registry.live)
         for session in list(self.registry.live.values()):
             after = random.randint(0, spread) if spread else 0
             session.send(encode({"type": "reconnect", "after_ms": after, "reason": "draining"}))
@@ -227,6 +229,7 @@ class Hub:
         deadline = time.monotonic() + config.shutdown_timeout
         while (self.registry.live or self.admins) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        drained = time.monotonic()
         for session in list(self.registry.live.values()):
             session.conn.abort()
         for admin in list(self.admins):
@@ -255,7 +258,13 @@ class Hub:
                     await step()
             except (TimeoutError, StoreUnavailable) as exc:
                 log.error("shutdown step %s did not complete: %r", step.__qualname__, exc)
-        log.info("hub %s stopped", self.hub_id)
+        log.info(
+            "hub %s stopped: %d agents sent away in %.2f s, stopped %.2f s after",
+            self.hub_id,
+            agents,
+            drained - began,
+            time.monotonic() - drained,
+        )
 
     async def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT, then drain and return."""

@@ -13,8 +13,11 @@ Subclasses override the ``on_*`` hooks; nothing here knows about Tether's messag
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 import ssl
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -45,6 +48,9 @@ WIRE_LOGGER.setLevel(logging.WARNING)
 log = logging.getLogger(__name__)
 
 SEND_EOF = b""
+#: Linux's IP_BIND_ADDRESS_NO_PORT (not every Python names it): bind the address now, choose
+#: the port at connect time.
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 #: Largest frame the fast path reads when the protocol has no size limit.
 MAX_FAST = 65_535
 
@@ -537,14 +543,19 @@ async def connect(
     try:
         async with asyncio.timeout(open_timeout):
             try:
-                await loop.create_connection(
-                    lambda: connection,
-                    uri.host,
-                    uri.port,
-                    ssl=ssl_context if uri.secure else None,
-                    server_hostname=(server_hostname or uri.host) if uri.secure else None,
-                    local_addr=local_addr,
-                )
+                tls = {
+                    "ssl": ssl_context if uri.secure else None,
+                    "server_hostname": (server_hostname or uri.host) if uri.secure else None,
+                }
+                if local_addr is None:
+                    await loop.create_connection(lambda: connection, uri.host, uri.port, **tls)
+                else:
+                    sock = await _dial_from(loop, local_addr, uri.host, uri.port)
+                    try:
+                        await loop.create_connection(lambda: connection, sock=sock, **tls)
+                    except BaseException:
+                        sock.close()
+                        raise
                 if pin_sha256 is not None and uri.secure:
                     transport = connection.transport
                     ssl_object = transport.get_extra_info("ssl_object") if transport else None
@@ -572,3 +583,32 @@ async def connect(
             raise refusal from None
         raise
     return connection
+
+
+async def _dial_from(
+    loop: asyncio.AbstractEventLoop, local_addr: tuple[str, int], host: str, port: int
+) -> socket.socket:
+    """A TCP socket connected to ``host:port`` from ``local_addr``.
+
+    Why not ``create_connection(local_addr=...)``: it binds before connecting, so the kernel
+    must find a port free on that address for *any* destination, a search that crawls once
+    tens of thousands of connections and TIME_WAITs share the range. With the port chosen at
+    connect time (``IP_BIND_ADDRESS_NO_PORT``) only the whole 4-tuple has to be unique, and a
+    load generator spreading agents over several loopback addresses gets a fresh range each.
+    """
+    family = socket.AF_INET6 if ipaddress.ip_address(local_addr[0]).version == 6 else socket.AF_INET
+    infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
+    if not infos:
+        raise OSError(f"{host} has no address of the family of {local_addr[0]}")
+    _family, kind, proto, _name, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        if sys.platform == "linux" and local_addr[1] == 0:
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind(local_addr)
+        await loop.sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -90,6 +90,17 @@ def test_after_ms_is_used_as_given() -> None:
     assert backoff.next_delay(Hint(after_ms=0)) == 0.0
 
 
+def test_a_drain_is_not_a_failure_so_a_refused_dial_after_it_retries_within_a_second() -> None:
+    # A hub restarting sends everyone away with after_ms; whoever comes back before it listens
+    # again must retry fast, not from a doubled window.
+    for seed in range(200):
+        backoff = Backoff(rng=random.Random(seed))
+        assert backoff.next_delay(Hint(close_code=Close.SERVICE_RESTART, after_ms=800)) == 0.8
+        assert backoff.attempt == 0
+        assert 0.0 <= backoff.next_delay() <= 1.0
+        assert backoff.ceiling() == 2.0
+
+
 def test_superseded_waits_thirty_seconds_plus_jitter() -> None:
     delays = [
         Backoff(rng=random.Random(seed)).next_delay(Hint(close_code=Close.SUPERSEDED))

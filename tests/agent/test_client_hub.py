@@ -388,6 +388,25 @@ async def test_simulated_fleet_registers_answers_and_reenrolls_with_keys(
     await eventually(lambda: not hub.hub.registry.live, message="all closed")
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="127.0.0.0/8 beyond .1 is Linux loopback")
+async def test_simulated_agents_dial_from_the_source_addresses_given(hub: HubHandle) -> None:
+    enroll = await hub.token("enroll", pattern="src-*")
+    sources = ("127.0.0.2", "127.0.0.3")
+    simulation = Simulation(
+        SimulationOptions(count=6, token=enroll, prefix="src-", rate=400, report_every=0,
+                          sources=sources),
+        ClientSettings(urls=[hub.url], shutdown_grace=0.5),
+    )  # fmt: skip
+    runner = asyncio.ensure_future(simulation.run())
+    try:
+        await eventually(lambda: simulation.summary()["registered"] == 6, 20, "6 registered")
+        peers = {live(hub, c.profile.agent_id).conn.peer for c in simulation.clients}
+        assert peers == set(sources)
+    finally:
+        await simulation.shutdown()
+        await asyncio.wait_for(runner, 20)
+
+
 async def test_real_agent_process_runs_commands_and_stops_on_sigterm(
     hub: HubHandle, admin: AdminClient, tmp_path: Path
 ) -> None:
