@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 import sys
@@ -64,6 +65,7 @@ class Connection(asyncio.Protocol):
     """
 
     __slots__ = (
+        "_client",
         "_close_timer",
         "_fast",
         "_fragments",
@@ -97,6 +99,7 @@ class Connection(asyncio.Protocol):
         self.closed = False
         #: Server side, open, no extension: data frames may take the fast path.
         self._fast = False
+        self._client = protocol.side is Side.CLIENT
         self.writable = True
         #: Server side: frames arrived before the handshake response was sent.
         self.early_data = False
@@ -179,32 +182,45 @@ class Connection(asyncio.Protocol):
         self._flush()
 
     def _fast_text_frames(self, data: bytes) -> int:
-        """Handle whole, final, masked text frames straight from the read buffer.
+        """Handle whole, final text frames straight from the read buffer.
 
         Nearly every frame a hub receives is one of these (a heartbeat, an ack, a result),
-        and websockets' generator-based parser costs about a quarter of the hub's time per
-        message. This path takes only the plain case — FIN set, no RSV bits, TEXT, masked,
-        a length under 64 KiB, no extension — and stops at anything else (control frames,
-        fragments, a partial frame), handing the rest to the sans-I/O protocol at a frame
-        boundary, where its parser stands ready. Returns the bytes consumed.
+        and so is nearly every frame an agent receives (a command); websockets'
+        generator-based parser costs about a quarter of the time per message. This path
+        takes only the plain case — FIN set, no RSV bits, TEXT, masked from a client and
+        unmasked from a server, a length under 64 KiB, no extension — and stops at anything
+        else (control frames, fragments, a partial frame, a frame masked the wrong way),
+        handing the rest to the sans-I/O protocol at a frame boundary, where its parser
+        stands ready. Returns the bytes consumed.
         """
         position = 0
         end = len(data)
         limit = self.protocol.max_message_size or MAX_FAST
-        while end - position >= 6:
+        masked = not self._client
+        header = 6 if masked else 2
+        while end - position >= header:
             if data[position] != 0x81:
                 break
-            length = data[position + 1] ^ 0x80  # the mask bit must be set
+            second = data[position + 1]
+            if masked:
+                length = second ^ 0x80  # the mask bit must be set: else length >= 128
+            elif second & 0x80:
+                break  # a server must not mask: websockets closes with the right code
+            else:
+                length = second
             if length < 126:
-                start = position + 6
-            elif length == 126 and end - position >= 8:
+                start = position + header
+            elif length == 126 and end - position >= header + 2:
                 length = (data[position + 2] << 8) | data[position + 3]
-                start = position + 8
+                start = position + header + 2
             else:
                 break
             if length > limit or start + length > end:
                 break
-            payload = apply_mask(data[start : start + length], data[start - 4 : start])
+            if masked:
+                payload = apply_mask(data[start : start + length], data[start - 4 : start])
+            else:
+                payload = data[start : start + length]
             position = start + length
             self._guard(self.on_message, payload)
             if self.closed:
@@ -260,6 +276,17 @@ class Connection(asyncio.Protocol):
         """Queue one text message; False when the connection can no longer send."""
         if self.closed or self.protocol.state is not OPEN:
             return False
+        transport = self.transport
+        if self._fast and transport is not None:
+            # The frame websockets would build, built here: no Frame object, and a mask key
+            # from a pooled urandom draw instead of a getrandom call per frame.
+            if transport.is_closing():
+                return False
+            transport.write(text_frame(data, self._client))
+            if transport.get_write_buffer_size() > self.max_buffer:
+                self._overflow()
+                return False
+            return True
         self.protocol.send_text(data)
         self._flush()
         transport = self.transport
@@ -313,7 +340,7 @@ class Connection(asyncio.Protocol):
         if response.status_code == 101:
             self.opened = True
             self._forget_handshake()
-            self._fast = not protocol.extensions and protocol.side is Side.SERVER
+            self._fast = not protocol.extensions
             self._guard(self.on_open)
         else:
             # The response is buffered; close() flushes it, then the socket goes.
@@ -386,6 +413,7 @@ class Connection(asyncio.Protocol):
     def _response(self, response: Response) -> None:
         if response.status_code == 101 and self.protocol.state is OPEN:
             self.opened = True
+            self._fast = not self.protocol.extensions
         self._guard(self.on_response, response)
         handshake = self._handshake
         if handshake is not None and not handshake.done():
@@ -583,6 +611,38 @@ async def connect(
             raise refusal from None
         raise
     return connection
+
+
+#: Mask keys are drawn from the OS's CSPRNG, as RFC 6455 §5.3 requires, a few KB at a time.
+_mask_pool = b""
+_mask_at = 0
+_MASK_POOL_BYTES = 4096
+
+
+def _mask_key() -> bytes:
+    global _mask_pool, _mask_at
+    if _mask_at + 4 > len(_mask_pool):
+        _mask_pool = os.urandom(_MASK_POOL_BYTES)
+        _mask_at = 0
+    key = _mask_pool[_mask_at : _mask_at + 4]
+    _mask_at += 4
+    return key
+
+
+def text_frame(payload: bytes, mask: bool) -> bytes:
+    """One final, uncompressed text frame (RFC 6455 §5.2); masked when a client sends it."""
+    size = len(payload)
+    bit = 0x80 if mask else 0
+    if size < 126:
+        head = bytes((0x81, bit | size))
+    elif size < 65_536:
+        head = bytes((0x81, bit | 126)) + size.to_bytes(2, "big")
+    else:
+        head = bytes((0x81, bit | 127)) + size.to_bytes(8, "big")
+    if mask:
+        key = _mask_key()
+        return head + key + apply_mask(payload, key)
+    return head + payload
 
 
 async def _dial_from(

@@ -16,22 +16,25 @@ def now() -> float:
     return time.time()
 
 
-_last_second = -1
-_last_prefix = ""
+#: Formatted seconds, most recent few: a command's view formats its creation second and
+#: the current one in turn, so a single remembered second missed every other call.
+_prefixes: dict[int, str] = {}
+_PREFIXES_KEPT = 16
 
 
 def format_time(ts: float) -> str:
     """``2026-11-28T06:00:00.123Z`` for a float epoch timestamp.
 
-    Timestamps come in runs of the same second (a job's commands, a batch of events), so
-    the formatted second is reused: strftime is most of the cost.
+    Timestamps come in runs of a few seconds (a job's commands, a batch of events), so the
+    formatted seconds are reused: strftime is most of the cost.
     """
-    global _last_second, _last_prefix
     whole = int(ts)
-    if whole != _last_second:
-        _last_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-        _last_second = whole
-    return f"{_last_prefix}.{int((ts - whole) * 1000):03d}Z"
+    prefix = _prefixes.get(whole)
+    if prefix is None:
+        if len(_prefixes) >= _PREFIXES_KEPT:
+            _prefixes.clear()
+        prefix = _prefixes[whole] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{prefix}.{int((ts - whole) * 1000):03d}Z"
 
 
 def now_rfc3339() -> str:
