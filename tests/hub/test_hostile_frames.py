@@ -41,9 +41,10 @@ from tests.hub.wire import (
     close_payload,
     deflate,
     frame,
+    inflate,
     text,
 )
-from tests.support import RawAgent, wait_for
+from tests.support import RawAgent, online_agent, wait_for
 
 MiB = 1024 * 1024
 
@@ -238,6 +239,29 @@ async def test_deflate_bomb_on_admin_closes_1009(hub: HubHandle) -> None:
     entry = (await audit(hub, "admin.disconnect"))[0]
     assert entry["detail"]["code"] == 1009
     await assert_healthy(hub)
+
+
+async def test_admin_deflate_small_messages_go_plain_and_big_ones_compressed(
+    hub: HubHandle,
+) -> None:
+    # RFC 7692 lets each side choose per message. Plain small messages save the hub (and
+    # the console) a deflate each way; big ones, a snapshot of the fleet, still shrink.
+    agents = [await online_agent(hub, f"edge-{n}", labels={"site": "x" * 40}) for n in range(8)]
+    token = await hub.admin_token("viewer")
+    wire = await Wire.upgrade(
+        hub.hub.port, "/admin", token, extra="Sec-WebSocket-Extensions: permessage-deflate\r\n"
+    )
+    await wire.send(text({"type": "jobs", "id": "plain"}))  # none yet: a short answer
+    small = await wire.read_frame()
+    assert small.rsv == 0 and json.loads(small.payload)["id"] == "plain"
+    await wire.send(frame(TEXT, deflate(b'{"type":"agents","id":"big"}'), rsv=4))
+    big = await wire.read_frame()
+    assert big.rsv == 4
+    inflated = json.loads(inflate(big.payload))
+    assert inflated["id"] == "big" and len(inflated["data"]["agents"]) == 8
+    wire.abort()
+    for agent in agents:
+        await agent.close()
 
 
 # -- content: 1003, 1007, invalid_message ------------------------------------------------

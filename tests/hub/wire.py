@@ -77,6 +77,11 @@ def deflate(data: bytes) -> bytes:
     return out[:-4]
 
 
+def inflate(data: bytes) -> bytes:
+    """The message a permessage-deflate payload carries (the first message of a context)."""
+    return zlib.decompressobj(-15).decompress(data + b"\x00\x00\xff\xff")
+
+
 def upgrade_request(
     path: str = "/ws",
     token: str | None = None,
@@ -112,6 +117,8 @@ class Frame:
     fin: bool
     opcode: int
     payload: bytes
+    #: RSV1-3 as one number: 4 is RSV1, a compressed message under permessage-deflate.
+    rsv: int = 0
 
     @property
     def close_code(self) -> int | None:
@@ -192,7 +199,7 @@ class Wire:
             elif n == 127:
                 (n,) = struct.unpack("!Q", await self.reader.readexactly(8))
             payload = await self.reader.readexactly(n)
-        got = Frame(bool(b1 & 0x80), b1 & 0x0F, payload)
+        got = Frame(bool(b1 & 0x80), b1 & 0x0F, payload, (b1 >> 4) & 0x07)
         self.received.append(got)
         return got
 
