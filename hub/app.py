@@ -26,6 +26,7 @@ from .admission import FailureTracker, TokenBucket
 from .alerts import Alerts
 from .audit import Auditor
 from .auth import PREFIXES, AuthFailure, Credentials, Principal
+from .budget import ReadBudget
 from .bus import Bus
 from .config import HubConfig, parse_listen
 from .identity import JwtVerifier, certificate_agent_id
@@ -121,6 +122,7 @@ class Hub:
         self.failures = FailureTracker(
             config.auth_failure_limit, config.auth_failure_window, config.auth_cooloff
         )
+        self.read_budget = ReadBudget(config.read_budget_ms / 1000)
         self.handshake_rate = TokenBucket(
             config.max_handshakes_per_second, config.max_handshakes_per_second
         )

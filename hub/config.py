@@ -100,6 +100,10 @@ class HubConfig(BaseModel):
     alert_capacity_share: float = Field(default=0.9, gt=0, le=1)
     alert_hub_down_after: float = Field(default=30.0, gt=0)
 
+    #: Time one turn of the event loop spends on incoming bytes before the rest waits for
+    #: the next turn (0: no bound). Keeps timers on time when thousands answer at once.
+    read_budget_ms: float = Field(default=10.0, ge=0)
+
     # Logging
     #: Log the event loop's stack when it stalls longer than this (0: off; a diagnostic).
     stall_report_ms: float = Field(default=0.0, ge=0)

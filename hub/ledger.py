@@ -533,7 +533,9 @@ class Ledger:
         if run.remaining <= 0:
             self._finish_job(run)
         else:
-            self._pump(run)
+            # Bounded like every delivery: a result that lands while a job to the whole fleet
+            # is still being delivered must not send all the rest in this one callback.
+            self._pump(run, limit=DELIVERY_SLICE)
 
     def _stop_job(self, run: JobRun) -> None:
         """``max_errors`` passed: cancel what has not finished."""

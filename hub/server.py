@@ -136,7 +136,7 @@ class _ServerProtocol(ServerProtocol):
 class HubConnection(Connection):
     """A connection to the hub, from the first byte to the close."""
 
-    __slots__ = ("_open_timer", "_shed", "hub", "session")
+    __slots__ = ("_open_timer", "_parked_data", "_shed", "hub", "session")
 
     def __init__(self, hub: Hub) -> None:
         protocol = _ServerProtocol(max_size=MAX_MESSAGE_BYTES, logger=WIRE_LOGGER)
@@ -145,6 +145,8 @@ class HubConnection(Connection):
         self.session: Session | None = None
         self._open_timer: asyncio.TimerHandle | None = None
         self._shed = False
+        #: Bytes read past this turn's read budget, handled in a later turn (hub.budget).
+        self._parked_data: bytes | None = None
 
     # -- connection ----------------------------------------------------------------------
 
@@ -184,12 +186,35 @@ class HubConnection(Connection):
             self.hub.pending_handshakes -= 1
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._parked_data is not None:
+            # Bytes that arrived before the close are handled before it.
+            data, self._parked_data = self._parked_data, None
+            self._handle(data)
         self._handshake_done()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self._shed:
             return  # answered 503 already; the request is read and dropped
+        if self._parked_data is not None:
+            self._parked_data += data
+        elif self.hub.read_budget.spent() and self.transport is not None:
+            self._parked_data = data
+            self.transport.pause_reading()
+            self.hub.read_budget.park(self)
+        else:
+            self._handle(data)
+
+    def unpark(self) -> None:
+        data, self._parked_data = self._parked_data, None
+        if data is None:
+            return  # handled already, at the close
+        self._handle(data)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def _handle(self, data: bytes) -> None:
         super().data_received(data)
         exc = self.protocol.handshake_exc
         if exc is not None and self._open_timer is not None:

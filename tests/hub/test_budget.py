@@ -1,0 +1,126 @@
+"""The read budget: bytes past a turn's budget wait for later turns, none lost or reordered."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from hub.budget import ReadBudget
+from hub.protocol.client import AdminClient
+from tests.conftest import HubHandle
+from tests.support import RawAgent, wait_for
+
+
+class Recorder:
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name = name
+        self.log = log
+
+    def unpark(self) -> None:
+        self.log.append(self.name)
+
+
+async def next_turn() -> None:
+    # Callbacks scheduled in a turn run at the start of the next: two yields pass one.
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+async def test_the_first_read_of_a_turn_starts_the_clock_and_a_new_turn_resets_it() -> None:
+    budget = ReadBudget(seconds=1e-9)
+    assert not budget.spent()
+    assert budget.spent()
+    await next_turn()
+    assert not budget.spent()
+    assert not ReadBudget(seconds=0).spent(), "0 turns the budget off"
+
+
+async def test_parked_connections_are_handled_in_arrival_order_a_budget_per_turn() -> None:
+    budget = ReadBudget(seconds=1e-9)
+    log: list[str] = []
+    budget.spent()
+    for name in "abcd":
+        budget.park(Recorder(name, log))
+    assert budget.parked == 4 and log == []
+    await asyncio.sleep(0)
+    assert 1 <= len(log) < 4, "a spent budget leaves the rest for later turns"
+    await wait_for(lambda: not budget.parked, 5, what="every parked connection handled")
+    assert log == ["a", "b", "c", "d"]
+
+
+@pytest.fixture
+async def tight(hub_factory: Callable[..., Any]) -> HubHandle:
+    # A budget no turn can stay within: every read after a turn's first is parked.
+    return await hub_factory(read_budget_ms=0.000001)
+
+
+@pytest.fixture
+async def admin(tight: HubHandle) -> AsyncIterator[AdminClient]:
+    client = await AdminClient(tight.url, await tight.admin_token("operator")).open()
+    yield client
+    await client.close()
+
+
+async def test_parked_bytes_lose_nothing_and_keep_each_connections_order(
+    tight: HubHandle, admin: AdminClient
+) -> None:
+    enroll = await tight.token("enroll")
+    agents = []
+    for n in range(12):
+        agent = await RawAgent.connect(tight.agent_url, enroll)
+        await agent.register(f"edge-{n:02d}")
+        agents.append(agent)
+    everyone = {"selector": {"agent_id": "edge-*"}}
+    reply = await admin.request("dispatch", target=everyone, name="exec", args={"argv": ["true"]})
+    commands = [await agent.recv_type("command") for agent in agents]
+
+    async def answer(agent: RawAgent, command: dict[str, Any]) -> None:
+        # Sent back to back: they arrive in one read or several, parked or not.
+        command_id = command["command_id"]
+        await agent.send({"type": "ack", "command_id": command_id})
+        for seq in range(5):
+            chunk = {"type": "output", "command_id": command_id, "seq": seq}
+            await agent.send({**chunk, "stream": "stdout", "data": f"{seq}\n"})
+        await agent.send({"type": "result", "command_id": command_id, "status": "succeeded",
+                          "exit_code": 0})  # fmt: skip
+
+    await asyncio.gather(*(answer(a, c) for a, c in zip(agents, commands, strict=True)))
+
+    async def done() -> bool:
+        job = await admin.request("job", job_id=reply["job_id"])
+        return job["job"]["state"] == "succeeded"
+
+    await wait_for(done, 10, what="every result stored")
+    for command in commands:
+        detail = await admin.request("output", command_id=command["command_id"])
+        assert [c["data"] for c in detail["chunks"]] == [f"{seq}\n" for seq in range(5)]
+    assert tight.hub.read_budget.parked == 0
+    for agent in agents:
+        await agent.close()
+
+
+async def test_bytes_parked_when_the_peer_hangs_up_are_handled_before_the_close(
+    tight: HubHandle, admin: AdminClient
+) -> None:
+    enroll = await tight.token("enroll")
+    agents = []
+    for n in range(6):
+        agent = await RawAgent.connect(tight.agent_url, enroll)
+        await agent.register(f"edge-{n:02d}")
+        agents.append(agent)
+    reply = await admin.request("dispatch", target={"selector": {"agent_id": "edge-*"}},
+                                name="ping")  # fmt: skip
+    commands = [await agent.recv_type("command") for agent in agents]
+    for agent, command in zip(agents, commands, strict=True):
+        await agent.send({"type": "result", "command_id": command["command_id"],
+                          "status": "succeeded"})  # fmt: skip
+        agent.ws.transport.abort()  # gone the moment its result is on the wire
+
+    async def done() -> bool:
+        job = await admin.request("job", job_id=reply["job_id"])
+        return job["job"]["state"] == "succeeded"
+
+    await wait_for(done, 10, what="every result stored despite the hang-ups")
