@@ -20,21 +20,28 @@ def now() -> float:
 #: the current one in turn, so a single remembered second missed every other call.
 _prefixes: dict[int, str] = {}
 _PREFIXES_KEPT = 16
+#: Formatted timestamps, most recent thousands: one command's timestamps are formatted again
+#: for its view, its row and its audit entry at every transition, and a job's ten thousand
+#: commands share their ``issued_at`` and ``expires_at``. Cleared whole when full.
+_formatted: dict[float, str] = {}
+_FORMATTED_KEPT = 8192
 
 
 def format_time(ts: float) -> str:
-    """``2026-11-28T06:00:00.123Z`` for a float epoch timestamp.
-
-    Timestamps come in runs of a few seconds (a job's commands, a batch of events), so the
-    formatted seconds are reused: strftime is most of the cost.
-    """
+    """``2026-11-28T06:00:00.123Z`` for a float epoch timestamp."""
+    text = _formatted.get(ts)
+    if text is not None:
+        return text
     whole = int(ts)
     prefix = _prefixes.get(whole)
     if prefix is None:
         if len(_prefixes) >= _PREFIXES_KEPT:
             _prefixes.clear()
         prefix = _prefixes[whole] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    return f"{prefix}.{int((ts - whole) * 1000):03d}Z"
+    if len(_formatted) >= _FORMATTED_KEPT:
+        _formatted.clear()
+    text = _formatted[ts] = f"{prefix}.{int((ts - whole) * 1000):03d}Z"
+    return text
 
 
 def now_rfc3339() -> str:
