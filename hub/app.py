@@ -181,6 +181,7 @@ class Hub:
             ),
             asyncio.create_task(self._every(1.0, self._tick), name="tick"),
             asyncio.create_task(self._every(5.0, self._check_store), name="readiness"),
+            asyncio.create_task(self._every(1.0, self.store.checkpoint), name="checkpoint"),
             asyncio.create_task(self._every(3600.0, self._prune), name="prune"),
         ]
         if config.gc_freeze_interval:

@@ -61,6 +61,10 @@ class Store(abc.ABC):
     async def flush(self) -> None:
         """Wait until every write submitted so far is committed."""
 
+    async def checkpoint(self) -> Any:
+        """Housekeeping off the write path, called about once a second (none by default)."""
+        return None
+
     # -- credentials -------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -38,6 +38,14 @@ SCHEMA_VERSION = 1
 SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
 #: Most operations a writer runs in one transaction; bounds commit latency under load.
 MAX_GROUP = 20_000
+#: The writer checkpoints the WAL itself only past this many pages (~100 MB): a backstop.
+#: Normally the hub checkpoints every second from a reader (:meth:`SQLiteStore.checkpoint`),
+#: off the write path: measured, SQLite's own checkpoint every 1,000 pages ran inside some
+#: commit and made it the slowest of the round trips (p99 5.9-6.9 ms instead of 2.2 ms
+#: with synchronous=NORMAL, 3.9 instead of 3.0 with FULL).
+WRITER_AUTOCHECKPOINT_PAGES = 25_000
+#: After a checkpoint lets the WAL start over, a bigger file is cut back to this size.
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
 #: Waiters woken per event-loop callback after a commit.
 SETTLE_SLICE = 500
 
@@ -278,6 +286,8 @@ class _Worker(threading.Thread):
         try:
             conn = connect(self.path, self.synchronous)
             if self.writer:
+                conn.execute(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT_PAGES}")
+                conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
                 migrate(conn)
         except BaseException as exc:
             self.failure = exc
@@ -493,6 +503,17 @@ class SQLiteStore(Store):
 
     async def flush(self) -> None:
         await self._write(lambda conn: None)
+
+    async def checkpoint(self) -> tuple[int, int]:
+        """Copy committed pages from the WAL into the database, from a reader: a PASSIVE
+        checkpoint waits for nobody and the writer never waits for it. Returns (pages in
+        the WAL, pages copied)."""
+
+        def op(conn: sqlite3.Connection) -> tuple[int, int]:
+            _busy, log_pages, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return int(log_pages), int(copied)
+
+        return await self._read(op)
 
     # -- credentials -----------------------------------------------------------------
 

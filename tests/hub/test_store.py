@@ -68,6 +68,27 @@ async def test_many_concurrent_writes_stay_correct(tmp_path: Path) -> None:
     await store.close()
 
 
+async def test_checkpoints_happen_off_the_write_path(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path)
+    await store.open()
+    # 2,000 pages of commits: past SQLite's default of 1,000, the writer would have copied
+    # them into the database inside some commit; it leaves that to checkpoint().
+    blob = "x" * 3000
+    for round_ in range(20):
+        await store.audit([AuditEntry(ts=time.time(), action=f"r{round_}-{n}", detail={"pad": blob})
+                           for n in range(120)])  # fmt: skip
+    log_pages, copied = await store.checkpoint()
+    assert log_pages > 1000, "the writer did not checkpoint by itself"
+    assert copied == log_pages, "a passive checkpoint with nobody in the way copies all"
+    page = await store.audit_entries({}, 10, None)
+    assert len(page.items) == 10
+    await store.close()
+    # What the checkpoint copied is in the database file itself, WAL or not.
+    conn = sqlite3.connect(tmp_path / "tether.db")
+    assert conn.execute("SELECT count(*) FROM audit").fetchone()[0] == 20 * 120
+    conn.close()
+
+
 async def test_closed_store_refuses_work(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path)
     await store.open()
