@@ -112,6 +112,7 @@ class AgentConnection(Connection):
     """One WebSocket to a hub: register on open, then route hub messages to the client."""
 
     __slots__ = (
+        "_corked",
         "_drained",
         "_timer",
         "after_ms",
@@ -133,13 +134,39 @@ class AgentConnection(Connection):
         self.done: asyncio.Future[tuple[int, str]] = asyncio.get_running_loop().create_future()
         self._drained: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        #: Messages of this turn of the loop, written together at its end (see send).
+        self._corked: list[bytes] | None = None
 
     # -- Outbound (for the executor) -------------------------------------------------
 
     def send(self, message: BaseModel) -> bool:
-        return self.send_text(encode(message.model_dump()))
+        """Queue a message; everything sent in one turn of the loop leaves in one write.
+
+        A quick command's ``ack`` and ``result`` are sent a moment apart: as one write they
+        cost one system call here and one wakeup and read at the hub instead of two (a job
+        to 10,000 simulated agents is 20,000 of each). The order of messages is kept.
+        """
+        if self.closed or not self.is_open:
+            return False
+        data = encode(message.model_dump())
+        if self._corked is None:
+            self._corked = [data]
+            asyncio.get_running_loop().call_soon(self._uncork)
+        else:
+            self._corked.append(data)
+        return True
+
+    def _uncork(self) -> None:
+        corked, self._corked = self._corked, None
+        if corked:
+            self.send_texts(corked)
+
+    def close(self, code: int = Close.NORMAL, reason: str = "") -> None:
+        self._uncork()  # what was sent goes before the close frame
+        super().close(code, reason)
 
     async def drain(self) -> None:
+        self._uncork()  # backpressure is judged on what is written, not on what waits
         if self.writable or self.closed:
             return
         if self._drained is None or self._drained.done():

@@ -148,10 +148,12 @@ class Executor:
         if self._expired(command.expires_at):
             self._reject(command_id, "expired")
             return
-        self._send(Ack(type="ack", command_id=command_id))
         job = _Job(command)
         self._jobs[command_id] = job
+        # The task first, then the ack: a command that finishes in its first step sends its
+        # result in the same turn, and both leave in one write (AgentConnection.send).
         job.task = asyncio.get_running_loop().create_task(self._process(job))
+        self._send(Ack(type="ack", command_id=command_id))
 
     def on_cancel(self, command_id: str) -> None:
         job = self._jobs.get(command_id)

@@ -305,6 +305,21 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         return transport is not None and not transport.is_closing()
 
+    def send_texts(self, messages: Sequence[bytes]) -> bool:
+        """Queue several text messages with one write when the fast path allows it."""
+        transport = self.transport
+        if self.closed or self.protocol.state is not OPEN or transport is None:
+            return False
+        if not self._fast or self._deflate:
+            return all([self.send_text(data) for data in messages])
+        if transport.is_closing():
+            return False
+        transport.write(b"".join([text_frame(data, self._client) for data in messages]))
+        if transport.get_write_buffer_size() > self.max_buffer:
+            self._overflow()
+            return False
+        return True
+
     def buffered(self) -> int:
         """Bytes accepted for sending that the peer has not read yet."""
         transport = self.transport

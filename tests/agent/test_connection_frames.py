@@ -145,3 +145,24 @@ async def test_a_masked_frame_from_the_server_is_a_protocol_error() -> None:
         conn.abort()
     finally:
         server.close()
+
+
+async def test_several_messages_leave_in_one_write_and_in_order() -> None:
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+    server = await serve_once(b"", received)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        conn = await connect(f"ws://127.0.0.1:{port}/ws", Collect)
+        messages = [b'{"type":"ack"}', b'{"type":"result"}', b"x" * 300]
+        assert conn.send_texts(messages)
+        data = b""
+        while len(data) < sum(6 + len(m) for m in messages) + 2:
+            data += await asyncio.wait_for(received.get(), 5)
+        got = []
+        while data:
+            frame, data = parse_first(data, mask=True)
+            got.append(frame.data)
+        assert got == messages
+        conn.abort()
+    finally:
+        server.close()
