@@ -64,8 +64,9 @@ def render(report: dict[str, Any]) -> str:
         f"Linux {machine['kernel']}. The hub (`tether-hub serve`, uvloop, SQLite store with "
         "`synchronous=FULL`) and the floor (`bench/floor.py`: the websockets library's own "
         "asyncio server, uvloop, compression off, answering the same clients) run as their "
-        "own processes; the load comes from `tether-agent simulate` and `bench/blaster.py` "
-        "processes on the same two cores.",
+        "own processes; the load comes from `tether-agent simulate` processes (each dialing "
+        "from four loopback addresses) and `bench/blaster.py` (registrations and heartbeats "
+        "over raw sockets, `bench/lean.py`) on the same two cores.",
         "",
         "| figure | target | hub | floor | hub / floor | |",
         "|---|---|---|---|---|---|",
@@ -121,7 +122,10 @@ def render(report: dict[str, Any]) -> str:
     if storm is not None:
         lines.append(
             f"| reconnect storm after a hub restart (SIGTERM, agents spread over 10 s) | all "
-            f"back within 15 s | {_fmt(storm, ' s')} from restart, refusals "
+            f"back within 15 s | {storm:.1f} s from restart "
+            f"({_fmt(_get(r, 'hub.storm_seconds_after_listening'), ' s')} after it listened), "
+            f"the SIGTERM before it exit {_get(r, 'hub.sigterm_exit_code')} in "
+            f"{_fmt(_get(r, 'hub.sigterm_seconds'), ' s')}, refusals "
             f"{_get(r, 'hub.storm_refusals') or 'none'} | | | "
             f"{_verdict(storm <= 15)} |"
         )
