@@ -236,6 +236,10 @@ class HubConnection(Connection):
             if self.transport is not None:
                 self.transport.close()
             return None
+        if self._parked_data is not None:
+            # Bytes that arrived before the end of the stream are handled before it.
+            data, self._parked_data = self._parked_data, None
+            self._handle(data)
         return super().eof_received()
 
     def on_open(self) -> None:

@@ -114,10 +114,13 @@ async def test_bytes_parked_when_the_peer_hangs_up_are_handled_before_the_close(
     reply = await admin.request("dispatch", target={"selector": {"agent_id": "edge-*"}},
                                 name="ping")  # fmt: skip
     commands = [await agent.recv_type("command") for agent in agents]
-    for agent, command in zip(agents, commands, strict=True):
+    for n, (agent, command) in enumerate(zip(agents, commands, strict=True)):
         await agent.send({"type": "result", "command_id": command["command_id"],
                           "status": "succeeded"})  # fmt: skip
-        agent.ws.transport.abort()  # gone the moment its result is on the wire
+        if n % 2:
+            agent.ws.transport.abort()  # gone the moment its result is on the wire
+        else:
+            agent.ws.transport.write_eof()  # or half-closed after it
 
     async def done() -> bool:
         job = await admin.request("job", job_id=reply["job_id"])
