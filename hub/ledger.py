@@ -38,7 +38,7 @@ from .protocol.codec import encode
 from .protocol.constants import ERROR_STATES, STATE_RANK, TERMINAL_STATES
 from .protocol.messages import Dispatch, Output, Result
 from .registry import Registry
-from .store.base import AuditEntry, Store, StoreUnavailable
+from .store.base import AuditEntry, Store
 
 log = logging.getLogger(__name__)
 
@@ -650,21 +650,24 @@ class Ledger:
         self._save_job_later(job)
 
     def _save_job_later(self, job: JobRecord) -> None:
-        # After this turn's command transitions, so the job row never runs ahead of them.
-        async def save() -> None:
-            await asyncio.sleep(0)
-            try:
-                await self.store.save_job(job)
-            except StoreUnavailable:
-                log.error("could not save job %s", job.job_id)
+        # After this turn's command transitions (their flush is already scheduled), so the
+        # job row never runs ahead of them in the writer's queue.
+        asyncio.get_running_loop().call_soon(self._save_job, job)
 
-        task = asyncio.ensure_future(save())
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+    def _save_job(self, job: JobRecord) -> None:
+        future = asyncio.ensure_future(self.store.save_job(job))
+        self._writes.add(future)
+        future.add_done_callback(lambda f: self._job_saved(f, job))
+
+    def _job_saved(self, future: asyncio.Future[None], job: JobRecord) -> None:
+        self._writes.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.error("could not save job %s: %s", job.job_id, future.exception())
 
     async def drain(self) -> None:
         """Wait for every transition made so far to be stored."""
         self._flush()
+        await asyncio.sleep(0)  # job rows scheduled after this turn's transitions queue now
         while self._writes:
             await asyncio.gather(*list(self._writes), return_exceptions=True)
 

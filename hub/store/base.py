@@ -11,7 +11,7 @@ is committed (the ledger awaits them before announcing a transition). *Batched* 
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,13 +136,17 @@ class Store(abc.ABC):
         """Durable: a job, its queued commands and their audit entries, in one transaction."""
 
     @abc.abstractmethod
-    async def save_commands(
+    def save_commands(
         self, commands: Sequence[CommandRecord], audit: Sequence[AuditEntry] = ()
-    ) -> None:
-        """Durable: the current state of these commands (and their audit entries)."""
+    ) -> Awaitable[None]:
+        """Durable: the current state of these commands (and their audit entries).
+
+        Returns an awaitable already under way (a future, not a coroutine): the ledger fires
+        these writes and watches them without a task each."""
 
     @abc.abstractmethod
-    async def save_job(self, job: JobRecord) -> None: ...
+    def save_job(self, job: JobRecord) -> Awaitable[None]:
+        """Durable: a job's row (an awaitable already under way, as for save_commands)."""
 
     @abc.abstractmethod
     def add_output(self, command_id: str, seq: int, stream: str, data: str) -> None:
@@ -170,8 +174,8 @@ class Store(abc.ABC):
     # -- audit -------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def audit(self, entries: Sequence[AuditEntry]) -> None:
-        """Durable: append audit entries."""
+    def audit(self, entries: Sequence[AuditEntry]) -> Awaitable[None]:
+        """Durable: append audit entries (an awaitable already under way)."""
 
     @abc.abstractmethod
     async def audit_entries(

@@ -482,6 +482,17 @@ class SQLiteStore(Store):
         writer.queue.put((op, future))
         return future
 
+    def _write_soon(self, op: Callable[[sqlite3.Connection], Any]) -> asyncio.Future[None]:
+        """The future of a write, for the hot paths that fire writes and watch them (the
+        ledger's transitions, audit batches): no coroutine and no task per write. A closed
+        store gives a failed future, as a coroutine would have."""
+        try:
+            return self._write(op)
+        except StoreUnavailable as exc:
+            failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            return failed
+
     def _read(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         if self._read_queue is None or self._loop is None:
             raise StoreUnavailable("the store is closed")
@@ -829,9 +840,9 @@ class SQLiteStore(Store):
 
         await self._write(op)
 
-    async def save_commands(
+    def save_commands(
         self, commands: Sequence[CommandRecord], audit: Sequence[AuditEntry] = ()
-    ) -> None:
+    ) -> asyncio.Future[None]:
         rows = [
             (c.state, c.updated_at, c.sent_at, c.acked_at, _dumps(c.result), c.output_bytes,
              int(c.truncated), c.command_id)
@@ -848,11 +859,11 @@ class SQLiteStore(Store):
             if audit_rows:
                 conn.executemany(self._AUDIT_SQL, audit_rows)
 
-        await self._write(op)
+        return self._write_soon(op)
 
-    async def save_job(self, job: JobRecord) -> None:
+    def save_job(self, job: JobRecord) -> asyncio.Future[None]:
         row = self._job_row(job)
-        await self._write(lambda conn: conn.execute(self._JOB_SQL, row))
+        return self._write_soon(lambda conn: conn.execute(self._JOB_SQL, row))
 
     def add_output(self, command_id: str, seq: int, stream: str, data: str) -> None:
         self._submit(
@@ -1050,9 +1061,9 @@ class SQLiteStore(Store):
     def _audit_row(e: AuditEntry) -> tuple[Any, ...]:
         return (e.ts, e.hub_id, e.action, e.actor, e.subject, e.source, _dumps(e.detail))
 
-    async def audit(self, entries: Sequence[AuditEntry]) -> None:
+    def audit(self, entries: Sequence[AuditEntry]) -> asyncio.Future[None]:
         rows = [self._audit_row(e) for e in entries]
-        await self._write(lambda conn: conn.executemany(self._AUDIT_SQL, rows))
+        return self._write_soon(lambda conn: conn.executemany(self._AUDIT_SQL, rows))
 
     _AUDIT_FILTERS = {k: k for k in ("action", "actor", "subject", "source", "hub_id")}
 
