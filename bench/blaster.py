@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import resource
 import sys
 import time
@@ -75,17 +76,32 @@ async def open_one(url: str, token: str, agent_id: str) -> Quiet:
     return conn
 
 
+REFUSED: dict[str, int] = {"refused": 0}
+
+
 async def register_all(
     args: argparse.Namespace, tokens: list[str], concurrency: int = 200
 ) -> tuple[list[Quiet], float]:
-    """Open and register every agent (``concurrency`` handshakes in flight); wall seconds."""
+    """Open and register every agent (``concurrency`` handshakes in flight); wall seconds.
+
+    A 503 (admission: the hub's handshake rate or pending cap) is counted and retried after
+    a second or so, as an agent would; anything else ends the run.
+    """
     semaphore = asyncio.Semaphore(concurrency)
 
     async def one(n: int) -> Quiet:
-        async with semaphore:
-            conn = await open_one(args.url, tokens[n], f"{args.prefix}{n:05d}")
-            await asyncio.wait_for(conn.welcomed, 60)
-            return conn  # type: ignore[return-value]
+        for _attempt in range(30):
+            async with semaphore:
+                try:
+                    conn = await open_one(args.url, tokens[n], f"{args.prefix}{n:05d}")
+                    await asyncio.wait_for(conn.welcomed, 60)
+                    return conn
+                except ConnectionError as exc:
+                    if " 503 " not in str(exc):
+                        raise
+                    REFUSED["refused"] += 1
+            await asyncio.sleep(random.uniform(0.5, 1.5))
+        raise ConnectionError(f"agent {n}: refused 30 times")
 
     started = time.monotonic()
     conns = await asyncio.gather(*(one(n) for n in range(args.count)))
@@ -96,7 +112,7 @@ async def main(args: argparse.Namespace) -> None:
     conns, seconds = await register_all(args, [args.token] * args.count)
     print(
         orjson.dumps(
-            {"registered": len(conns), "seconds": seconds, "per_s": len(conns) / seconds}
+            {"registered": len(conns), "seconds": seconds, "per_s": len(conns) / seconds, **REFUSED}
         ).decode(),
         flush=True,
     )
@@ -109,7 +125,12 @@ async def main(args: argparse.Namespace) -> None:
         conns, seconds = await register_all(args, keys)
         print(
             orjson.dumps(
-                {"reregistered": len(conns), "seconds": seconds, "per_s": len(conns) / seconds}
+                {
+                    "reregistered": len(conns),
+                    "seconds": seconds,
+                    "per_s": len(conns) / seconds,
+                    **REFUSED,
+                }
             ).decode(),
             flush=True,
         )

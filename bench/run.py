@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
 import signal
@@ -188,6 +189,9 @@ class Bench:
                 continue
             self.note(f"{kind}.registrations_per_s.{label}", round(float(first.group(1))))
             self.note(f"{kind}.registrations_per_s.key", round(float(again.group(1))))
+            refused = re.search(r'"refused":(\d+)', again.group(0))
+            # 503s from admission (handshake rate, pending cap), retried by the blaster.
+            self.note(f"{kind}.registrations_refused", int(refused.group(1)) if refused else 0)
             if kind == "hub":
                 assert isinstance(server, Hub)
                 self.note(
