@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -301,6 +302,11 @@ async def _simulate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         raise UsageError("--rate must be positive")
     if not 0 <= args.churn <= 1:
         raise UsageError("--churn is a fraction within 0…1")
+    for source in args.source:
+        try:
+            ipaddress.ip_address(source)
+        except ValueError:
+            raise UsageError(f"--source wants an IP address of this host, got {source!r}") from None
     if args.log_level != "debug":
         # Ten thousand agents must not log one line each per event: the summary says it.
         logging.getLogger("tether.agent.client").setLevel(logging.CRITICAL)

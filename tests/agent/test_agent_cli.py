@@ -51,6 +51,10 @@ def clean_env(**extra: str) -> dict[str, str]:
         (["simulate", "--hub", "ws://h", "--token", "t", "--count", "0"], "--count"),
         (["simulate", "--hub", "ws://h", "--token", "t", "--count", "2", "--prefix=-"], "prefix"),
         (["simulate", "--hub", "ws://h", "--count", "2"], "enrollment key is required"),
+        (
+            ["simulate", "--hub", "ws://h", "--token", "t", "--count", "2", "--source", "lo"],
+            "--source",
+        ),
         (["doctor", "--hub", "ws://h"], "token is required"),
     ],
 )
