@@ -93,8 +93,8 @@ class AgentSession(Session):
         if not self.registered and not self.registering:
             self._refuse("no register within the time limit")
 
-    def close(self, code: int, reason: str = "") -> None:
-        self.conn.close(code, reason)
+    def close(self, code: int, reason: str = "", farewell: bytes | None = None) -> None:
+        self.conn.close(code, reason, farewell)
 
     def closed(self, code: int, reason: str) -> None:
         hub = self.hub

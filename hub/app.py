@@ -225,8 +225,8 @@ class Hub:
         agents = len(self.registry.live)
         for session in list(self.registry.live.values()):
             after = random.randint(0, spread) if spread else 0
-            session.send(encode({"type": "reconnect", "after_ms": after, "reason": "draining"}))
-            session.close(Close.SERVICE_RESTART, "hub restarting")
+            reconnect = encode({"type": "reconnect", "after_ms": after, "reason": "draining"})
+            session.close(Close.SERVICE_RESTART, "hub restarting", farewell=reconnect)
         for admin in list(self.admins):
             admin.close(Close.GOING_AWAY, "hub going away")
         deadline = time.monotonic() + config.shutdown_timeout
