@@ -99,8 +99,6 @@ class Backoff:
             return REVOKED_WAIT[0] + self._rng.uniform(0.0, REVOKED_WAIT[1])
         if code == Close.SUPERSEDED:
             return SUPERSEDED_WAIT[0] + self._rng.uniform(0.0, SUPERSEDED_WAIT[1])
-        if hint.after_ms is not None:
-            return hint.after_ms / 1000.0
         if hint.retry_after is not None:
             return hint.retry_after + self._rng.uniform(0.0, max(1.0, hint.retry_after))
         if code == Close.TRY_AGAIN_LATER:

@@ -146,7 +146,7 @@ class AgentConnection(Connection):
         cost one system call here and one wakeup and read at the hub instead of two (a job
         to 10,000 simulated agents is 20,000 of each). The order of messages is kept.
         """
-        if self.closed or not self.is_open:
+        if not self.is_open:
             return False
         data = encode(message.model_dump())
         if self._corked is None:

@@ -26,13 +26,21 @@ try:
 except ImportError:  # pragma: no cover - websockets without its C speedups
     from websockets.utils import apply_mask
 
-__all__ = ["LeanClient", "lean_connect"]
+__all__ = ["LeanClient", "Refused", "lean_connect"]
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #: One key per process: the server answers it with the same accept value every time.
 KEY = base64.b64encode(os.urandom(16))
 ACCEPT = b"Sec-WebSocket-Accept: " + base64.b64encode(hashlib.sha1(KEY + GUID).digest())  # noqa: S324 (RFC 6455)
 MASK = os.urandom(4)
+
+
+class Refused(ConnectionError):
+    """The server answered the upgrade with ``status`` instead of 101."""
+
+    def __init__(self, status: int, line: str) -> None:
+        super().__init__(f"refused: {line}")
+        self.status = status
 
 
 def frame(opcode: int, payload: bytes) -> bytes:
@@ -85,8 +93,10 @@ class LeanClient(asyncio.Protocol):
                 return
             head, buffer = buffer[:end], buffer[end + 4 :]
             if not head.startswith(b"HTTP/1.1 101") or ACCEPT not in head:
-                status = head.split(b"\r\n", 1)[0].decode(errors="replace")
-                self._fail(f"refused: {status}")
+                line = head.split(b"\r\n", 1)[0].decode(errors="replace")
+                parts = line.split(" ", 2)
+                status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+                self._fail(f"refused: {line}", Refused(status, line))
                 return
             self.upgraded = True
             if not self.opened.done():
@@ -140,9 +150,9 @@ class LeanClient(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, error: ConnectionError | None = None) -> None:
         if not self.opened.done():
-            self.opened.set_exception(ConnectionError(reason))
+            self.opened.set_exception(error or ConnectionError(reason))
         if not self.closed.done():
             self.closed.set_result(None)
             self.on_close(reason)

@@ -14,7 +14,7 @@ from typing import Any
 
 from .bus import Bus
 from .protocol.times import format_time
-from .store.base import AuditEntry, Store, StoreUnavailable
+from .store.base import AuditEntry, Store
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,7 @@ class Auditor:
         entries, self._pending = self._pending, []
         if not entries:
             return
-        try:
-            future = asyncio.ensure_future(self.store.audit(entries))
-        except StoreUnavailable:
-            log.error("audit store unavailable; %d entries lost", len(entries))
-            return
+        future = asyncio.ensure_future(self.store.audit(entries))
         self._inflight.add(future)
         future.add_done_callback(self._done)
 

@@ -186,10 +186,7 @@ class HubConnection(Connection):
             self.hub.pending_handshakes -= 1
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._parked_data is not None:
-            # Bytes that arrived before the close are handled before it.
-            data, self._parked_data = self._parked_data, None
-            self._handle(data)
+        self._handle_parked()  # bytes that arrived before the close go before it
         self._handshake_done()
         super().connection_lost(exc)
 
@@ -206,13 +203,16 @@ class HubConnection(Connection):
             self._handle(data)
 
     def unpark(self) -> None:
-        data, self._parked_data = self._parked_data, None
-        if data is None:
-            return  # handled already, at the close
-        self._handle(data)
+        self._handle_parked()
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.resume_reading()
+
+    def _handle_parked(self) -> None:
+        """Handle bytes the read budget held back (if the close did not already)."""
+        data, self._parked_data = self._parked_data, None
+        if data is not None:
+            self._handle(data)
 
     def _handle(self, data: bytes) -> None:
         super().data_received(data)
@@ -236,10 +236,7 @@ class HubConnection(Connection):
             if self.transport is not None:
                 self.transport.close()
             return None
-        if self._parked_data is not None:
-            # Bytes that arrived before the end of the stream are handled before it.
-            data, self._parked_data = self._parked_data, None
-            self._handle(data)
+        self._handle_parked()  # bytes that arrived before the end of the stream go before it
         return super().eof_received()
 
     def on_open(self) -> None:

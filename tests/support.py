@@ -122,6 +122,17 @@ class RawAgent:
         await self.ws.close()
 
 
+async def fleet(hub: HubHandle, count: int, **fields: Any) -> list[RawAgent]:
+    """``count`` registered raw agents, ``edge-00`` onwards, enrolled with one shared key."""
+    enroll = await hub.token("enroll")
+    agents = []
+    for n in range(count):
+        agent = await RawAgent.connect(hub.agent_url, enroll)
+        await agent.register(f"edge-{n:02d}", **fields)
+        agents.append(agent)
+    return agents
+
+
 async def online_agent(hub: HubHandle, agent_id: str = "edge-1", **fields: Any) -> RawAgent:
     """A registered raw agent with a fresh key of its own."""
     agent = await RawAgent.connect(hub.agent_url, await hub.agent_token(agent_id))

@@ -103,7 +103,6 @@ class Connection(asyncio.Protocol):
         self.peer: str = ""
         self.opened = False
         self.closed = False
-        #: Server side, open, no extension: data frames may take the fast path.
         #: Whole plain text frames take the fast paths (set once open).
         self._fast = False
         #: permessage-deflate was negotiated: only small messages are written plain.
@@ -293,13 +292,7 @@ class Connection(asyncio.Protocol):
             # side choose per message; the peer's inflater never sees it): deflating a reply
             # or a single event costs tens of microseconds each way to save a few hundred
             # bytes.
-            if transport.is_closing():
-                return False
-            transport.write(text_frame(data, self._client))
-            if transport.get_write_buffer_size() > self.max_buffer:
-                self._overflow()
-                return False
-            return True
+            return self._write(text_frame(data, self._client))
         self.protocol.send_text(data)
         self._flush()
         transport = self.transport
@@ -307,14 +300,23 @@ class Connection(asyncio.Protocol):
 
     def send_texts(self, messages: Sequence[bytes]) -> bool:
         """Queue several text messages with one write when the fast path allows it."""
-        transport = self.transport
-        if self.closed or self.protocol.state is not OPEN or transport is None:
+        if self.closed or self.protocol.state is not OPEN:
             return False
         if not self._fast or self._deflate:
             return all([self.send_text(data) for data in messages])
-        if transport.is_closing():
+        return self._write(b"".join([text_frame(data, self._client) for data in messages]))
+
+    def _write(self, data: bytes) -> bool:
+        """Hand bytes to the transport, within the bound on what the peer has not read.
+
+        Every write counts against the bound, not only our own messages: websockets answers
+        each ping with a pong, so a peer that floods pings and never reads would otherwise
+        grow the buffer without limit.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return False
-        transport.write(b"".join([text_frame(data, self._client) for data in messages]))
+        transport.write(data)
         if transport.get_write_buffer_size() > self.max_buffer:
             self._overflow()
             return False
@@ -516,12 +518,7 @@ class Connection(asyncio.Protocol):
                     transport.close()
                 return
             pending.append(chunk)
-        transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-        # Every write counts against the bound, not only our own messages: websockets
-        # answers each ping with a pong, so a peer that floods pings and never reads would
-        # otherwise grow this buffer without limit.
-        if transport.get_write_buffer_size() > self.max_buffer:
-            self._overflow()
+        self._write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def _overflow(self) -> None:
         log.warning(

@@ -475,23 +475,17 @@ class SQLiteStore(Store):
         writer.queue.put((op, None))
 
     def _write(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """The future of a write. A closed store gives a failed future rather than raising,
+        so callers that fire writes and watch them (the ledger's transitions, audit batches)
+        need neither a coroutine nor a task per write, and awaiting callers see the same
+        StoreUnavailable either way."""
         writer = self._writer
-        if writer is None or self._loop is None:
-            raise StoreUnavailable("the store is closed")
-        future: asyncio.Future[T] = self._loop.create_future()
-        writer.queue.put((op, future))
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        if writer is None:
+            future.set_exception(StoreUnavailable("the store is closed"))
+        else:
+            writer.queue.put((op, future))
         return future
-
-    def _write_soon(self, op: Callable[[sqlite3.Connection], Any]) -> asyncio.Future[None]:
-        """The future of a write, for the hot paths that fire writes and watch them (the
-        ledger's transitions, audit batches): no coroutine and no task per write. A closed
-        store gives a failed future, as a coroutine would have."""
-        try:
-            return self._write(op)
-        except StoreUnavailable as exc:
-            failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            failed.set_exception(exc)
-            return failed
 
     def _read(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         if self._read_queue is None or self._loop is None:
@@ -859,11 +853,11 @@ class SQLiteStore(Store):
             if audit_rows:
                 conn.executemany(self._AUDIT_SQL, audit_rows)
 
-        return self._write_soon(op)
+        return self._write(op)
 
     def save_job(self, job: JobRecord) -> asyncio.Future[None]:
         row = self._job_row(job)
-        return self._write_soon(lambda conn: conn.execute(self._JOB_SQL, row))
+        return self._write(lambda conn: conn.execute(self._JOB_SQL, row))
 
     def add_output(self, command_id: str, seq: int, stream: str, data: str) -> None:
         self._submit(
@@ -1063,7 +1057,7 @@ class SQLiteStore(Store):
 
     def audit(self, entries: Sequence[AuditEntry]) -> asyncio.Future[None]:
         rows = [self._audit_row(e) for e in entries]
-        return self._write_soon(lambda conn: conn.executemany(self._AUDIT_SQL, rows))
+        return self._write(lambda conn: conn.executemany(self._AUDIT_SQL, rows))
 
     _AUDIT_FILTERS = {k: k for k in ("action", "actor", "subject", "source", "hub_id")}
 

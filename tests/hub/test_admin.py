@@ -9,7 +9,7 @@ import pytest
 
 from hub.protocol.client import AdminClient, AdminError
 from tests.conftest import HubHandle
-from tests.support import RawAgent, online_agent, wait_for
+from tests.support import RawAgent, fleet, online_agent, wait_for
 
 
 async def admin_client(hub: HubHandle, role: str = "admin") -> AdminClient:
@@ -192,12 +192,7 @@ async def test_heartbeat_events_coalesce_per_agent(hub: HubHandle) -> None:
 
 async def test_a_subscriber_that_stops_reading_is_resynced_not_buffered(hub_factory) -> None:
     hub = await hub_factory(subscriber_max_events=50, subscriber_max_bytes=64 * 1024)
-    enroll = await hub.token("enroll")
-    agents = []
-    for n in range(120):
-        agent = await RawAgent.connect(hub.agent_url, enroll)
-        await agent.register(f"edge-{n:03d}")
-        agents.append(agent)
+    agents = await fleet(hub, 120)
     # A console with a small receive window and no compression, so the hub's socket
     # buffer fills quickly once it stops reading.
     sock = socket.socket()

@@ -11,7 +11,7 @@ import pytest
 from hub.budget import ReadBudget
 from hub.protocol.client import AdminClient
 from tests.conftest import HubHandle
-from tests.support import RawAgent, wait_for
+from tests.support import RawAgent, fleet, wait_for
 
 
 class Recorder:
@@ -51,6 +51,10 @@ async def test_parked_connections_are_handled_in_arrival_order_a_budget_per_turn
     assert log == ["a", "b", "c", "d"]
 
 
+async def succeeded(admin: AdminClient, job_id: str) -> bool:
+    return (await admin.request("job", job_id=job_id))["job"]["state"] == "succeeded"
+
+
 @pytest.fixture
 async def tight(hub_factory: Callable[..., Any]) -> HubHandle:
     # A budget no turn can stay within: every read after a turn's first is parked.
@@ -67,12 +71,7 @@ async def admin(tight: HubHandle) -> AsyncIterator[AdminClient]:
 async def test_parked_bytes_lose_nothing_and_keep_each_connections_order(
     tight: HubHandle, admin: AdminClient
 ) -> None:
-    enroll = await tight.token("enroll")
-    agents = []
-    for n in range(12):
-        agent = await RawAgent.connect(tight.agent_url, enroll)
-        await agent.register(f"edge-{n:02d}")
-        agents.append(agent)
+    agents = await fleet(tight, 12)
     everyone = {"selector": {"agent_id": "edge-*"}}
     reply = await admin.request("dispatch", target=everyone, name="exec", args={"argv": ["true"]})
     commands = [await agent.recv_type("command") for agent in agents]
@@ -89,11 +88,7 @@ async def test_parked_bytes_lose_nothing_and_keep_each_connections_order(
 
     await asyncio.gather(*(answer(a, c) for a, c in zip(agents, commands, strict=True)))
 
-    async def done() -> bool:
-        job = await admin.request("job", job_id=reply["job_id"])
-        return job["job"]["state"] == "succeeded"
-
-    await wait_for(done, 10, what="every result stored")
+    await wait_for(lambda: succeeded(admin, reply["job_id"]), 10, what="every result stored")
     for command in commands:
         detail = await admin.request("output", command_id=command["command_id"])
         assert [c["data"] for c in detail["chunks"]] == [f"{seq}\n" for seq in range(5)]
@@ -105,12 +100,7 @@ async def test_parked_bytes_lose_nothing_and_keep_each_connections_order(
 async def test_bytes_parked_when_the_peer_hangs_up_are_handled_before_the_close(
     tight: HubHandle, admin: AdminClient
 ) -> None:
-    enroll = await tight.token("enroll")
-    agents = []
-    for n in range(6):
-        agent = await RawAgent.connect(tight.agent_url, enroll)
-        await agent.register(f"edge-{n:02d}")
-        agents.append(agent)
+    agents = await fleet(tight, 6)
     reply = await admin.request("dispatch", target={"selector": {"agent_id": "edge-*"}},
                                 name="ping")  # fmt: skip
     commands = [await agent.recv_type("command") for agent in agents]
@@ -122,8 +112,6 @@ async def test_bytes_parked_when_the_peer_hangs_up_are_handled_before_the_close(
         else:
             agent.ws.transport.write_eof()  # or half-closed after it
 
-    async def done() -> bool:
-        job = await admin.request("job", job_id=reply["job_id"])
-        return job["job"]["state"] == "succeeded"
-
-    await wait_for(done, 10, what="every result stored despite the hang-ups")
+    await wait_for(
+        lambda: succeeded(admin, reply["job_id"]), 10, what="every result stored despite hang-ups"
+    )

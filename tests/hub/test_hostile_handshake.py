@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import threading
 import time
 
 import pytest
@@ -443,9 +444,10 @@ async def test_half_open_handshakes_beyond_the_limit_are_shed(hub_factory) -> No
     await assert_healthy(hub)
 
 
-async def test_frames_pipelined_before_the_101_refuse_the_upgrade(
-    hub: HubHandle, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_frames_pipelined_before_the_101_refuse_the_upgrade(hub_factory) -> None:
+    # No periodic credential sync during the test: the only store read for credentials is
+    # the lookup of the unknown token below.
+    hub = await hub_factory(credential_sync_interval=3600)
     token = await hub.agent_token("edge-1")
     register = text({"type": "register", "agent_id": "edge-1"})
     await expect_refusal(hub, upgrade_request("/ws", token) + register, 400, "bad_request")
@@ -455,23 +457,19 @@ async def test_frames_pipelined_before_the_101_refuse_the_upgrade(
     # check finishes after a store lookup: the frame arrives while the answer is pending.
     record, fresh = hub.hub.credentials.make("agent", agent_id="edge-2")
     await hub.hub.store.add_credential(record)
-    # The real lookup runs, held at a gate until the frame is on its way: the frame is
-    # already in the hub's socket when the lookup's store read completes.
-    look_up = hub.hub.credentials.look_up
-    started, release = asyncio.Event(), asyncio.Event()
-
-    async def gated_look_up(credential_id: str) -> None:
-        started.set()
-        await release.wait()
-        await look_up(credential_id)
-
-    monkeypatch.setattr(hub.hub.credentials, "look_up", gated_look_up)
-    wire = await Wire.open(hub.hub.port)
-    await wire.send(upgrade_request("/ws", fresh))
-    async with asyncio.timeout(5):
-        await started.wait()
-    await wire.send(text({"type": "register", "agent_id": "edge-2"}))
-    release.set()
+    # Every store reader is kept busy by a read waiting on a gate, so the real lookup
+    # cannot finish until the frame is in the hub's socket.
+    gate = threading.Event()
+    store = hub.hub.store
+    busy = [store._read(lambda conn: gate.wait(10)) for _ in store._readers]
+    try:
+        wire = await Wire.open(hub.hub.port)
+        await wire.send(upgrade_request("/ws", fresh))
+        await wait_for(lambda: hub.hub.credentials._syncing is not None, what="lookup under way")
+        await wire.send(text({"type": "register", "agent_id": "edge-2"}))
+    finally:
+        gate.set()
+    await asyncio.gather(*busy)
     response = await wire.read_response()
     assert (response.status, response.json()) == (400, {"error": "bad_request"})
     assert await wire.eof() == b""

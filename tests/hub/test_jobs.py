@@ -9,7 +9,7 @@ import pytest
 
 from hub.protocol.client import AdminClient
 from tests.conftest import HubHandle
-from tests.support import RawAgent, wait_for
+from tests.support import RawAgent, fleet, wait_for
 
 
 @pytest.fixture
@@ -17,16 +17,6 @@ async def admin(hub: HubHandle) -> AsyncIterator[AdminClient]:
     client = await AdminClient(hub.url, await hub.admin_token("operator")).open()
     yield client
     await client.close()
-
-
-async def fleet(hub: HubHandle, count: int, **fields) -> list[RawAgent]:
-    enroll = await hub.token("enroll")
-    agents = []
-    for n in range(count):
-        agent = await RawAgent.connect(hub.agent_url, enroll)
-        await agent.register(f"edge-{n:02d}", **fields)
-        agents.append(agent)
-    return agents
 
 
 async def job(admin: AdminClient, job_id: str) -> dict:
