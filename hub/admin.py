@@ -223,10 +223,10 @@ class AdminSession(Session):
         if kind is AgentRequest:
             return await hub.agent_detail(request.agent_id)
         if kind is Dispatch:
-            hub.auditor.record(
+            entry = hub.auditor.entry(
                 "admin.dispatch", actor=self.actor, source=self.conn.peer, name=request.name
             )
-            return await hub.ledger.dispatch(request, self.actor)
+            return await hub.ledger.dispatch(request, self.actor, audit=[entry])
         if kind is CancelRequest:
             return await hub.cancel(request, self.actor)
         if kind is JobRequest:

@@ -145,6 +145,7 @@ class Hub:
         self.metrics.agent_states = self.registry.state_counts
         self.metrics.admin_clients = lambda: len(self.admins)
         self.metrics.commands_in_flight = lambda: self.ledger.in_flight
+        self.metrics.store_commits = lambda: self.store.commits
 
     # -- start and stop ------------------------------------------------------------------
 

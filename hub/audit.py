@@ -71,9 +71,14 @@ class Auditor:
         if len(self._pending) >= MAX_PENDING:
             self.dropped += 1
             return
-        self._pending.append(
-            self.entry(action, actor=actor, subject=subject, source=source, **detail)
-        )
+        self.queue(self.entry(action, actor=actor, subject=subject, source=source, **detail))
+
+    def queue(self, entry: AuditEntry) -> None:
+        """Queue an entry built with :meth:`entry` that no other write took after all."""
+        if len(self._pending) >= MAX_PENDING:
+            self.dropped += 1
+            return
+        self._pending.append(entry)
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)

@@ -25,7 +25,7 @@ import math
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,7 +116,7 @@ class Ledger:
         self._seq = itertools.count(1)
         self._deadlines: list[tuple[float, int, str]] = []
         self._finished: OrderedDict[str, str] = OrderedDict()
-        self._pending: list[tuple[CommandRecord, AuditEntry]] = []
+        self._pending: list[tuple[CommandRecord | JobRecord, AuditEntry]] = []
         self._flush_handle: asyncio.Handle | None = None
         self._flush_delayed = False
         self._writes: set[asyncio.Future[Any]] = set()
@@ -159,10 +159,17 @@ class Ledger:
 
     # -- dispatch ------------------------------------------------------------------------
 
-    async def dispatch(self, request: Dispatch, actor: str) -> dict[str, Any]:
-        """Accept a job: one durable ``queued`` command per target, then deliver."""
+    async def dispatch(
+        self, request: Dispatch, actor: str, audit: Sequence[AuditEntry] = ()
+    ) -> dict[str, Any]:
+        """Accept a job: one durable ``queued`` command per target, then deliver.
+
+        ``audit`` entries (the request as the admin channel saw it) are stored in the job's
+        own transaction, or on their own if nothing is accepted."""
         targets, refused = self._targets(request)
         if not targets:
+            for entry in audit:
+                self.auditor.queue(entry)
             codes = {r["code"] for r in refused}
             code = "unsupported" if "unsupported" in codes else "not_found"
             raise DispatchRefused(code, f"no target can run {request.name!r}", refused)
@@ -192,6 +199,7 @@ class Ledger:
         )
         commands: list[CommandRecord] = []
         entries = [
+            *audit,
             self.auditor.entry(
                 "job.dispatch",
                 actor=actor,
@@ -199,7 +207,7 @@ class Ledger:
                 name=request.name,
                 targets=total,
                 refused=len(refused),
-            )
+            ),
         ]
         for index, agent_id in enumerate(targets, 1):
             command = CommandRecord(
@@ -571,8 +579,11 @@ class Ledger:
             job_id=command.job_id,
         )
         self._pending.append((command, entry))
+        self._schedule_flush(urgent=state in TERMINAL_STATES)
+
+    def _schedule_flush(self, urgent: bool) -> None:
         handle = self._flush_handle
-        if state in TERMINAL_STATES:
+        if urgent:
             # A result is on someone's critical path: write it at the end of this turn.
             if handle is None or self._flush_delayed:
                 if handle is not None:
@@ -601,11 +612,19 @@ class Ledger:
         if self._pending:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
         latest: dict[str, CommandRecord] = {}
-        for command, _ in pending:
-            latest[command.command_id] = command
+        jobs: list[JobRecord] = []
+        for record, _ in pending:
+            if type(record) is CommandRecord:
+                latest[record.command_id] = record
+            else:
+                # Queued after its commands' last transitions, so in this slice or a later
+                # one: a job row never runs ahead of its commands.
+                jobs.append(record)
         views = [c.view() for c in latest.values()] if self.bus.wanted("commands") else []
         entries = [entry for _, entry in pending]
-        future = asyncio.ensure_future(self.store.save_commands(list(latest.values()), entries))
+        future = asyncio.ensure_future(
+            self.store.save_commands(list(latest.values()), entries, jobs)
+        )
         self._writes.add(future)
         future.add_done_callback(lambda f: self._written(f, views))
 
@@ -646,30 +665,20 @@ class Ledger:
         else:
             job.state = "partial"
         job.updated_at = self.clock()
-        self.auditor.record("job.finished", subject=job.job_id, state=job.state, counts=job.counts)
-        self._save_job_later(job)
-
-    def _save_job_later(self, job: JobRecord) -> None:
-        # After this turn's command transitions (their flush is already scheduled), so the
-        # job row never runs ahead of them in the writer's queue.
-        asyncio.get_running_loop().call_soon(self._save_job, job)
-
-    def _save_job(self, job: JobRecord) -> None:
-        future = asyncio.ensure_future(self.store.save_job(job))
-        self._writes.add(future)
-        future.add_done_callback(lambda f: self._job_saved(f, job))
-
-    def _job_saved(self, future: asyncio.Future[None], job: JobRecord) -> None:
-        self._writes.discard(future)
-        if not future.cancelled() and future.exception() is not None:
-            log.error("could not save job %s: %s", job.job_id, future.exception())
+        entry = self.auditor.entry(
+            "job.finished", subject=job.job_id, state=job.state, counts=dict(job.counts)
+        )
+        # In the same commit as the transition that finished it: one fsync, not two, at
+        # the end of every job (a job of one command is a round trip's last write).
+        self._pending.append((job, entry))
+        self._schedule_flush(urgent=True)
 
     async def drain(self) -> None:
         """Wait for every transition made so far to be stored."""
-        self._flush()
-        await asyncio.sleep(0)  # job rows scheduled after this turn's transitions queue now
-        while self._writes:
-            await asyncio.gather(*list(self._writes), return_exceptions=True)
+        while self._pending or self._writes:
+            self._flush()
+            if self._writes:
+                await asyncio.gather(*list(self._writes), return_exceptions=True)
 
     # -- queries -------------------------------------------------------------------------
 

@@ -238,6 +238,7 @@ class Metrics(Collector):
         self.agent_states: Callable[[], dict[str, int]] = dict
         self.admin_clients: Callable[[], int] = lambda: 0
         self.commands_in_flight: Callable[[], int] = lambda: 0
+        self.store_commits: Callable[[], int] = lambda: 0
         self.extra_gauges: dict[str, Callable[[], float]] = {}
         self.connects_window = RateWindow()
         self.disconnects_window = RateWindow()
@@ -336,6 +337,11 @@ class Metrics(Collector):
             invalid.add_metric([channel], count)
         yield invalid
 
+        yield CounterMetricFamily(
+            "tether_store_commits",
+            "Write transactions committed by the store (one fsync each when durable).",
+            value=self.store_commits(),
+        )
         yield GaugeMetricFamily(
             "tether_admin_clients", "Connected admin clients.", value=self.admin_clients()
         )

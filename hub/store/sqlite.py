@@ -281,6 +281,7 @@ class _Worker(threading.Thread):
         )
         self.ready = threading.Event()
         self.failure: BaseException | None = None
+        self.commits = 0
 
     def run(self) -> None:
         try:
@@ -358,6 +359,7 @@ class _Worker(threading.Thread):
                     log.warning("store operation failed: %s", exc, exc_info=True)
                     outcomes.append((future, None, exc))
             conn.execute("COMMIT")
+            self.commits += 1
         except Exception as exc:
             log.error("store commit failed: %s", exc)
             if conn.in_transaction:
@@ -377,6 +379,7 @@ class _Worker(threading.Thread):
                 result.close()
                 result = None
             conn.execute("COMMIT")
+            self.commits += 1
         except Exception as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -432,6 +435,12 @@ class SQLiteStore(Store):
         self._readers: list[_Worker] = []
         self._read_queue: queue.SimpleQueue[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._commits_before = 0  # by writers already closed
+
+    @property  # type: ignore[override]
+    def commits(self) -> int:
+        writer = self._writer
+        return self._commits_before + (writer.commits if writer is not None else 0)
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -461,6 +470,7 @@ class SQLiteStore(Store):
         if writer is not None:
             writer.queue.put(None)
             await asyncio.to_thread(writer.join)
+            self._commits_before += writer.commits
         if self._read_queue is not None:
             self._read_queue.put(None)
             for reader in self._readers:
@@ -835,7 +845,10 @@ class SQLiteStore(Store):
         await self._write(op)
 
     def save_commands(
-        self, commands: Sequence[CommandRecord], audit: Sequence[AuditEntry] = ()
+        self,
+        commands: Sequence[CommandRecord],
+        audit: Sequence[AuditEntry] = (),
+        jobs: Sequence[JobRecord] = (),
     ) -> asyncio.Future[None]:
         rows = [
             (c.state, c.updated_at, c.sent_at, c.acked_at, _dumps(c.result), c.output_bytes,
@@ -843,6 +856,7 @@ class SQLiteStore(Store):
             for c in commands
         ]  # fmt: skip
         audit_rows = [self._audit_row(e) for e in audit]
+        job_rows = [self._job_row(job) for job in jobs]
 
         def op(conn: sqlite3.Connection) -> None:
             conn.executemany(
@@ -852,12 +866,10 @@ class SQLiteStore(Store):
             )
             if audit_rows:
                 conn.executemany(self._AUDIT_SQL, audit_rows)
+            if job_rows:
+                conn.executemany(self._JOB_SQL, job_rows)
 
         return self._write(op)
-
-    def save_job(self, job: JobRecord) -> asyncio.Future[None]:
-        row = self._job_row(job)
-        return self._write(lambda conn: conn.execute(self._JOB_SQL, row))
 
     def add_output(self, command_id: str, seq: int, stream: str, data: str) -> None:
         self._submit(

@@ -3,6 +3,7 @@ expiry, ownership, durability of every transition (PROTOCOL §4.3)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -271,3 +272,45 @@ async def test_draining_agent_gets_no_new_commands_until_ok(
     command = await agent.recv_type("command")
     assert command["command_id"] == data["command_ids"][0]
     await agent.close()
+
+
+async def test_the_result_that_ends_a_job_is_stored_with_the_job_and_its_audit(
+    hub: HubHandle, admin: AdminClient
+) -> None:
+    """One commit, announced after it: when the console sees the result, the job's row and
+    the audit of the whole exchange are already in the store (two fsyncs a round trip)."""
+    agent = await online_agent(hub)
+    await admin.request("subscribe", topics=["commands"])
+    events = admin.events()
+    await hub.hub.store.flush()
+    commits = hub.hub.store.commits
+    data = await admin.request("dispatch", target={"agent_ids": ["edge-1"]}, name="ping")
+    (command_id,) = data["command_ids"]
+    command = await agent.recv_type("command")
+    await agent.send({"type": "ack", "command_id": command_id})
+    await agent.send({"type": "result", "command_id": command_id, "status": "succeeded"})
+    async with asyncio.timeout(10):
+        while True:
+            event = await anext(events)
+            if event.get("topic") == "commands" and event["command"]["state"] == "succeeded":
+                break
+    # queued (with the job and the request's audit), then the result (with the job's end).
+    assert hub.hub.store.commits - commits == 2
+    # Read at once, without waiting for anything else the hub might still write.
+    job = await hub.hub.store.job(data["job_id"])
+    assert job is not None and job["job"]["state"] == "succeeded"
+    page = await hub.hub.store.audit_entries({"subject": command["command_id"]}, 100, None)
+    assert {e["action"] for e in page.items} >= {"command.queued", "command.succeeded"}
+    page = await hub.hub.store.audit_entries({"subject": data["job_id"]}, 100, None)
+    assert {e["action"] for e in page.items} == {"job.dispatch", "job.finished"}
+    page = await hub.hub.store.audit_entries({"action": "admin.dispatch"}, 100, None)
+    assert [e["detail"]["name"] for e in page.items] == ["ping"]
+    await agent.close()
+
+
+async def test_a_refused_dispatch_is_still_audited(hub: HubHandle, admin: AdminClient) -> None:
+    with pytest.raises(AdminError):
+        await admin.request("dispatch", target={"agent_ids": ["ghost"]}, name="ping")
+    await hub.hub.auditor.drain()
+    page = await hub.hub.store.audit_entries({"action": "admin.dispatch"}, 100, None)
+    assert len(page.items) == 1
