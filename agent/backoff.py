@@ -8,8 +8,11 @@ registered for ``reset_after`` seconds, so one blip after a long healthy session
 Hints from the hub take precedence over the plain backoff:
 
 * ``reconnect.after_ms`` is already drawn at random per agent by the hub, so it is used as is,
-  and it does not count as a retry: a planned reconnect (a drain) is no failure, so if the
-  hub is not back yet the next wait is drawn from ``[0, base]``, not from a doubled range;
+  and it does not count as a retry: a planned reconnect (a drain) is no failure. For
+  ``restart_grace`` seconds after it, a dial the hub's host *refused* (nothing listens: the
+  hub is between two processes) waits ``[0, base]`` again and again instead of doubling —
+  a refused dial costs the hub nothing, and a doubled wait would keep the agent away long
+  after the hub is back. Any other failure backs off as usual;
 * HTTP ``Retry-After`` may be one number for everyone, so it is a floor to which a jitter
   as wide as itself is added: ``Retry-After: 5`` means 5 to 10 s (thousands of agents
   refused together must not come back in the same second). Not the exponential jitter: an
@@ -48,12 +51,23 @@ class Hint:
     close_code: int | None = None
     retry_after: float | None = None  # seconds, from an HTTP refusal
     after_ms: int | None = None  # from a ``reconnect`` message
+    refused: bool = False  # the TCP connection was refused (nothing listening)
 
 
 class Backoff:
     """Full-jitter exponential backoff with hub hints. One per agent; a few dozen bytes."""
 
-    __slots__ = ("_clock", "_registered_at", "_rng", "attempt", "base", "cap", "reset_after")
+    __slots__ = (
+        "_clock",
+        "_registered_at",
+        "_restart_until",
+        "_rng",
+        "attempt",
+        "base",
+        "cap",
+        "reset_after",
+        "restart_grace",
+    )
 
     def __init__(
         self,
@@ -61,21 +75,25 @@ class Backoff:
         base: float = 1.0,
         cap: float = 60.0,
         reset_after: float = 30.0,
+        restart_grace: float = 30.0,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.base = base
         self.cap = cap
         self.reset_after = reset_after
+        self.restart_grace = restart_grace
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
         self._registered_at: float | None = None
+        self._restart_until = float("-inf")
         #: How many retries have been drawn since the last reset.
         self.attempt = 0
 
     def registered(self) -> None:
         """The hub welcomed us: start timing the session for the reset rule."""
         self._registered_at = self._clock()
+        self._restart_until = float("-inf")  # the restart we waited for is over
 
     def ceiling(self) -> float:
         """Upper bound of the plain jitter for the next retry."""
@@ -89,7 +107,12 @@ class Backoff:
         if hint is not None and hint.after_ms is not None and hint.close_code not in _FAULTS:
             # The hub asked us to come back later (a drain): planned, not a failure, so
             # the dial after it is a first try and a refusal then waits at most a second.
-            return hint.after_ms / 1000.0
+            delay = hint.after_ms / 1000.0
+            self._restart_until = self._clock() + delay + self.restart_grace
+            return delay
+        if hint is not None and hint.refused and self._clock() < self._restart_until:
+            # Nothing listens yet where the hub is restarting: try again soon, not later.
+            return self._rng.uniform(0.0, self.base)
         jitter = self._rng.uniform(0.0, self.ceiling())
         self.attempt += 1
         if hint is None:

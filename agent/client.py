@@ -397,7 +397,8 @@ class AgentClient:
             log.warning(
                 "event=connect_failed agent_id=%s url=%s error=%r", agent_id, url, str(exc) or exc
             )
-            return None, True
+            refused = isinstance(exc, ConnectionRefusedError)
+            return (Hint(refused=True) if refused else None), True
         assert isinstance(connection, AgentConnection)
         self.connection = connection
         try:

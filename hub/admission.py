@@ -8,11 +8,12 @@ NAT address); the cool-off only turns a failing source's 401 into a 429.
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
-__all__ = ["FailureTracker", "TokenBucket"]
+__all__ = ["FailureTracker", "RefusalSpread", "TokenBucket"]
 
 
 class FailureTracker:
@@ -85,3 +86,46 @@ class TokenBucket:
             self.tokens -= 1
             return True
         return False
+
+
+class RefusalSpread:
+    """``Retry-After`` for a refusal because the hub is busy (handshake rate, pending
+    handshakes): as long as it takes to admit everyone refused lately, and no longer.
+
+    A fixed window (say 1–10 s, plus the agent's own jitter) sends a storm's refused agents
+    up to 20 s away although the hub, admitting thousands a second, has room again within
+    a second or two; a window of one second would bring a sustained flood back in one
+    wave. So the window is the refusals of the last ``span`` seconds divided by the
+    admission rate: 2,000 refused at 2,000/s → 1–1 s, 20,000 → 1–10 s, never past ``cap``.
+    """
+
+    __slots__ = ("_buckets", "_clock", "_rng", "cap", "rate", "span")
+
+    def __init__(
+        self,
+        rate: float,
+        cap: int,
+        span: int = 10,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rate = rate
+        self.cap = max(1, cap)
+        self.span = span
+        self._rng = rng if rng is not None else random.Random()
+        self._clock = clock
+        self._buckets: deque[list[int]] = deque()  # [second, refusals]
+
+    def retry_after(self) -> int:
+        """Count one refusal and draw its ``Retry-After`` (whole seconds, at least 1)."""
+        second = int(self._clock())
+        buckets = self._buckets
+        if buckets and buckets[-1][0] == second:
+            buckets[-1][1] += 1
+        else:
+            buckets.append([second, 1])
+        while buckets[0][0] <= second - self.span:
+            buckets.popleft()
+        refused = sum(count for _, count in buckets)
+        window = min(self.cap, max(1, math.ceil(refused / self.rate)))
+        return self._rng.randint(1, window)

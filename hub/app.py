@@ -22,7 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 from .admin import RequestError
-from .admission import FailureTracker, TokenBucket
+from .admission import FailureTracker, RefusalSpread, TokenBucket
 from .alerts import Alerts
 from .audit import Auditor
 from .auth import PREFIXES, AuthFailure, Credentials, Principal
@@ -37,7 +37,7 @@ from .protocol.codec import encode
 from .protocol.constants import Close
 from .protocol.messages import CancelRequest
 from .registry import Registry
-from .server import HubConnection
+from .server import HubConnection, listen_now
 from .store.base import Store, StoreUnavailable
 from .store.sqlite import SQLiteStore
 
@@ -47,6 +47,8 @@ __all__ = ["Events", "Hub"]
 
 #: Agents a snapshot or listing turns into views per turn of the event loop.
 VIEW_CHUNK = 2_000
+#: Connections the kernel queues until the hub accepts them (capped by net.core.somaxconn).
+LISTEN_BACKLOG = 4096
 
 
 def _exit_watchdog(seconds: float, loop: asyncio.AbstractEventLoop) -> threading.Timer:
@@ -126,6 +128,9 @@ class Hub:
         self.handshake_rate = TokenBucket(
             config.max_handshakes_per_second, config.max_handshakes_per_second
         )
+        self.busy_refusals = RefusalSpread(
+            config.max_handshakes_per_second, 2 * config.overload_retry_after
+        )
         self.tls = self.ssl_context()
         self.admins: set[Any] = set()
         self.tasks: set[asyncio.Future[Any]] = set()
@@ -133,7 +138,7 @@ class Hub:
         self.started_at = time.time()
         self.store_ready = False
         self.stopping = False
-        self.server: asyncio.Server | None = None
+        self.servers: list[asyncio.Server] = []
         self.port = 0
         self._takeovers: dict[str, deque[float]] = {}
         self._loops: list[asyncio.Task[None]] = []
@@ -151,23 +156,29 @@ class Hub:
 
     async def start(self) -> None:
         config = self.config
-        await self.store.open()
-        self.store_ready = True
-        await self.credentials.load()
-        self.registry.load(await self.store.load_agents())
-        await self.ledger.load()
-        await self.alerts.load()
         host, port = parse_listen(config.listen)
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            lambda: HubConnection(self),
-            host,
-            port,
-            ssl=self.tls,
-            backlog=4096,
-            reuse_address=True,
-        )
-        self.port = self.server.sockets[0].getsockname()[1]
+        # Listening first: a fleet reconnecting while the state loads waits, not refused.
+        sockets = listen_now(host, port, LISTEN_BACKLOG)
+        self.port = sockets[0].getsockname()[1]
+        try:
+            await self.store.open()
+            self.store_ready = True
+            await self.credentials.load()
+            self.registry.load(await self.store.load_agents())
+            await self.ledger.load()
+            await self.alerts.load()
+            loop = asyncio.get_running_loop()
+            for sock in sockets:
+                server = await loop.create_server(
+                    lambda: HubConnection(self), sock=sock, ssl=self.tls, backlog=LISTEN_BACKLOG
+                )
+                self.servers.append(server)
+        except BaseException:
+            for server in self.servers:
+                server.close()
+            for sock in sockets:
+                sock.close()
+            raise
         self._loops = [
             asyncio.create_task(
                 self._every(min(1.0, config.heartbeat_interval / 4), self._sweep), name="sweep"
@@ -219,8 +230,8 @@ class Hub:
             return
         self.stopping = True
         config = self.config
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
         spread = config.reconnect_spread_ms
         began = time.monotonic()
         agents = len(self.registry.live)

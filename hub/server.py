@@ -13,6 +13,7 @@ import asyncio
 import email.utils
 import logging
 import random
+import socket
 from typing import TYPE_CHECKING, Any
 
 from websockets.datastructures import Headers
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HubConnection", "json_response"]
+__all__ = ["HubConnection", "json_response", "listen_now"]
 
 _REASONS = {
     200: "OK",
@@ -158,7 +159,7 @@ class HubConnection(Connection):
             # refusal spreads a reconnect storm out, where a reset would send every agent
             # into ever longer backoff.
             hub.metrics.connection("overloaded")
-            retry = random.randint(1, 2 * hub.config.overload_retry_after)
+            retry = hub.busy_refusals.retry_after()
             self._shed = True
             transport.write(_OVERLOADED % retry)  # type: ignore[attr-defined]
             # Half-close and read the request to its end, so that the client gets the
@@ -391,17 +392,18 @@ class HubConnection(Connection):
             return self._refuse(403, "forbidden", f"{principal.kind} credential on {path}", path)
 
         if agent_channel:
-            # Drawn per refusal (1 s up to twice the setting): refused agents come back
-            # spread out instead of in one wave that is refused again.
-            retry = str(random.randint(1, 2 * hub.config.overload_retry_after))
             takeover = principal.agent_id is not None and principal.agent_id in hub.registry.live
             if hub.registry.connected >= hub.config.max_agents and not takeover:
+                # Full, not busy: drawn from 1 s up to twice the setting, so refused agents
+                # come back spread out instead of in one wave that is refused again.
+                retry = random.randint(1, 2 * hub.config.overload_retry_after)
                 return self._refuse(
-                    503, "overloaded", "agent limit", path, [("Retry-After", retry)]
+                    503, "overloaded", "agent limit", path, [("Retry-After", str(retry))]
                 )
             if not hub.handshake_rate.take():
+                retry = hub.busy_refusals.retry_after()
                 return self._refuse(
-                    503, "overloaded", "handshake rate", path, [("Retry-After", retry)]
+                    503, "overloaded", "handshake rate", path, [("Retry-After", str(retry))]
                 )
 
         offered = [
@@ -457,3 +459,35 @@ class HubConnection(Connection):
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthFailure(401, "malformed authorization header")
         return hub.authenticate(token.strip(), self)
+
+
+def listen_now(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """Bound, listening sockets for ``host:port``, to be served later.
+
+    A hub listens before it loads its state: while it reads tens of thousands of agents
+    back in, connections of a fleet that was just sent away wait in the kernel's backlog
+    instead of being refused (a refusal means a retry later; a wait is answered as soon as
+    the hub serves). Same sockets as ``create_server`` would make: one per address,
+    ``SO_REUSEADDR``, IPv6 sockets IPv6-only.
+    """
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, Any]] = set()
+    try:
+        for family, kind, proto, _name, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets

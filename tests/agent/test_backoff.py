@@ -101,6 +101,45 @@ def test_a_drain_is_not_a_failure_so_a_refused_dial_after_it_retries_within_a_se
         assert backoff.ceiling() == 2.0
 
 
+def test_refused_dials_while_the_hub_restarts_keep_retrying_within_a_second() -> None:
+    """Nothing listens between the old hub process and the new one: those refusals cost the
+    hub nothing, so they do not double the wait (an agent refused four times would otherwise
+    stay away up to 16 s after the hub is back)."""
+    clock = FakeClock()
+    backoff = Backoff(rng=random.Random(7), clock=clock)
+    backoff.next_delay(Hint(close_code=Close.SERVICE_RESTART, after_ms=2000))
+    for _ in range(20):
+        clock.now += 1.0
+        assert 0.0 <= backoff.next_delay(Hint(refused=True)) <= 1.0
+    assert backoff.attempt == 0
+    # Other failures during the restart back off as always.
+    backoff.next_delay()
+    assert backoff.attempt == 1
+
+
+def test_the_restart_grace_ends_and_refusals_back_off_again() -> None:
+    clock = FakeClock()
+    backoff = Backoff(rng=random.Random(8), clock=clock, restart_grace=30.0)
+    backoff.next_delay(Hint(close_code=Close.SERVICE_RESTART, after_ms=5000))
+    clock.now += 5.0 + 30.0 + 0.1
+    backoff.next_delay(Hint(refused=True))
+    backoff.next_delay(Hint(refused=True))
+    assert backoff.attempt == 2
+    # A welcome ends it too: a later refusal is an ordinary failure.
+    backoff = Backoff(rng=random.Random(9), clock=clock)
+    backoff.next_delay(Hint(close_code=Close.SERVICE_RESTART, after_ms=0))
+    backoff.registered()
+    backoff.next_delay(Hint(refused=True))
+    assert backoff.attempt == 1
+
+
+def test_refusals_without_a_restart_announced_back_off() -> None:
+    backoff = Backoff(rng=random.Random(10))
+    for _ in range(5):
+        backoff.next_delay(Hint(refused=True))
+    assert backoff.attempt == 5
+
+
 def test_superseded_waits_thirty_seconds_plus_jitter() -> None:
     delays = [
         Backoff(rng=random.Random(seed)).next_delay(Hint(close_code=Close.SUPERSEDED))

@@ -299,6 +299,13 @@ async def test_hub_drain_sends_agents_to_the_restarted_hub(
     await eventually(lambda: connection.done.done(), message="drained")
     assert connection.done.result()[0] == 1012
     assert connection.after_ms is not None and connection.after_ms <= 300
+    # Nothing listens until the second hub starts: refused dials retry within a second
+    # and do not grow the wait.
+    attempts = client.attempts
+    await eventually(lambda: client.attempts >= attempts + 3, 20, "refused three times")
+    assert client.last_error == "connect: ConnectionRefusedError"
+    assert client.backoff.attempt == 0
+    assert client.last_delay is not None and client.last_delay <= 1.0
     second = await hub_factory(data_dir=data_dir, listen=f"127.0.0.1:{port}")
     await eventually(lambda: live(second, "edge-1") is not None, 20, "re-registered")
 

@@ -426,7 +426,7 @@ async def test_half_open_handshakes_beyond_the_limit_are_shed(hub_factory) -> No
         held.append(wire)
     await wait_for(lambda: hub.hub.pending_handshakes == 3)
     # The fourth connection, even a health probe, is answered 503 before its request is
-    # read, with a Retry-After drawn per refusal (1 to 10 s by default), and closed.
+    # read, with a Retry-After drawn per refusal (1 s while few are refused), and closed.
     before = hub.hub.metrics.connections["overloaded"]
     for request in (
         b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 import pytest
 
+from hub.app import Hub
+from hub.config import HubConfig
 from tests.conftest import HubHandle
+from tests.support import wait_for
 
 
 async def http_get(port: int, path: str, headers: str = "") -> tuple[int, dict[str, str], bytes]:
@@ -77,3 +81,35 @@ async def test_plain_get_of_a_channel_is_426(hub: HubHandle, path: str) -> None:
 async def test_health_needs_no_credential_even_with_a_query(hub: HubHandle) -> None:
     status, _, _ = await http_get(hub.hub.port, "/healthz?probe=1")
     assert status == 200
+
+
+async def test_a_connection_made_while_the_hub_loads_waits_and_is_served(
+    hub_factory, tmp_path
+) -> None:
+    """The hub listens before it reads its state back: a fleet reconnecting during a
+    restart queues in the kernel's backlog instead of being refused."""
+    data_dir = tmp_path / "slow"
+    first = await hub_factory(data_dir=data_dir)
+    await first.hub.stop()
+    # Another process holds the database: the next hub's store waits for it (busy_timeout).
+    holder = sqlite3.connect(data_dir / "tether.db", isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("UPDATE meta SET value = value")
+    hub = Hub(HubConfig(listen="127.0.0.1:0", data_dir=data_dir, gc_freeze_interval=0))
+    starting = asyncio.ensure_future(hub.start())
+    try:
+        await wait_for(lambda: hub.port != 0, what="listening")
+        request = asyncio.ensure_future(http_get(hub.port, "/healthz"))
+        await asyncio.sleep(0.3)  # the request is in; the hub is still loading
+        assert not starting.done() and not request.done()
+        holder.execute("COMMIT")
+        holder.close()
+        status, _, body = await request
+        assert (status, body) == (200, b'{"status":"ok"}')
+        await starting
+    finally:
+        holder.close()
+        if not starting.done():
+            starting.cancel()
+        await hub.stop()
