@@ -2,8 +2,8 @@
 
 Why a thread: SQLite calls block, and nothing may block the event loop. Every write is a
 small function queued to the writer thread, which takes all queued functions at once, runs
-them in one transaction (each inside a savepoint, so one failure does not undo the others)
-and commits with ``synchronous=FULL``: one fsync for the whole group. The futures of a
+them in one transaction (if one fails, the group runs again with each in a savepoint, so
+that one failure does not undo the others) and commits with ``synchronous=FULL``: one fsync for the whole group. The futures of a
 group are resolved on the event loop in one callback. Readers use their own connections in
 their own threads; WAL lets them read while the writer writes.
 """
@@ -337,27 +337,19 @@ class _Worker(threading.Thread):
     def _commit(
         self, conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any] | None]]
     ) -> list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]:
-        outcomes: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
         if len(batch) == 1:
             return self._commit_one(conn, *batch[0])
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for op, future in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    result = op(conn)
-                    if type(result) is sqlite3.Cursor:
-                        # A cursor must die in this thread: freed elsewhere, it would reset
-                        # a cached statement under the writer's feet (SQLITE_MISUSE).
-                        result.close()
-                        result = None
-                    outcomes.append((future, result, None))
-                    conn.execute("RELEASE op")
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    log.warning("store operation failed: %s", exc, exc_info=True)
-                    outcomes.append((future, None, exc))
+            try:
+                outcomes = self._run_together(conn, batch)
+            except Exception:
+                # One operation failed: do the group again, each in a savepoint, so that
+                # it alone fails. Operations are pure functions of the connection and
+                # their own data, so running them again after the rollback is safe.
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                outcomes = self._run_isolated(conn, batch)
             conn.execute("COMMIT")
             self.commits += 1
         except Exception as exc:
@@ -366,6 +358,44 @@ class _Worker(threading.Thread):
                 conn.execute("ROLLBACK")
             failure = StoreUnavailable(f"commit failed: {exc}")
             return [(future, None, failure) for _, future in batch]
+        return outcomes
+
+    @staticmethod
+    def _run_together(
+        conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any] | None]]
+    ) -> list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]:
+        """The usual case: every operation succeeds, no savepoint each (two statements
+        fewer per operation; a registration makes two of them)."""
+        outcomes: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
+        for op, future in batch:
+            result = op(conn)
+            if type(result) is sqlite3.Cursor:
+                # A cursor must die in this thread: freed elsewhere, it would reset a cached
+                # statement under the writer's feet (SQLITE_MISUSE).
+                result.close()
+                result = None
+            outcomes.append((future, result, None))
+        return outcomes
+
+    @staticmethod
+    def _run_isolated(
+        conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any] | None]]
+    ) -> list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]:
+        outcomes: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
+        for op, future in batch:
+            conn.execute("SAVEPOINT op")
+            try:
+                result = op(conn)
+                if type(result) is sqlite3.Cursor:
+                    result.close()
+                    result = None
+                outcomes.append((future, result, None))
+                conn.execute("RELEASE op")
+            except Exception as exc:
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                log.warning("store operation failed: %s", exc, exc_info=True)
+                outcomes.append((future, None, exc))
         return outcomes
 
     def _commit_one(
