@@ -3,9 +3,10 @@
 Why a thread: SQLite calls block, and nothing may block the event loop. Every write is a
 small function queued to the writer thread, which takes all queued functions at once, runs
 them in one transaction (if one fails, the group runs again with each in a savepoint, so
-that one failure does not undo the others) and commits with ``synchronous=FULL``: one fsync for the whole group. The futures of a
-group are resolved on the event loop in one callback. Readers use their own connections in
-their own threads; WAL lets them read while the writer writes.
+that one failure does not undo the others) and commits with ``synchronous=FULL``: one fsync
+for the whole group. The futures of a group are resolved on the event loop in one callback.
+Readers use their own connections in their own threads; WAL lets them read while the writer
+writes.
 """
 
 from __future__ import annotations
