@@ -340,7 +340,20 @@ class AgentClient:
         urls = self.settings.urls
         while not self._stopping:
             url = urls[self._url_index % len(urls)]
-            hint, rotate = await self._session(url)
+            try:
+                hint, rotate = await self._session(url)
+            except Exception as exc:
+                # Whatever went wrong (a bug, an input nobody foresaw), the agent keeps
+                # dialing: an agent whose loop ended is lost until someone logs in to it.
+                log.exception(
+                    "event=session_failed agent_id=%s url=%s error=%r",
+                    self.profile.agent_id,
+                    url,
+                    exc,
+                )
+                self.connection = None
+                self.last_error = f"internal: {type(exc).__name__}"
+                hint, rotate = None, True
             if self._stopping:
                 break
             if rotate and len(urls) > 1:

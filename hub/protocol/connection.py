@@ -73,6 +73,7 @@ class Connection(asyncio.Protocol):
         "_client",
         "_close_timer",
         "_deflate",
+        "_eof_sent",
         "_fast",
         "_fragments",
         "_handshake",
@@ -116,6 +117,8 @@ class Connection(asyncio.Protocol):
         self._keepalive: asyncio.TimerHandle | None = None
         self._ping_sent_at: float = 0.0
         self._handshake: asyncio.Future[None] | None = None
+        #: Client side: our end of the stream is closed; nothing more may be written.
+        self._eof_sent = False
 
     # -- hooks for subclasses ---------------------------------------------------------
 
@@ -314,7 +317,7 @@ class Connection(asyncio.Protocol):
         grow the buffer without limit.
         """
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self._eof_sent:
             return False
         transport.write(data)
         if transport.get_write_buffer_size() > self.max_buffer:
@@ -503,7 +506,7 @@ class Connection(asyncio.Protocol):
         if not writes:
             return
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self._eof_sent:
             return
         # One write for everything queued (a last message and its close frame, a pong and
         # an answer): each write is a system call and, on the other end, a wakeup.
@@ -514,6 +517,7 @@ class Connection(asyncio.Protocol):
                     transport.write(b"".join(pending))
                 if self.protocol.side is Side.CLIENT and transport.can_write_eof():
                     transport.write_eof()
+                    self._eof_sent = True
                 else:
                     transport.close()
                 return
@@ -637,11 +641,12 @@ async def connect(
                         raise ssl.SSLCertVerificationError(
                             "the hub's certificate does not match the pinned SHA-256"
                         )
-                request = protocol.connect()
-                for name, value in headers:
-                    request.headers[name] = value
-                protocol.send_request(request)
-                connection._flush()
+                if not opened.done():  # a server may answer before it reads: a refusal
+                    request = protocol.connect()
+                    for name, value in headers:
+                        request.headers[name] = value
+                    protocol.send_request(request)
+                    connection._flush()
                 await opened
             except BaseException:
                 connection.abort()

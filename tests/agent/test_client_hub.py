@@ -274,6 +274,16 @@ async def test_two_processes_with_one_id_back_off_after_4001(
     assert second.registered
 
 
+async def test_an_unforeseen_error_while_dialing_does_not_end_the_agent(
+    hub: HubHandle, agents: Agents
+) -> None:
+    # A port past 65535 makes the dial raise ValueError, which no dialing path expects:
+    # the agent must log it, back off and go on to the next URL, never stop dialing.
+    client = await agents.start(["ws://127.0.0.1:70000", hub.url], await hub.agent_token("edge-1"))
+    await eventually(lambda: client.registered, message="registered via the second URL")
+    assert client.attempts >= 2
+
+
 async def test_bad_token_is_refused_and_next_url_is_tried(hub: HubHandle, agents: Agents) -> None:
     dead = f"ws://127.0.0.1:{closed_port()}"
     client = await agents.start([dead, hub.url], await hub.agent_token("edge-1"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -78,5 +79,45 @@ def test_a_503_written_on_accept_is_the_refusal_with_its_retry_after(run) -> Non
     # failed, that error was raised instead and the Retry-After was lost (agents fell back
     # to their exponential backoff in a reconnect storm).
     for refused in run(_answered_on_accept()):
+        assert refused.status == 503
+        assert refused.retry_after == 7
+
+
+class _ShedOnAccept(asyncio.Protocol):
+    """What the hub does past its pending-handshake cap: the 503 and the end of its side of
+    the stream are written in ``connection_made``, before a byte of the request is read."""
+
+    def connection_made(self, transport: Any) -> None:  # uvloop's is no WriteTransport
+        transport.write(OVERLOADED)
+        transport.write_eof()
+        self.transport = transport
+
+    def eof_received(self) -> bool | None:
+        self.transport.close()
+        return None
+
+
+async def _shed_on_accept() -> list[HandshakeRefused]:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_ShedOnAccept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    refusals = []
+    try:
+        for _ in range(50):
+            with pytest.raises(HandshakeRefused) as refused:
+                await connect(f"ws://127.0.0.1:{port}/ws", Connection, open_timeout=5)
+            refusals.append(refused.value)
+    finally:
+        server.close()
+        await server.wait_closed()
+    return refusals
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_a_503_and_end_of_stream_before_the_request_is_the_refusal(run) -> None:
+    # Before the fix, the client ended its side too on the hub's EOF and then wrote its
+    # request: "Cannot call write() after write_eof()", a RuntimeError no caller expected —
+    # in a reconnect storm it ended the agents' reconnect loops for good.
+    for refused in run(_shed_on_accept()):
         assert refused.status == 503
         assert refused.retry_after == 7
