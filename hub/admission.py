@@ -95,11 +95,13 @@ class RefusalSpread:
     A fixed window (say 1–10 s, plus the agent's own jitter) sends a storm's refused agents
     up to 20 s away although the hub, admitting thousands a second, has room again within
     a second or two; a window of one second would bring a sustained flood back in one
-    wave. So the window is the refusals of the last ``span`` seconds divided by the
-    admission rate: 2,000 refused at 2,000/s → 1–1 s, 20,000 → 1–10 s, never past ``cap``.
+    wave. So the window is the refusals of the last ``span`` seconds divided by the rate at
+    which the hub admitted upgrades over the same seconds (the configured ``rate`` until it
+    has admitted some: a slow or busy machine admits fewer than it is allowed to), never
+    past ``cap``: 2,000 refused at 2,000/s → 1 s, 10,000 refused at 1,000/s → 1–10 s.
     """
 
-    __slots__ = ("_buckets", "_clock", "_rng", "cap", "rate", "span")
+    __slots__ = ("_admitted", "_clock", "_refused", "_rng", "cap", "rate", "span")
 
     def __init__(
         self,
@@ -114,18 +116,34 @@ class RefusalSpread:
         self.span = span
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
-        self._buckets: deque[list[int]] = deque()  # [second, refusals]
+        self._refused: deque[list[int]] = deque()  # [second, count]
+        self._admitted: deque[list[int]] = deque()
+
+    def admitted(self) -> None:
+        """Count one upgrade accepted."""
+        self._count(self._admitted)
 
     def retry_after(self) -> int:
         """Count one refusal and draw its ``Retry-After`` (whole seconds, at least 1)."""
+        refused = self._count(self._refused)
+        admitted = sum(count for _, count in self._admitted)
+        # Seconds the admissions were counted over: the whole span, or since the first.
+        seconds = min(self.span, int(self._clock()) - self._admitted[0][0] + 1) if admitted else 0
+        rate = min(self.rate, admitted / seconds) if seconds and admitted >= 100 else self.rate
+        window = min(self.cap, max(1, math.ceil(refused / rate)))
+        return self._rng.randint(1, window)
+
+    def _count(self, buckets: deque[list[int]]) -> int:
+        """Add one to this second's bucket, forget old ones; the total of the span."""
         second = int(self._clock())
-        buckets = self._buckets
         if buckets and buckets[-1][0] == second:
             buckets[-1][1] += 1
         else:
             buckets.append([second, 1])
-        while buckets[0][0] <= second - self.span:
+        self._trim(buckets, second)
+        self._trim(self._admitted, second)
+        return sum(count for _, count in buckets)
+
+    def _trim(self, buckets: deque[list[int]], second: int) -> None:
+        while buckets and buckets[0][0] <= second - self.span:
             buckets.popleft()
-        refused = sum(count for _, count in buckets)
-        window = min(self.cap, max(1, math.ceil(refused / self.rate)))
-        return self._rng.randint(1, window)

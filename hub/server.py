@@ -439,6 +439,8 @@ class HubConnection(Connection):
             self.respond(response)
             return None
         hub.metrics.connection("accepted")
+        if agent_channel:
+            hub.busy_refusals.admitted()
         self.session = (
             AgentSession(hub, self, principal)
             if agent_channel

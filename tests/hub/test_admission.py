@@ -46,4 +46,21 @@ def test_the_count_is_bounded_by_the_span_not_by_the_refusals() -> None:
     for _ in range(100):
         clock.now += 0.5
         draws(spread, 50)
-    assert len(spread._buckets) <= spread.span
+    assert len(spread._refused) <= spread.span
+
+
+def test_the_window_follows_the_rate_the_hub_actually_admits() -> None:
+    """Allowed 2,000/s, a busy machine admits 500/s: 2,000 refused need four seconds."""
+    clock = FakeClock()
+    spread = RefusalSpread(rate=2000, cap=10, rng=random.Random(4), clock=clock)
+    for _ in range(10):
+        clock.now += 1
+        for _ in range(500):
+            spread.admitted()
+    values = draws(spread, 2000)
+    assert max(values) == 4 and min(values) == 1
+    # Admitting faster than allowed never shortens it below the configured rate.
+    fast = RefusalSpread(rate=100, cap=10, rng=random.Random(5), clock=clock)
+    for _ in range(5000):
+        fast.admitted()
+    assert max(draws(fast, 300)) == 3
