@@ -125,7 +125,7 @@ def render(report: dict[str, Any]) -> str:
         lines.append(
             f"| reconnect storm after a hub restart (SIGTERM, agents spread over 10 s) | all "
             f"back within 15 s | {storm:.1f} s from restart "
-            f"({_fmt(_get(r, 'hub.storm_seconds_after_listening'), ' s')} after it listened), "
+            f"({_fmt(_get(r, 'hub.storm_seconds_to_ready'), ' s')} until its /readyz answered), "
             f"the SIGTERM before it exit {_get(r, 'hub.sigterm_exit_code')} in "
             f"{_fmt(_get(r, 'hub.sigterm_seconds'), ' s')}, refusals "
             f"{_get(r, 'hub.storm_refusals') or 'none'} | | | "
