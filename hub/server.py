@@ -85,6 +85,14 @@ _OVERLOADED = (
 )
 
 
+#: Requests answered even past the pending-handshake cap, told apart by their first bytes: a
+#: load balancer that got 503 from a busy hub's health check would take it out of rotation.
+_PROBES = (b"GET /healthz ", b"HEAD /healthz ", b"GET /readyz ", b"HEAD /readyz ")
+#: How long a connection past the cap may take to send its request before it gets the 503.
+SHED_WAIT = 1.0
+_SHED_WAITING, _SHED_ANSWERED = 1, 2
+
+
 def json_response(status: int, body: Any, headers: list[tuple[str, str]] | None = None) -> Response:
     return _response(status, encode(body), "application/json", headers)
 
@@ -145,7 +153,8 @@ class HubConnection(Connection):
         self.hub = hub
         self.session: Session | None = None
         self._open_timer: asyncio.TimerHandle | None = None
-        self._shed = False
+        #: Past the pending-handshake cap: 0 no, then waiting for the request, then answered.
+        self._shed = 0
         #: Bytes read past this turn's read budget, handled in a later turn (hub.budget).
         self._parked_data: bytes | None = None
 
@@ -155,24 +164,49 @@ class HubConnection(Connection):
         super().connection_made(transport)
         hub = self.hub
         if hub.pending_handshakes >= hub.config.max_pending_handshakes:
-            # Answered before its request is read: a 503 with a Retry-After drawn per
-            # refusal spreads a reconnect storm out, where a reset would send every agent
-            # into ever longer backoff.
-            hub.metrics.connection("overloaded")
-            retry = hub.busy_refusals.retry_after()
-            self._shed = True
-            transport.write(_OVERLOADED % retry)  # type: ignore[attr-defined]
-            # Half-close and read the request to its end, so that the client gets the
-            # answer rather than a reset; a client that never finishes is cut at 2 s.
-            if transport.can_write_eof():  # type: ignore[attr-defined]
-                transport.write_eof()  # type: ignore[attr-defined]
+            # Shed: answered from the request's first bytes, without parsing it — a 503
+            # with a Retry-After drawn per refusal (it spreads a reconnect storm out, where
+            # a reset would send every agent into ever longer backoff), or the answer to a
+            # health probe. A client silent for SHED_WAIT gets the 503 all the same.
+            self._shed = _SHED_WAITING
             self._open_timer = None
-            asyncio.get_running_loop().call_later(2.0, self.abort)
+            asyncio.get_running_loop().call_later(SHED_WAIT, self._answer_shed, b"")
             return
         hub.pending_handshakes += 1
         self._open_timer = asyncio.get_running_loop().call_later(
             hub.config.open_timeout, self._handshake_timeout
         )
+
+    def _answer_shed(self, first: bytes) -> None:
+        if self._shed != _SHED_WAITING:
+            return
+        self._shed = _SHED_ANSWERED
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        hub = self.hub
+        if first.startswith(_PROBES):
+            head, _, rest = first.partition(b" ")
+            if rest.startswith(b"/healthz "):
+                response = json_response(200, {"status": "ok"})
+            else:
+                reason = hub.not_ready_reason()
+                response = (
+                    json_response(503, {"status": "not_ready", "reason": reason})
+                    if reason
+                    else json_response(200, {"status": "ready"})
+                )
+            if head == b"HEAD":
+                response = Response(response.status_code, response.reason_phrase, response.headers)
+            transport.write(response.serialize())  # type: ignore[attr-defined]
+        else:
+            hub.metrics.connection("overloaded")
+            transport.write(_OVERLOADED % hub.busy_refusals.retry_after())  # type: ignore[attr-defined]
+        # Half-close and read the request to its end, so that the client gets the answer
+        # rather than a reset; a client that never finishes is cut at 2 s.
+        if transport.can_write_eof():  # type: ignore[attr-defined]
+            transport.write_eof()  # type: ignore[attr-defined]
+        asyncio.get_running_loop().call_later(2.0, self.abort)
 
     def _handshake_timeout(self) -> None:
         self._open_timer = None
@@ -193,7 +227,8 @@ class HubConnection(Connection):
 
     def data_received(self, data: bytes) -> None:
         if self._shed:
-            return  # answered 503 already; the request is read and dropped
+            self._answer_shed(data)  # the first bytes decide; the rest is read and dropped
+            return
         if self._parked_data is not None:
             self._parked_data += data
         elif self.hub.read_budget.spent() and self.transport is not None:

@@ -418,28 +418,42 @@ async def test_slow_handshake_is_dropped_at_open_timeout(hub_factory, shape: str
 
 
 async def test_half_open_handshakes_beyond_the_limit_are_shed(hub_factory) -> None:
-    hub = await hub_factory(max_pending_handshakes=3, open_timeout=1.0)
+    hub = await hub_factory(max_pending_handshakes=3, open_timeout=3.0)
     held = []
     for _ in range(3):
         wire = await Wire.open(hub.hub.port)
         await wire.send(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
         held.append(wire)
     await wait_for(lambda: hub.hub.pending_handshakes == 3)
-    # The fourth connection, even a health probe, is answered 503 before its request is
-    # read, with a Retry-After drawn per refusal (1 s while few are refused), and closed.
+    # Past the cap a connection is answered from its first bytes, without a parse: 503 with
+    # a Retry-After drawn per refusal (1 s while few are refused), then closed...
     before = hub.hub.metrics.connections["overloaded"]
     for request in (
-        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
         upgrade_request("/ws", await hub.agent_token("edge-1")),
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /heal",  # a probe cut short is no probe
     ):
         response = await refused(hub.hub.port, request)
         assert response.status == 503
         assert response.json() == {"error": "overloaded"}
         assert 1 <= int(response.headers["retry-after"]) <= 10
-    assert hub.hub.metrics.connections["overloaded"] == before + 2
-    assert hub.hub.pending_handshakes == 3
+    # ...except the health probes: a load balancer must not drop a busy hub.
+    response = await refused(hub.hub.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (response.status, response.json()) == (200, {"status": "ok"})
+    response = await refused(hub.hub.port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (response.status, response.json()) == (200, {"status": "ready"})
+    head = await Wire.open(hub.hub.port)
+    await head.send(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    raw = await head.eof()
+    assert raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(b"\r\n\r\n")  # no body
+    assert hub.hub.pending_handshakes == 3  # none of them counted as pending
+    # A connection that says nothing gets the 503 all the same.
+    silent = await Wire.open(hub.hub.port)
+    response = await silent.read_response()
+    assert response.status == 503
+    assert hub.hub.metrics.connections["overloaded"] == before + 4
     for wire in held:
-        assert await wire.eof(timeout=3) == b""
+        assert await wire.eof(timeout=6) == b""
     await wait_for(lambda: hub.hub.pending_handshakes == 0)
     await assert_healthy(hub)
 
