@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -21,6 +22,7 @@ import re
 import secrets
 import shutil
 import signal
+import sqlite3
 import sys
 import tempfile
 import time
@@ -220,12 +222,27 @@ class Bench:
         self.note("hub.sigterm_exit_code", code)
         self.note("hub.sigterm_seconds", round(time.monotonic() - stopped, 2))
         restarted = time.monotonic()
+        restarted_at = time.time()
         hub.start()  # returns once /readyz answers: the hub listens at once, serves once loaded
         to_ready = time.monotonic() - restarted
         wait_until(
             lambda: hub.online() >= count, timeout=120, interval=0.2, what="storm back online"
         )
-        all_back = time.monotonic() - restarted
+        # Exact, whatever the polling above saw (a busy hub answers late): when the last
+        # agent's session began, once the hub's batched writes have stored every session.
+        sessions: list[Any] = []
+
+        def stored() -> bool:
+            with contextlib.closing(sqlite3.connect(hub.data / "tether.db")) as db:
+                sessions[:] = db.execute(
+                    "SELECT COUNT(DISTINCT agent_id), MAX(connected_at) FROM sessions "
+                    "WHERE connected_at > ?",
+                    (restarted_at,),
+                ).fetchone()
+            return bool(sessions[0] >= count)
+
+        wait_until(stored, timeout=30, what="sessions stored")
+        all_back = sessions[1] - restarted_at
         metrics: dict[str, float] = {}
         wait_until(lambda: bool(metrics.update(hub.metrics()) or metrics), 30, what="metrics")
         refused = {

@@ -231,7 +231,13 @@ class HubConnection(Connection):
             return
         if self._parked_data is not None:
             self._parked_data += data
-        elif self.hub.read_budget.spent() and self.transport is not None:
+        elif (
+            self.hub.read_budget.spent()
+            and self.transport is not None
+            # A health probe is cheap and must not wait behind a reconnect storm's
+            # thousands of parked handshakes: a late answer fails the probe.
+            and not (self.session is None and data.startswith(_PROBES))
+        ):
             self._parked_data = data
             self.transport.pause_reading()
             self.hub.read_budget.park(self)

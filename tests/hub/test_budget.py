@@ -11,6 +11,7 @@ import pytest
 from hub.budget import ReadBudget
 from hub.protocol.client import AdminClient
 from tests.conftest import HubHandle
+from tests.hub.wire import Wire
 from tests.support import RawAgent, fleet, wait_for
 
 
@@ -115,3 +116,24 @@ async def test_bytes_parked_when_the_peer_hangs_up_are_handled_before_the_close(
     await wait_for(
         lambda: succeeded(admin, reply["job_id"]), 10, what="every result stored despite hang-ups"
     )
+
+
+async def test_a_health_probe_does_not_wait_behind_parked_bytes(tight: HubHandle) -> None:
+    """A reconnect storm parks thousands of handshakes; a load balancer's probe that queued
+    behind them would time out and take the hub out of rotation."""
+    port = tight.hub.port
+    wires = [await Wire.open(port) for _ in range(200)]
+    await asyncio.gather(*(w.send(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n") for w in wires))
+    await wait_for(lambda: tight.hub.read_budget.parked >= 100, what="requests parked")
+    probe = await Wire.open(port)
+    await probe.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    response = await probe.read_response()
+    assert response.status == 200
+    assert tight.hub.read_budget.parked >= 50  # answered while most of them still wait
+    for wire in wires:
+        assert (await wire.read_response()).status == 404
+    await assert_no_parked(tight)
+
+
+async def assert_no_parked(hub: HubHandle) -> None:
+    await wait_for(lambda: hub.hub.read_budget.parked == 0, what="every parked read handled")
