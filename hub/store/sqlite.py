@@ -19,14 +19,16 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
-import sqlite_utils
 
 from ..model import AgentRecord, AlertRecord, CommandRecord, CredentialRecord, JobRecord
 from ..protocol.times import format_time
 from .base import AuditEntry, Page, Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 log = logging.getLogger(__name__)
 
@@ -228,12 +230,18 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1]
 
 def migrate(conn: sqlite3.Connection) -> None:
     """Bring the schema to :data:`SCHEMA_VERSION`, one migration per transaction."""
-    db = sqlite_utils.Database(conn)
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise RuntimeError(
             f"the store was written by a newer Tether (schema {version} > {SCHEMA_VERSION})"
         )
+    if version == SCHEMA_VERSION:
+        return
+    # Only a store to create or upgrade needs sqlite-utils: importing it (and numpy, which
+    # it takes along) is a fifth of a hub's start, and a restart should serve soonest.
+    import sqlite_utils
+
+    db = sqlite_utils.Database(conn)
     for number in range(version, SCHEMA_VERSION):
         conn.execute("BEGIN IMMEDIATE")
         try:
