@@ -244,7 +244,12 @@ class Bench:
         wait_until(stored, timeout=30, what="sessions stored")
         all_back = sessions[1] - restarted_at
         metrics: dict[str, float] = {}
-        wait_until(lambda: bool(metrics.update(hub.metrics()) or metrics), 30, what="metrics")
+
+        def scraped() -> bool:
+            metrics.update(hub.metrics())  # raises (and is asked again) while shed
+            return True
+
+        wait_until(scraped, timeout=30, what="metrics")
         refused = {
             name.split('"')[1]: int(value)
             for name, value in metrics.items()

@@ -13,6 +13,8 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
+from .metrics import RateWindow
+
 __all__ = ["FailureTracker", "RefusalSpread", "TokenBucket"]
 
 
@@ -101,7 +103,7 @@ class RefusalSpread:
     past ``cap``: 2,000 refused at 2,000/s → 1 s, 10,000 refused at 1,000/s → 1–10 s.
     """
 
-    __slots__ = ("_admitted", "_clock", "_refused", "_rng", "cap", "rate", "span")
+    __slots__ = ("_admitted", "_refused", "_rng", "cap", "rate")
 
     def __init__(
         self,
@@ -113,37 +115,21 @@ class RefusalSpread:
     ) -> None:
         self.rate = rate
         self.cap = max(1, cap)
-        self.span = span
         self._rng = rng if rng is not None else random.Random()
-        self._clock = clock
-        self._refused: deque[list[int]] = deque()  # [second, count]
-        self._admitted: deque[list[int]] = deque()
+        self._refused = RateWindow(span, clock)
+        self._admitted = RateWindow(span, clock)
 
     def admitted(self) -> None:
         """Count one upgrade accepted."""
-        self._count(self._admitted)
+        self._admitted.add()
 
     def retry_after(self) -> int:
         """Count one refusal and draw its ``Retry-After`` (whole seconds, at least 1)."""
-        refused = self._count(self._refused)
-        admitted = sum(count for _, count in self._admitted)
-        # Seconds the admissions were counted over: the whole span, or since the first.
-        seconds = min(self.span, int(self._clock()) - self._admitted[0][0] + 1) if admitted else 0
-        rate = min(self.rate, admitted / seconds) if seconds and admitted >= 100 else self.rate
+        self._refused.add()
+        refused = self._refused.total()
+        admitted = self._admitted.total()
+        rate = self.rate
+        if admitted >= 100:  # enough to measure: over the span, or since the first
+            rate = min(rate, admitted / self._admitted.seconds())
         window = min(self.cap, max(1, math.ceil(refused / rate)))
         return self._rng.randint(1, window)
-
-    def _count(self, buckets: deque[list[int]]) -> int:
-        """Add one to this second's bucket, forget old ones; the total of the span."""
-        second = int(self._clock())
-        if buckets and buckets[-1][0] == second:
-            buckets[-1][1] += 1
-        else:
-            buckets.append([second, 1])
-        self._trim(buckets, second)
-        self._trim(self._admitted, second)
-        return sum(count for _, count in buckets)
-
-    def _trim(self, buckets: deque[list[int]], second: int) -> None:
-        while buckets and buckets[0][0] <= second - self.span:
-            buckets.popleft()

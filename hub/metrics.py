@@ -55,6 +55,11 @@ class RateWindow:
         self._trim(int(self._clock()))
         return sum(count for _, count in self._buckets)
 
+    def seconds(self) -> int:
+        """Seconds the window has counted over: ``span`` once full, fewer after a start."""
+        buckets = self._buckets
+        return min(self.span, int(self._clock()) - buckets[0][0] + 1) if buckets else 0
+
     def _trim(self, second: int) -> None:
         buckets = self._buckets
         while buckets and buckets[0][0] <= second - self.span:

@@ -187,15 +187,7 @@ class HubConnection(Connection):
         hub = self.hub
         if first.startswith(_PROBES):
             head, _, rest = first.partition(b" ")
-            if rest.startswith(b"/healthz "):
-                response = json_response(200, {"status": "ok"})
-            else:
-                reason = hub.not_ready_reason()
-                response = (
-                    json_response(503, {"status": "not_ready", "reason": reason})
-                    if reason
-                    else json_response(200, {"status": "ready"})
-                )
+            response = self._probe("/healthz" if rest.startswith(b"/healthz ") else "/readyz")
             if head == b"HEAD":
                 response = Response(response.status_code, response.reason_phrase, response.headers)
             transport.write(response.serialize())  # type: ignore[attr-defined]
@@ -344,18 +336,22 @@ class HubConnection(Connection):
             return self._refuse(
                 405, "method_not_allowed", f"method {request.method[:20]}", path, [("Allow", "GET")]
             )
-        if path == "/healthz":
-            return json_response(200, {"status": "ok"})
-        if path == "/readyz":
-            reason = hub.not_ready_reason()
-            if reason:
-                return json_response(503, {"status": "not_ready", "reason": reason})
-            return json_response(200, {"status": "ready"})
+        if path in ("/healthz", "/readyz"):
+            return self._probe(path)
         if path == "/metrics":
             return _response(
                 200, hub.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8"
             )
         return self._refuse(404, "not_found", "unknown path", path)
+
+    def _probe(self, path: str) -> Response:
+        """``/healthz`` (alive) or ``/readyz`` (the store answers, not draining)."""
+        if path == "/healthz":
+            return json_response(200, {"status": "ok"})
+        reason = self.hub.not_ready_reason()
+        if reason:
+            return json_response(503, {"status": "not_ready", "reason": reason})
+        return json_response(200, {"status": "ready"})
 
     def _refuse(
         self,
@@ -505,29 +501,20 @@ class HubConnection(Connection):
 
 
 def listen_now(host: str, port: int, backlog: int) -> list[socket.socket]:
-    """Bound, listening sockets for ``host:port``, to be served later.
+    """Bound, listening sockets for ``host:port``, one per address, to be served later.
 
     A hub listens before it loads its state: while it reads tens of thousands of agents
     back in, connections of a fleet that was just sent away wait in the kernel's backlog
     instead of being refused (a refusal means a retry later; a wait is answered as soon as
-    the hub serves). Same sockets as ``create_server`` would make: one per address,
+    the hub serves). ``socket.create_server`` makes each as ``create_server`` would:
     ``SO_REUSEADDR``, IPv6 sockets IPv6-only.
     """
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
-    seen: set[tuple[int, Any]] = set()
     try:
-        for family, kind, proto, _name, address in infos:
-            if (family, address) in seen:
-                continue
-            seen.add((family, address))
-            sock = socket.socket(family, kind, proto)
+        for family, address in dict.fromkeys((info[0], info[4]) for info in infos):
+            sock = socket.create_server(address, family=family, backlog=backlog)
             sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(backlog)
             sock.setblocking(False)
     except BaseException:
         for sock in sockets:

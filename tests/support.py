@@ -20,6 +20,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 if TYPE_CHECKING:
+    from hub.protocol.client import AdminClient
     from tests.conftest import HubHandle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +40,22 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
         await asyncio.sleep(interval)
+
+
+class FakeClock:
+    """A clock the test moves by hand (``clock.now += 5``), for code that takes ``clock=``."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def job_done(admin: AdminClient, job_id: str) -> dict[str, Any] | None:
+    """The job and its commands once it has finished, else None: a ``wait_for`` condition."""
+    detail = await admin.request("job", job_id=job_id)
+    return detail if detail["job"]["state"] != "running" else None
 
 
 class RawAgent:

@@ -6,6 +6,7 @@ the edge, with millisecond precision and a ``Z`` suffix.
 
 from __future__ import annotations
 
+import functools
 import time
 from datetime import UTC, datetime
 
@@ -16,32 +17,23 @@ def now() -> float:
     return time.time()
 
 
-#: Formatted seconds, most recent few: a command's view formats its creation second and
-#: the current one in turn, so a single remembered second missed every other call.
-_prefixes: dict[int, str] = {}
-_PREFIXES_KEPT = 16
-#: Formatted timestamps, most recent thousands: one command's timestamps are formatted again
-#: for its view, its row and its audit entry at every transition, and a job's ten thousand
-#: commands share their ``issued_at`` and ``expires_at``. Cleared whole when full.
-_formatted: dict[float, str] = {}
-_FORMATTED_KEPT = 8192
+@functools.lru_cache(maxsize=16)
+def _second(whole: int) -> str:
+    # A few recent seconds: a command's view formats its creation second and the current
+    # one in turn, so a single remembered second missed every other call.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 
+@functools.lru_cache(maxsize=8192)
 def format_time(ts: float) -> str:
-    """``2026-11-28T06:00:00.123Z`` for a float epoch timestamp."""
-    text = _formatted.get(ts)
-    if text is not None:
-        return text
+    """``2026-11-28T06:00:00.123Z`` for a float epoch timestamp.
+
+    Remembered: one command's timestamps are formatted again for its view, its row and its
+    audit entry at every transition, and a job's ten thousand commands share their
+    ``issued_at`` and ``expires_at``.
+    """
     whole = int(ts)
-    prefix = _prefixes.get(whole)
-    if prefix is None:
-        if len(_prefixes) >= _PREFIXES_KEPT:
-            _prefixes.clear()
-        prefix = _prefixes[whole] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    if len(_formatted) >= _FORMATTED_KEPT:
-        _formatted.clear()
-    text = _formatted[ts] = f"{prefix}.{int((ts - whole) * 1000):03d}Z"
-    return text
+    return f"{_second(whole)}.{int((ts - whole) * 1000):03d}Z"
 
 
 def now_rfc3339() -> str:

@@ -44,9 +44,11 @@ class Page:
 class Store(abc.ABC):
     """Persistence for one hub (or, in cluster mode, for all of them)."""
 
-    #: Write transactions committed so far (each one fsync when the store is durable): the
-    #: figure that tells whether grouping writes works, exported as a metric.
-    commits: int = 0
+    @property
+    def commits(self) -> int:
+        """Write transactions committed so far (each one fsync when the store is durable):
+        the figure that tells whether grouping writes works, exported as a metric."""
+        return 0
 
     # -- lifecycle -------------------------------------------------------------------
 

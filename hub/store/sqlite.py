@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
+#: What became of one queued operation: the future to settle, its result, its error.
+Outcome = tuple[asyncio.Future[Any] | None, Any, BaseException | None]
 
 SCHEMA_VERSION = 1
 #: ``full`` fsyncs every commit (survives power loss); ``normal`` lets the OS write the WAL
@@ -316,10 +318,7 @@ class _Worker(threading.Thread):
         while (item := self.queue.get()) is not None:
             op, future = item
             try:
-                result, error = op(conn), None
-                if type(result) is sqlite3.Cursor:
-                    result.close()
-                    result = None
+                result, error = _run(op, conn), None
             except Exception as exc:
                 result, error = None, exc
             self._resolve([(future, result, error)])
@@ -345,7 +344,7 @@ class _Worker(threading.Thread):
 
     def _commit(
         self, conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any] | None]]
-    ) -> list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]:
+    ) -> list[Outcome]:
         if len(batch) == 1:
             return self._commit_one(conn, *batch[0])
         try:
@@ -372,33 +371,20 @@ class _Worker(threading.Thread):
     @staticmethod
     def _run_together(
         conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any] | None]]
-    ) -> list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]:
+    ) -> list[Outcome]:
         """The usual case: every operation succeeds, no savepoint each (two statements
         fewer per operation; a registration makes two of them)."""
-        outcomes: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
-        for op, future in batch:
-            result = op(conn)
-            if type(result) is sqlite3.Cursor:
-                # A cursor must die in this thread: freed elsewhere, it would reset a cached
-                # statement under the writer's feet (SQLITE_MISUSE).
-                result.close()
-                result = None
-            outcomes.append((future, result, None))
-        return outcomes
+        return [(future, _run(op, conn), None) for op, future in batch]
 
     @staticmethod
     def _run_isolated(
         conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any] | None]]
-    ) -> list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]:
-        outcomes: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
+    ) -> list[Outcome]:
+        outcomes: list[Outcome] = []
         for op, future in batch:
             conn.execute("SAVEPOINT op")
             try:
-                result = op(conn)
-                if type(result) is sqlite3.Cursor:
-                    result.close()
-                    result = None
-                outcomes.append((future, result, None))
+                outcomes.append((future, _run(op, conn), None))
                 conn.execute("RELEASE op")
             except Exception as exc:
                 conn.execute("ROLLBACK TO op")
@@ -409,14 +395,11 @@ class _Worker(threading.Thread):
 
     def _commit_one(
         self, conn: sqlite3.Connection, op: Op, future: asyncio.Future[Any] | None
-    ) -> list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]:
+    ) -> list[Outcome]:
         """A group of one needs no savepoint: its transaction is its own."""
         try:
             conn.execute("BEGIN IMMEDIATE")
-            result = op(conn)
-            if type(result) is sqlite3.Cursor:
-                result.close()
-                result = None
+            result = _run(op, conn)
             conn.execute("COMMIT")
             self.commits += 1
         except Exception as exc:
@@ -426,9 +409,7 @@ class _Worker(threading.Thread):
             return [(future, None, exc)]
         return [(future, result, None)]
 
-    def _resolve(
-        self, outcomes: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]]
-    ) -> None:
+    def _resolve(self, outcomes: list[Outcome]) -> None:
         waiting = [outcome for outcome in outcomes if outcome[0] is not None]
         if not waiting:
             return
@@ -438,9 +419,19 @@ class _Worker(threading.Thread):
             pass  # the loop is closed: nobody waits any more
 
 
+def _run(op: Op, conn: sqlite3.Connection) -> Any:
+    """Run one operation in this worker's thread. A cursor it returns dies here: freed in
+    another thread, it would reset a cached statement under the worker's feet (SQLITE_MISUSE)."""
+    result = op(conn)
+    if type(result) is sqlite3.Cursor:
+        result.close()
+        return None
+    return result
+
+
 def _settle(
     loop: asyncio.AbstractEventLoop,
-    outcomes: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]],
+    outcomes: list[Outcome],
 ) -> None:
     """Wake the waiters of a commit, a slice per turn of the event loop: thousands woken in
     one callback would stall every connection behind them."""
@@ -476,7 +467,7 @@ class SQLiteStore(Store):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._commits_before = 0  # by writers already closed
 
-    @property  # type: ignore[override]
+    @property
     def commits(self) -> int:
         writer = self._writer
         return self._commits_before + (writer.commits if writer is not None else 0)

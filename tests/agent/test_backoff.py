@@ -8,14 +8,7 @@ import pytest
 
 from agent.backoff import Backoff, Hint
 from hub.protocol.constants import Close
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support import FakeClock
 
 
 def draws(backoff: Backoff, n: int) -> list[float]:

@@ -405,7 +405,9 @@ async def test_simulated_fleet_registers_answers_and_reenrolls_with_keys(
     await eventually(lambda: not hub.hub.registry.live, message="all closed")
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="127.0.0.0/8 beyond .1 is Linux loopback")
+@pytest.mark.skipif(
+    sys.platform != "linux", reason="only Linux loops back all of 127.0.0.0/8; CI runs Linux"
+)
 async def test_simulated_agents_dial_from_the_source_addresses_given(hub: HubHandle) -> None:
     enroll = await hub.token("enroll", pattern="src-*")
     sources = ("127.0.0.2", "127.0.0.3")

@@ -17,6 +17,21 @@ NOT_FOUND = (
 )
 
 
+async def _refusals(server: asyncio.Server, dials: int) -> list[HandshakeRefused]:
+    """Dial ``server`` ``dials`` times; each must end in a refusal, which is returned."""
+    port = server.sockets[0].getsockname()[1]
+    refusals = []
+    try:
+        for _ in range(dials):
+            with pytest.raises(HandshakeRefused) as refused:
+                await connect(f"ws://127.0.0.1:{port}/ws", Connection, open_timeout=5)
+            refusals.append(refused.value)
+    finally:
+        server.close()
+        await server.wait_closed()
+    return refusals
+
+
 async def _refused_handshake() -> HandshakeRefused:
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -24,15 +39,8 @@ async def _refused_handshake() -> HandshakeRefused:
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        with pytest.raises(HandshakeRefused) as refused:
-            await connect(f"ws://127.0.0.1:{port}/ws", Connection, open_timeout=5)
-        return refused.value
-    finally:
-        server.close()
-        await server.wait_closed()
+    (refused,) = await _refusals(await asyncio.start_server(answer, "127.0.0.1", 0), 1)
+    return refused
 
 
 def test_client_handshake_on_uvloop() -> None:
@@ -59,18 +67,7 @@ async def _answered_on_accept() -> list[HandshakeRefused]:
         await reader.read()
         writer.close()
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    refusals = []
-    try:
-        for _ in range(20):
-            with pytest.raises(HandshakeRefused) as refused:
-                await connect(f"ws://127.0.0.1:{port}/ws", Connection, open_timeout=5)
-            refusals.append(refused.value)
-    finally:
-        server.close()
-        await server.wait_closed()
-    return refusals
+    return await _refusals(await asyncio.start_server(answer, "127.0.0.1", 0), 20)
 
 
 @pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
@@ -98,19 +95,8 @@ class _ShedOnAccept(asyncio.Protocol):
 
 
 async def _shed_on_accept() -> list[HandshakeRefused]:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(_ShedOnAccept, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    refusals = []
-    try:
-        for _ in range(50):
-            with pytest.raises(HandshakeRefused) as refused:
-                await connect(f"ws://127.0.0.1:{port}/ws", Connection, open_timeout=5)
-            refusals.append(refused.value)
-    finally:
-        server.close()
-        await server.wait_closed()
-    return refusals
+    server = await asyncio.get_running_loop().create_server(_ShedOnAccept, "127.0.0.1", 0)
+    return await _refusals(server, 50)
 
 
 @pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])

@@ -45,7 +45,10 @@ async def test_dispatch_ping_to_the_selection_and_see_results(hub: HubHandle, wi
         what="three succeeded commands in the job view",
     )
     assert all(len(a.received) == 1 and a.received[0]["name"] == "ping" for a in agents)
-    assert jobs.progress.value() == 3 and jobs.progress.maximum() == 3
+    # The rows follow command events; the job itself comes with the next job-list load.
+    await wait_for(
+        lambda: jobs.progress.value() == 3 and jobs.progress.maximum() == 3, what="progress 3/3"
+    )
     await wait_for(lambda: window.fleet.jobs[jobs.job_id].state == "succeeded", what="job state")
     assert "pong" in jobs.command_model.data(jobs.command_model.index(0, 3))
     for agent in agents:

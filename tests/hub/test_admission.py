@@ -5,14 +5,7 @@ from __future__ import annotations
 import random
 
 from hub.admission import RefusalSpread
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 5000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support import FakeClock
 
 
 def draws(spread: RefusalSpread, n: int) -> list[int]:
@@ -46,7 +39,7 @@ def test_the_count_is_bounded_by_the_span_not_by_the_refusals() -> None:
     for _ in range(100):
         clock.now += 0.5
         draws(spread, 50)
-    assert len(spread._refused) <= spread.span
+    assert len(spread._refused._buckets) <= spread._refused.span
 
 
 def test_the_window_follows_the_rate_the_hub_actually_admits() -> None:

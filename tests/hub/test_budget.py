@@ -12,7 +12,7 @@ from hub.budget import ReadBudget
 from hub.protocol.client import AdminClient
 from tests.conftest import HubHandle
 from tests.hub.wire import Wire
-from tests.support import RawAgent, fleet, wait_for
+from tests.support import RawAgent, fleet, job_done, wait_for
 
 
 class Recorder:
@@ -52,10 +52,6 @@ async def test_parked_connections_are_handled_in_arrival_order_a_budget_per_turn
     assert log == ["a", "b", "c", "d"]
 
 
-async def succeeded(admin: AdminClient, job_id: str) -> bool:
-    return (await admin.request("job", job_id=job_id))["job"]["state"] == "succeeded"
-
-
 @pytest.fixture
 async def tight(hub_factory: Callable[..., Any]) -> HubHandle:
     # A budget no turn can stay within: every read after a turn's first is parked.
@@ -89,7 +85,8 @@ async def test_parked_bytes_lose_nothing_and_keep_each_connections_order(
 
     await asyncio.gather(*(answer(a, c) for a, c in zip(agents, commands, strict=True)))
 
-    await wait_for(lambda: succeeded(admin, reply["job_id"]), 10, what="every result stored")
+    detail = await wait_for(lambda: job_done(admin, reply["job_id"]), 10, what="job finished")
+    assert detail["job"]["state"] == "succeeded"
     for command in commands:
         detail = await admin.request("output", command_id=command["command_id"])
         assert [c["data"] for c in detail["chunks"]] == [f"{seq}\n" for seq in range(5)]
@@ -113,9 +110,8 @@ async def test_bytes_parked_when_the_peer_hangs_up_are_handled_before_the_close(
         else:
             agent.ws.transport.write_eof()  # or half-closed after it
 
-    await wait_for(
-        lambda: succeeded(admin, reply["job_id"]), 10, what="every result stored despite hang-ups"
-    )
+    detail = await wait_for(lambda: job_done(admin, reply["job_id"]), 10, what="job finished")
+    assert detail["job"]["state"] == "succeeded", "every result stored despite hang-ups"
 
 
 async def test_a_health_probe_does_not_wait_behind_parked_bytes(tight: HubHandle) -> None:

@@ -10,6 +10,7 @@ import pytest
 from hub.app import Hub
 from hub.config import HubConfig
 from tests.conftest import HubHandle
+from tests.hub.wire import Wire
 from tests.support import wait_for
 
 
@@ -100,13 +101,15 @@ async def test_a_connection_made_while_the_hub_loads_waits_and_is_served(
     starting = asyncio.ensure_future(hub.start())
     try:
         await wait_for(lambda: hub.port != 0, what="listening")
-        request = asyncio.ensure_future(http_get(hub.port, "/healthz"))
-        await asyncio.sleep(0.3)  # the request is in; the hub is still loading
-        assert not starting.done() and not request.done()
+        # Connected (the kernel accepted it for the hub) and the request written, while
+        # the hub is still loading.
+        probe = await Wire.open(hub.port)
+        await probe.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert not starting.done()
         holder.execute("COMMIT")
         holder.close()
-        status, _, body = await request
-        assert (status, body) == (200, b'{"status":"ok"}')
+        response = await probe.read_response()
+        assert (response.status, response.body) == (200, b'{"status":"ok"}')
         await starting
     finally:
         holder.close()

@@ -9,7 +9,7 @@ import pytest
 
 from hub.protocol.client import AdminClient
 from tests.conftest import HubHandle
-from tests.support import RawAgent, fleet, wait_for
+from tests.support import RawAgent, fleet, job_done, wait_for
 
 
 @pytest.fixture
@@ -21,11 +21,6 @@ async def admin(hub: HubHandle) -> AsyncIterator[AdminClient]:
 
 async def job(admin: AdminClient, job_id: str) -> dict:
     return await admin.request("job", job_id=job_id)
-
-
-async def finished(admin: AdminClient, job_id: str) -> dict | None:
-    detail = await job(admin, job_id)
-    return detail if detail["job"]["state"] != "running" else None
 
 
 async def drain(agents: list[RawAgent], timeout: float = 0.3) -> list[tuple[int, dict]]:
@@ -112,7 +107,7 @@ async def test_max_concurrency_bounds_commands_in_flight(
         )
         answered += 1
     assert peak == 3
-    detail = await wait_for(lambda: finished(admin, data["job_id"]))
+    detail = await wait_for(lambda: job_done(admin, data["job_id"]))
     assert detail["job"]["state"] == "succeeded"
     assert detail["job"]["counts"] == {"succeeded": 12}
     for agent in agents:
@@ -155,7 +150,7 @@ async def test_max_errors_cancels_the_rest(hub: HubHandle, admin: AdminClient) -
             await agents[index].send(
                 {"type": "result", "command_id": message["command_id"], "status": "cancelled"}
             )
-    detail = await wait_for(lambda: finished(admin, data["job_id"]))
+    detail = await wait_for(lambda: job_done(admin, data["job_id"]))
     assert detail["job"]["counts"] == {"failed": 2, "cancelled": 8}
     assert detail["job"]["state"] == "failed"
     # Nothing else was ever sent to the agents.
@@ -175,7 +170,7 @@ async def test_offline_targets_expire_and_are_told_apart(
     )
     ((_index, command_id),) = await pending_commands(agents[:1])
     await agents[0].send({"type": "result", "command_id": command_id, "status": "succeeded"})
-    detail = await wait_for(lambda: finished(admin, data["job_id"]), timeout=5)
+    detail = await wait_for(lambda: job_done(admin, data["job_id"]), timeout=5)
     states = {c["agent_id"]: c["state"] for c in detail["commands"]}
     assert states == {"edge-00": "succeeded", "edge-01": "expired"}
     assert detail["job"]["state"] == "partial"
@@ -201,7 +196,7 @@ async def test_output_is_capped_and_flagged_never_cut_silently(hub_factory) -> N
             }
         )
     await agent.send({"type": "result", "command_id": command_id, "status": "succeeded"})
-    detail = await wait_for(lambda: finished(admin, data["job_id"]))
+    detail = await wait_for(lambda: job_done(admin, data["job_id"]))
     command = detail["commands"][0]
     assert command["output_bytes"] == 10
     assert command["truncated"] is True
@@ -220,7 +215,7 @@ async def test_cancel_reports_requested_then_too_late(hub: HubHandle, admin: Adm
     assert (await agents[0].recv_type("cancel"))["command_id"] == command_id
     # The agent had already finished: its result stands and is reported truthfully.
     await agents[0].send({"type": "result", "command_id": command_id, "status": "succeeded"})
-    detail = await wait_for(lambda: finished(admin, data["job_id"]))
+    detail = await wait_for(lambda: job_done(admin, data["job_id"]))
     assert detail["commands"][0]["state"] == "succeeded"
     await agents[0].close()
 

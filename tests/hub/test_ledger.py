@@ -10,7 +10,7 @@ import pytest
 
 from hub.protocol.client import AdminClient, AdminError
 from tests.conftest import HubHandle
-from tests.support import RawAgent, online_agent, wait_for
+from tests.support import RawAgent, job_done, online_agent, wait_for
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ async def test_dispatch_ack_output_result(hub: HubHandle, admin: AdminClient) ->
             "data": {"pong": True},
         }
     )
-    job = await wait_for(lambda: _job_done(admin, data["job_id"]), what="job finished")
+    job = await wait_for(lambda: job_done(admin, data["job_id"]), what="job finished")
     assert job["job"]["state"] == "succeeded"
     (stored,) = job["commands"]
     assert stored["state"] == "succeeded"
@@ -70,11 +70,6 @@ async def test_dispatch_ack_output_result(hub: HubHandle, admin: AdminClient) ->
     output = await admin.request("output", command_id=command_id)
     assert output["chunks"] == [{"seq": 0, "stream": "stdout", "data": "hello\n"}]
     await agent.close()
-
-
-async def _job_done(admin: AdminClient, job_id: str):
-    detail = await admin.request("job", job_id=job_id)
-    return detail if detail["job"]["state"] != "running" else None
 
 
 async def test_unknown_and_unsupported_targets_are_refused(
@@ -127,7 +122,7 @@ async def test_sent_but_unanswered_commands_are_redelivered_with_the_same_id(
     again = await agent.recv_type("command")
     assert again == first
     await agent.send({"type": "result", "command_id": first["command_id"], "status": "succeeded"})
-    await wait_for(lambda: _job_done(admin, data["job_id"]))
+    await wait_for(lambda: job_done(admin, data["job_id"]))
     await agent.close()
 
 
@@ -140,7 +135,7 @@ async def test_states_never_move_backwards_and_repeats_are_harmless(
     await agent.send(
         {"type": "result", "command_id": command_id, "status": "failed", "exit_code": 3}
     )
-    await wait_for(lambda: _job_done(admin, data["job_id"]))
+    await wait_for(lambda: job_done(admin, data["job_id"]))
     # A late ack and a second, different result change nothing and are not errors.
     await agent.send({"type": "ack", "command_id": command_id})
     await agent.send({"type": "result", "command_id": command_id, "status": "succeeded"})
@@ -176,7 +171,7 @@ async def test_execution_timeout_after_ack(hub_factory) -> None:
     await agent.send({"type": "ack", "command_id": command_id})
     cancel = await agent.recv_type("cancel", timeout=5)
     assert cancel["command_id"] == command_id
-    detail = await wait_for(lambda: _job_done(admin, data["job_id"]))
+    detail = await wait_for(lambda: job_done(admin, data["job_id"]))
     assert detail["commands"][0]["state"] == "timed_out"
     await agent.close()
     await admin.close()
@@ -187,7 +182,7 @@ async def test_queued_command_expires(hub: HubHandle, admin: AdminClient) -> Non
     await agent.close()
     await wait_for(lambda: "edge-1" not in hub.hub.registry.live)
     data = await admin.request("dispatch", target={"agent_ids": ["edge-1"]}, name="ping", ttl=0.2)
-    detail = await wait_for(lambda: _job_done(admin, data["job_id"]), timeout=5)
+    detail = await wait_for(lambda: job_done(admin, data["job_id"]), timeout=5)
     assert detail["commands"][0]["state"] == "expired"
     assert detail["job"]["state"] == "failed"
     agent = await online_agent(hub)
@@ -204,7 +199,7 @@ async def test_cancel_queued_is_immediate(hub: HubHandle, admin: AdminClient) ->
     data = await admin.request("dispatch", target={"agent_ids": ["edge-1"]}, name="ping")
     reply = await admin.request("cancel", job_id=data["job_id"])
     assert reply["cancelled"] == data["command_ids"]
-    detail = await wait_for(lambda: _job_done(admin, data["job_id"]))
+    detail = await wait_for(lambda: job_done(admin, data["job_id"]))
     assert detail["job"]["state"] == "cancelled"
 
 
@@ -220,7 +215,7 @@ async def test_cancel_in_flight_reaches_the_agent_and_its_result_decides(
     assert reply["requested"] == [command_id]
     assert (await agent.recv_type("cancel"))["command_id"] == command_id
     await agent.send({"type": "result", "command_id": command_id, "status": "cancelled"})
-    detail = await wait_for(lambda: _job_done(admin, data["job_id"]))
+    detail = await wait_for(lambda: job_done(admin, data["job_id"]))
     assert detail["commands"][0]["state"] == "cancelled"
     await agent.close()
 
@@ -235,7 +230,7 @@ async def test_cancel_in_flight_with_agent_offline_is_immediate_and_final(
     await wait_for(lambda: "edge-1" not in hub.hub.registry.live)
     reply = await admin.request("cancel", command_id=command_id)
     assert reply["cancelled"] == [command_id]
-    await wait_for(lambda: _job_done(admin, data["job_id"]))
+    await wait_for(lambda: job_done(admin, data["job_id"]))
     agent = await online_agent(hub)
     with pytest.raises(TimeoutError):
         await agent.recv_type("command", timeout=0.3)
@@ -250,7 +245,7 @@ async def test_every_transition_is_audited_with_the_dispatcher(
     command_id = (await agent.recv_type("command"))["command_id"]
     await agent.send({"type": "ack", "command_id": command_id})
     await agent.send({"type": "result", "command_id": command_id, "status": "succeeded"})
-    await wait_for(lambda: _job_done(admin, data["job_id"]))
+    await wait_for(lambda: job_done(admin, data["job_id"]))
     await hub.hub.ledger.drain()
     entries = (await hub.hub.store.audit_entries({"subject": command_id}, 100, None)).items
     actions = [e["action"] for e in reversed(entries)]
@@ -282,20 +277,25 @@ async def test_the_result_that_ends_a_job_is_stored_with_the_job_and_its_audit(
     agent = await online_agent(hub)
     await admin.request("subscribe", topics=["commands"])
     events = admin.events()
-    await hub.hub.store.flush()
-    commits = hub.hub.store.commits
+    store = hub.hub.store
+    await store.flush()
+    commits = store.commits
     data = await admin.request("dispatch", target={"agent_ids": ["edge-1"]}, name="ping")
     (command_id,) = data["command_ids"]
     command = await agent.recv_type("command")
-    await agent.send({"type": "ack", "command_id": command_id})
+    await hub.hub.ledger.drain()  # `sent` is held a few ms for the result: store it now
+    # The job, its command `queued` and the request's audit together, then `sent`.
+    assert store.commits - commits == 2
+    commits = store.commits
+    # No ack first: it would be held for the result too, but only for a few ms.
     await agent.send({"type": "result", "command_id": command_id, "status": "succeeded"})
     async with asyncio.timeout(10):
         while True:
             event = await anext(events)
             if event.get("topic") == "commands" and event["command"]["state"] == "succeeded":
                 break
-    # queued (with the job and the request's audit), then the result (with the job's end).
-    assert hub.hub.store.commits - commits == 2
+    # `succeeded`, the job's row and `job.finished`: one commit, before the event.
+    assert store.commits - commits == 1
     # Read at once, without waiting for anything else the hub might still write.
     job = await hub.hub.store.job(data["job_id"])
     assert job is not None and job["job"]["state"] == "succeeded"
