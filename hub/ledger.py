@@ -244,16 +244,22 @@ class Ledger:
             self.by_agent.setdefault(command.agent_id, []).append(command)
             self._schedule(command)
         self.metrics.commands["queued"] += total
-        if self.bus.wanted("commands"):
-            self._announce_queued(commands)
+        # Their views say queued, as stored; taken now, before delivery moves them on.
+        views = [c.view() for c in commands[:FLUSH_SLICE]] if self.bus.wanted("commands") else []
         for command in commands:
             if command.state == "queued" and self._deliverable(command.agent_id):
                 run.waiting.append(command)
-        # Deliver in slices so that a job to the whole fleet never stalls the event loop.
+        # Deliver first and announce after: delivery is on the round trip's critical path,
+        # the announcement is not. In slices, so that a job to the whole fleet never stalls
+        # the event loop.
+        self._pump(run, limit=DELIVERY_SLICE)
+        for view in views:
+            self._announce(view)
+        if len(commands) > FLUSH_SLICE:
+            asyncio.get_running_loop().call_soon(self._announce_queued, commands[FLUSH_SLICE:])
         while run.waiting and (run.window is None or run.in_flight < run.window):
+            await asyncio.sleep(0)
             self._pump(run, limit=DELIVERY_SLICE)
-            if run.waiting:
-                await asyncio.sleep(0)
         return {
             "job_id": job_id,
             "command_ids": [c.command_id for c in commands],
@@ -620,11 +626,13 @@ class Ledger:
                 # Queued after its commands' last transitions, so in this slice or a later
                 # one: a job row never runs ahead of its commands.
                 jobs.append(record)
-        views = [c.view() for c in latest.values()] if self.bus.wanted("commands") else []
         entries = [entry for _, entry in pending]
         future = asyncio.ensure_future(
             self.store.save_commands(list(latest.values()), entries, jobs)
         )
+        # Taken after the write is queued (a result's commit is on the round trip's critical
+        # path) but in the same callback, so they show what was written.
+        views = [c.view() for c in latest.values()] if self.bus.wanted("commands") else []
         self._writes.add(future)
         future.add_done_callback(lambda f: self._written(f, views))
 
