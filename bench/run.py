@@ -264,6 +264,8 @@ class Bench:
     def latency(self) -> None:
         sizes = [1_000, 5_000] if self.quick else [1_000, 10_000]
         samples = 200 if self.quick else 500
+        # What the disk allows: with FULL, a round trip holds two fdatasyncs of the WAL.
+        self.note("disk.fdatasync_us", fdatasync_us(self.workdir))
         for size in sizes:
             # hub: synchronous=FULL (the default); hub_normal: synchronous=NORMAL, which
             # survives a crash of the hub but not of the machine (one fsync less per commit).
@@ -388,6 +390,26 @@ def _received(server: Hub | Floor) -> float:
 
 def _disconnects(hub: Hub) -> float:
     return sum(v for k, v in hub.metrics().items() if k.startswith("tether_disconnects_total"))
+
+
+def fdatasync_us(directory: Path, samples: int = 200) -> float:
+    """Median µs to overwrite one 4 KiB page of a file and ``fdatasync`` it: the floor of a
+    commit with ``synchronous=FULL`` on this disk (a commit writes more pages, syncs once)."""
+    path = directory / "fdatasync.probe"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, bytes(64 * 4096), 0)
+        os.fsync(fd)
+        times = []
+        for n in range(samples):
+            started = time.perf_counter()
+            os.pwrite(fd, b"x" * 4096, n % 64 * 4096)
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    return round(percentile(times, 0.5) * 1e6, 1)
 
 
 async def hub_latency(url: str, token: str, size: int, samples: int) -> tuple[list[float], float]:
