@@ -20,7 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import psutil
 
@@ -106,6 +106,8 @@ class Hub:
     extra: list[str] = field(default_factory=list)
     port: int = 0
     proc: Proc | None = None
+    #: Every hub of a run on this CPU (``bench/run.py --hub-cpu``), its threads included.
+    cpu: ClassVar[int | None] = None
 
     @property
     def data(self) -> Path:
@@ -126,9 +128,10 @@ class Hub:
         config = self.workdir / f"{self.name}.toml"
         if not config.exists():
             config.write_text('[hub]\nlog_level = "WARNING"\nmax_agents = 100000\n')
+        pin = ["taskset", "-c", str(self.cpu)] if self.cpu is not None else []
         self.proc = Proc(
             self.name,
-            [PYTHON, "-m", "hub", "serve", "--listen", f"127.0.0.1:{self.port}",
+            [*pin, PYTHON, "-m", "hub", "serve", "--listen", f"127.0.0.1:{self.port}",
              "--data-dir", str(self.data), "--config", str(config), *self.extra],
             self.workdir / f"{self.name}.log",
             append=True,

@@ -499,11 +499,15 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     parser.add_argument("--hold-agents", type=int, default=0, help="agents held (hold scenario)")
     parser.add_argument("--hold-seconds", type=int, default=0, help="how long (hold scenario)")
+    parser.add_argument(
+        "--hub-cpu", type=int, default=None, help="run every hub on this CPU only (taskset)"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="tether-bench-"))
     bench = Bench(args.quick, workdir)
     bench.hold_agents = args.hold_agents
     bench.hold_seconds = args.hold_seconds
+    Hub.cpu = args.hub_cpu
     started = time.time()
     scenarios: dict[str, Callable[[], None]] = {
         "memory": bench.memory,
