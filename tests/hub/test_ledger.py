@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
+from hub import ledger as ledger_module
 from hub.protocol.client import AdminClient, AdminError
 from tests.conftest import HubHandle
 from tests.support import RawAgent, job_done, online_agent, wait_for
@@ -314,3 +316,47 @@ async def test_a_refused_dispatch_is_still_audited(hub: HubHandle, admin: AdminC
     await hub.hub.auditor.drain()
     page = await hub.hub.store.audit_entries({"action": "admin.dispatch"}, 100, None)
     assert len(page.items) == 1
+
+
+async def test_a_job_bigger_than_a_slice_is_delivered_stored_and_announced_once_each(
+    hub: HubHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Delivery, writes and announcements of a big job go a slice per turn of the loop; with
+    slices of 2 and 3, seven targets take every sliced path a job to the whole fleet takes."""
+    monkeypatch.setattr(ledger_module, "DELIVERY_SLICE", 2)
+    monkeypatch.setattr(ledger_module, "FLUSH_SLICE", 3)
+    events: dict[str, list[str]] = {}
+
+    def on_event(event: dict[str, Any]) -> None:
+        command = event.get("command")
+        if event.get("topic") == "commands" and command:
+            events.setdefault(command["command_id"], []).append(command["state"])
+
+    watcher = AdminClient(hub.url, await hub.admin_token("operator"), on_event=on_event)
+    await watcher.open()
+    await watcher.request("subscribe", topics=["commands"])
+    agents = [await online_agent(hub, f"edge-{n}") for n in range(1, 8)]
+    data = await watcher.request(
+        "dispatch", target={"selector": {"agent_id": "edge-*"}}, name="ping"
+    )
+    ids = set(data["command_ids"])
+    assert len(ids) == 7
+    for agent in agents:
+        command = await agent.recv_type("command")
+        assert command["command_id"] in ids
+        await agent.send(
+            {"type": "result", "command_id": command["command_id"], "status": "succeeded"}
+        )
+    job = await wait_for(lambda: job_done(watcher, data["job_id"]), what="job finished")
+    assert job["job"]["state"] == "succeeded"
+    assert {c["command_id"]: c["state"] for c in job["commands"]} == dict.fromkeys(ids, "succeeded")
+    await wait_for(
+        lambda: set(events) == ids and all(s[-1] == "succeeded" for s in events.values())
+    )
+    for states in events.values():
+        # Announced in the order stored, never twice (events of one command may coalesce).
+        order = ["queued", "sent", "acked", "succeeded"]
+        assert [order.index(s) for s in states] == sorted({order.index(s) for s in states})
+    for agent in agents:
+        await agent.close()
+    await watcher.close()
