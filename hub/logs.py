@@ -19,6 +19,10 @@ _CONTROL = {c: f"\\x{c:02x}" for c in range(32) if c not in (9,)}
 _CONTROL[0x7F] = "\\x7f"
 _CONTROL.update({c: f"\\u{c:04x}" for c in range(0x80, 0xA0)})
 _CONTROL.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+#: Bidi controls cannot split a line but can make it *display* in another order (an agent id
+#: that reads as something else, "Trojan Source"): the marks, embeddings, overrides, isolates.
+_BIDI = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+_CONTROL.update({c: f"\\u{c:04x}" for c in _BIDI})
 
 
 def escape(text: str) -> str:
@@ -39,9 +43,10 @@ class _SafeFormatter(logging.Formatter):
 
 
 #: What orjson leaves raw inside JSON strings (RFC 8259 allows it) but that can still end a
-#: line for a reader or act on a terminal: DEL, the C1 controls (NEL, CSI...), U+2028/9.
+#: line for a reader or act on a terminal: DEL, the C1 controls (NEL, CSI...), U+2028/9, and
+#: the bidi controls.
 #: Outside strings orjson writes only ASCII, so these \u escapes are always valid JSON.
-_JSON_UNSAFE = {c: f"\\u{c:04x}" for c in (0x7F, *range(0x80, 0xA0), 0x2028, 0x2029)}
+_JSON_UNSAFE = {c: f"\\u{c:04x}" for c in (0x7F, *range(0x80, 0xA0), 0x2028, 0x2029, *_BIDI)}
 
 
 class _JsonFormatter(logging.Formatter):

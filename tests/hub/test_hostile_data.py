@@ -103,6 +103,14 @@ def test_log_escaping_keeps_every_record_on_one_line() -> None:
     assert not any((ord(c) < 0x20 and c != "\t") or 0x7F <= ord(c) < 0xA0 for c in escaped)
     assert "\u2028" not in escaped and "\u2029" not in escaped
     assert escaped.splitlines() == [escaped]
+    # Bidi controls are shown, not obeyed: "\u202egnp.exe" must not display as "exe.png".
+    for bidi in "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069":
+        assert escape(f"a{bidi}b") == f"a\\u{ord(bidi):04x}b"
+        record = logging.LogRecord(
+            "hub.server", logging.WARNING, __file__, 1, f"a{bidi}b", (), None
+        )
+        assert bidi not in _JsonFormatter().format(record)
+        assert bidi not in _SafeFormatter().format(record)
     record = logging.LogRecord(
         "hub.server", logging.WARNING, __file__, 1, "peer %s", (NASTY,), None
     )
