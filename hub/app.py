@@ -135,6 +135,8 @@ class Hub:
         self.admins: set[Any] = set()
         self.tasks: set[asyncio.Future[Any]] = set()
         self.pending_handshakes = 0
+        #: Pending handshakes by source address, kept only with ``max_pending_per_source``.
+        self.pending_by_source: dict[str, int] = {}
         self.started_at = time.time()
         self.store_ready = False
         self.stopping = False

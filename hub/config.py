@@ -41,6 +41,8 @@ class HubConfig(BaseModel):
     max_agents: int = Field(default=50_000, ge=0)
     max_handshakes_per_second: float = Field(default=2_000.0, gt=0)
     max_pending_handshakes: int = Field(default=2_000, ge=1)
+    #: Of those, how many one source address may hold; 0: no limit of its own.
+    max_pending_per_source: int = Field(default=0, ge=0)
     open_timeout: float = Field(default=10.0, gt=0)
     auth_failure_limit: int = Field(default=10, ge=1)
     auth_failure_window: float = Field(default=60.0, gt=0)

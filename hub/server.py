@@ -90,7 +90,8 @@ _OVERLOADED = (
 _PROBES = (b"GET /healthz ", b"HEAD /healthz ", b"GET /readyz ", b"HEAD /readyz ")
 #: How long a connection past the cap may take to send its request before it gets the 503.
 SHED_WAIT = 1.0
-_SHED_WAITING, _SHED_ANSWERED = 1, 2
+#: A shed connection: waiting for its first bytes (the hub's cap, or its address's), answered.
+_SHED_WAITING, _SHED_WAITING_SOURCE, _SHED_ANSWERED = 1, 2, 3
 
 
 def json_response(status: int, body: Any, headers: list[tuple[str, str]] | None = None) -> Response:
@@ -145,7 +146,7 @@ class _ServerProtocol(ServerProtocol):
 class HubConnection(Connection):
     """A connection to the hub, from the first byte to the close."""
 
-    __slots__ = ("_open_timer", "_parked_data", "_shed", "hub", "session")
+    __slots__ = ("_open_timer", "_parked_data", "_shed", "_source", "hub", "session")
 
     def __init__(self, hub: Hub) -> None:
         protocol = _ServerProtocol(max_size=MAX_MESSAGE_BYTES, logger=WIRE_LOGGER)
@@ -155,6 +156,8 @@ class HubConnection(Connection):
         self._open_timer: asyncio.TimerHandle | None = None
         #: Past the pending-handshake cap: 0 no, then waiting for the request, then answered.
         self._shed = 0
+        #: The source address counted in ``hub.pending_by_source`` while the handshake runs.
+        self._source: str | None = None
         #: Bytes read past this turn's read budget, handled in a later turn (hub.budget).
         self._parked_data: bytes | None = None
 
@@ -163,22 +166,30 @@ class HubConnection(Connection):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         hub = self.hub
-        if hub.pending_handshakes >= hub.config.max_pending_handshakes:
+        per_source = hub.config.max_pending_per_source
+        over_source = per_source and hub.pending_by_source.get(self.peer, 0) >= per_source
+        if hub.pending_handshakes >= hub.config.max_pending_handshakes or over_source:
             # Shed: answered from the request's first bytes, without parsing it — a 503
             # with a Retry-After drawn per refusal (it spreads a reconnect storm out, where
             # a reset would send every agent into ever longer backoff), or the answer to a
-            # health probe. A client silent for SHED_WAIT gets the 503 all the same.
-            self._shed = _SHED_WAITING
+            # health probe. A client silent for SHED_WAIT gets the 503 all the same. One
+            # address past its own share is shed the same way, so that it cannot hold every
+            # pending place and shed everyone else.
+            self._shed = _SHED_WAITING_SOURCE if over_source else _SHED_WAITING
             self._open_timer = None
             asyncio.get_running_loop().call_later(SHED_WAIT, self._answer_shed, b"")
             return
         hub.pending_handshakes += 1
+        if per_source:
+            self._source = self.peer
+            hub.pending_by_source[self.peer] = hub.pending_by_source.get(self.peer, 0) + 1
         self._open_timer = asyncio.get_running_loop().call_later(
             hub.config.open_timeout, self._handshake_timeout
         )
 
     def _answer_shed(self, first: bytes) -> None:
-        if self._shed != _SHED_WAITING:
+        shed = self._shed
+        if shed not in (_SHED_WAITING, _SHED_WAITING_SOURCE):
             return
         self._shed = _SHED_ANSWERED
         transport = self.transport
@@ -192,7 +203,9 @@ class HubConnection(Connection):
                 response = Response(response.status_code, response.reason_phrase, response.headers)
             transport.write(response.serialize())  # type: ignore[attr-defined]
         else:
-            hub.metrics.connection("overloaded")
+            hub.metrics.connection(
+                "source_overloaded" if shed == _SHED_WAITING_SOURCE else "overloaded"
+            )
             transport.write(_OVERLOADED % hub.busy_refusals.retry_after())  # type: ignore[attr-defined]
         # Half-close and read the request to its end, so that the client gets the answer
         # rather than a reset; a client that never finishes is cut at 2 s.
@@ -202,7 +215,7 @@ class HubConnection(Connection):
 
     def _handshake_timeout(self) -> None:
         self._open_timer = None
-        self.hub.pending_handshakes -= 1
+        self._not_pending()
         self.hub.metrics.connection("handshake_timeout")
         self.abort()
 
@@ -210,7 +223,19 @@ class HubConnection(Connection):
         if self._open_timer is not None:
             self._open_timer.cancel()
             self._open_timer = None
-            self.hub.pending_handshakes -= 1
+            self._not_pending()
+
+    def _not_pending(self) -> None:
+        hub = self.hub
+        hub.pending_handshakes -= 1
+        source = self._source
+        if source is not None:
+            self._source = None
+            left = hub.pending_by_source[source] - 1
+            if left:
+                hub.pending_by_source[source] = left
+            else:
+                del hub.pending_by_source[source]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._handle_parked()  # bytes that arrived before the close go before it

@@ -417,6 +417,44 @@ async def test_slow_handshake_is_dropped_at_open_timeout(hub_factory, shape: str
     await assert_healthy(hub)
 
 
+async def test_one_address_cannot_hold_every_pending_place(hub_factory) -> None:
+    hub = await hub_factory(max_pending_handshakes=10, max_pending_per_source=2, open_timeout=3.0)
+    held = []
+    for _ in range(2):
+        wire = await Wire.open(hub.hub.port, local_host="127.0.0.2")
+        await wire.send(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        held.append(wire)
+    await wait_for(lambda: hub.hub.pending_handshakes == 2)
+    assert hub.hub.pending_by_source == {"127.0.0.2": 2}
+    # A third from that address is shed as if the hub's own cap were reached...
+    before = hub.hub.metrics.connections["source_overloaded"]
+    third = await Wire.open(hub.hub.port, local_host="127.0.0.2")
+    await third.send(upgrade_request("/ws", await hub.agent_token("edge-1")))
+    response = await third.read_response()
+    assert (response.status, response.json()) == (503, {"error": "overloaded"})
+    assert 1 <= int(response.headers["retry-after"]) <= 10
+    assert hub.hub.metrics.connections["source_overloaded"] == before + 1
+    # ...its health probes are still answered...
+    probe = await Wire.open(hub.hub.port, local_host="127.0.0.2")
+    await probe.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await probe.read_response()).status == 200
+    # ...and another address is served.
+    agent = await Wire.upgrade(
+        hub.hub.port, "/ws", await hub.agent_token("edge-2"), local_host="127.0.0.3"
+    )
+    assert (await agent.register("edge-2"))["type"] == "welcome"
+    # Once its handshakes end, the address is admitted again and forgotten.
+    for wire in held:
+        wire.abort()
+    await wait_for(lambda: hub.hub.pending_by_source == {} and hub.hub.pending_handshakes == 0)
+    again = await Wire.upgrade(
+        hub.hub.port, "/ws", await hub.agent_token("edge-1"), local_host="127.0.0.2"
+    )
+    assert (await again.register("edge-1"))["type"] == "welcome"
+    assert hub.hub.pending_by_source == {}
+    await assert_healthy(hub)
+
+
 async def test_half_open_handshakes_beyond_the_limit_are_shed(hub_factory) -> None:
     hub = await hub_factory(max_pending_handshakes=3, open_timeout=3.0)
     held = []

@@ -162,7 +162,8 @@ class Wire:
     ) -> Wire:
         """A connection that completed the opening handshake (asserts the 101)."""
         rcvbuf = kwargs.pop("rcvbuf", None)
-        wire = await cls.open(port, rcvbuf=rcvbuf)
+        local_host = kwargs.pop("local_host", None)
+        wire = await cls.open(port, rcvbuf=rcvbuf, local_host=local_host)
         await wire.send(upgrade_request(path, token, **kwargs))
         response = await wire.read_response()
         assert response.status == 101, (response.status, response.body)
