@@ -397,6 +397,8 @@ class Hub:
             principal = self.credentials.authenticate(token)
         else:
             principal = self.jwt.verify(token)
+            if self.credentials.jwt_revoked(principal.credential_id):
+                raise AuthFailure(403, "revoked token")
         certified = self.certificate_agent(conn)
         if certified is not None and principal.is_agent:
             # A certificate for one agent can never register as another.

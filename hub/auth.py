@@ -181,6 +181,13 @@ class Credentials:
             while len(misses) > MAX_MISSES:
                 misses.popitem(last=False)
 
+    def jwt_revoked(self, credential_id: str | None) -> bool:
+        """JWTs are not stored: one is refused only when its ``jti`` was revoked."""
+        if credential_id is None:
+            return False
+        record = self.records.get(credential_id)
+        return record is not None and record.revoked
+
     def is_revoked(self, credential_id: str | None) -> bool:
         if credential_id is None:
             return False

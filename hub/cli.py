@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing = token_commands.add_parser("list", help="list credentials (never secrets)")
     _store_options(listing)
     listing.add_argument("--json", action="store_true")
-    revoke = token_commands.add_parser("revoke", help="revoke a credential by id")
+    revoke = token_commands.add_parser(
+        "revoke", help="revoke a credential by id (a JWT by jwt:<jti>)"
+    )
     _store_options(revoke)
     revoke.add_argument("token_id", metavar="TOKEN_ID")
     revoke.add_argument("--json", action="store_true")

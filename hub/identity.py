@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .auth import AuthFailure, Principal
+from .model import JWT_PREFIX
 
 __all__ = ["JwtVerifier", "certificate_agent_id"]
 
@@ -97,7 +98,7 @@ class JwtVerifier:
         jti = claims.get("jti")
         return Principal(
             kind="jwt",
-            credential_id=f"jwt:{jti}" if isinstance(jti, str) else None,
+            credential_id=f"{JWT_PREFIX}{jti}" if isinstance(jti, str) else None,
             agent_id=subject,
             region=region if isinstance(region, str) else None,
             platform=platform if isinstance(platform, str) else None,

@@ -17,6 +17,11 @@ def _time(ts: float | None) -> str | None:
     return format_time(ts) if ts is not None else None
 
 
+#: A JWT's credential id is this prefix and its ``jti``: how a session names it, and the id
+#: under which its revocation is stored (``tether-hub token revoke jwt:<jti>``).
+JWT_PREFIX = "jwt:"
+
+
 @dataclass(slots=True, eq=False)
 class AgentRecord:
     """What the hub knows about one agent, connected or not."""
@@ -68,7 +73,7 @@ class CredentialRecord:
     """A credential as stored: only the hash of its secret, never the secret."""
 
     id: str
-    kind: str  # "agent", "enroll" or "admin"
+    kind: str  # "agent", "enroll", "admin", or "jwt" (a revoked JWT's jti)
     secret_hash: bytes
     created_at: float
     agent_id: str | None = None

@@ -85,7 +85,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def revoke_credential(self, credential_id: str) -> CredentialRecord | None:
-        """Mark revoked; returns the record, or None when unknown."""
+        """Mark revoked; returns the record, or None when unknown. ``jwt:<jti>`` is never
+        unknown: JWTs are not stored, so revoking one stores the revocation."""
 
     @abc.abstractmethod
     async def enroll(

@@ -17,13 +17,21 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from ..model import AgentRecord, AlertRecord, CommandRecord, CredentialRecord, JobRecord
+from ..model import (
+    JWT_PREFIX,
+    AgentRecord,
+    AlertRecord,
+    CommandRecord,
+    CredentialRecord,
+    JobRecord,
+)
 from ..protocol.times import format_time
 from .base import AuditEntry, Page, Store, StoreUnavailable
 
@@ -633,7 +641,15 @@ class SQLiteStore(Store):
                 (credential_id,),
             ).fetchone()
             if row is None:
-                return None
+                if not credential_id.startswith(JWT_PREFIX):
+                    return None
+                # A JWT the hub never stored: its revocation is the record.
+                revocation = CredentialRecord(
+                    id=credential_id, kind="jwt", secret_hash=b"", created_at=time.time(),
+                    revoked=True, issued_by="revocation",
+                )  # fmt: skip
+                self._insert_credential(conn, revocation)
+                return revocation
             record = self._credential(row)
             if not record.revoked:
                 record.revoked = True

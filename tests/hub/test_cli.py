@@ -39,6 +39,13 @@ def test_token_create_list_revoke(tmp_path: Path) -> None:
     assert next(i for i in listing if i["id"] == admin_id)["revoked"] is True
     missing = run_cli("token", "revoke", "--data-dir", data, "000000000000")
     assert missing.returncode == 1
+    # A JWT is revoked by its jti: the revocation is what gets stored.
+    jwt = run_cli("token", "revoke", "--data-dir", data, "jwt:batch-7")
+    assert (jwt.returncode, jwt.stdout) == (0, "revoked jwt:batch-7\n")
+    listing = json.loads(run_cli("token", "list", "--data-dir", data, "--json").stdout)
+    assert {"id": "jwt:batch-7", "kind": "jwt", "revoked": True}.items() <= next(
+        i for i in listing if i["id"] == "jwt:batch-7"
+    ).items()
 
 
 def test_usage_errors_exit_2_with_one_line(tmp_path: Path) -> None:

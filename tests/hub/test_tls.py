@@ -244,6 +244,32 @@ async def test_jwt_leeway_and_bound_claims(hs_hub_factory) -> None:
     assert await agent.closed() == 1008
 
 
+async def test_a_revoked_jti_is_refused_and_its_connection_closed(hs_hub_factory) -> None:
+    hub = await hs_hub_factory()
+    token = hs_token(jti="batch-7")
+    agent = await RawAgent.connect(hub.agent_url, token)
+    assert (await agent.register("edge-1"))["type"] == "welcome"
+    other = await RawAgent.connect(hub.agent_url, hs_token(sub="edge-2", jti="batch-8"))
+    assert (await other.register("edge-2"))["type"] == "welcome"
+    # JWTs are not stored: revoking one (`tether-hub token revoke jwt:batch-7`, another
+    # process writing the store) stores its revocation, which every hub picks up.
+    record = await hub.hub.store.revoke_credential("jwt:batch-7")
+    assert record is not None and (record.kind, record.revoked) == ("jwt", True)
+    assert await agent.closed(timeout=6) == 4003
+    status, (body, _) = await refused_status(hub.agent_url, token)
+    assert (status, body) == (403, {"error": "forbidden"})
+    # Other tokens of the same key are untouched; a token without a jti cannot be revoked
+    # one by one (rotate the key).
+    assert "edge-2" in hub.hub.registry.live
+    plain = await RawAgent.connect(hub.agent_url, hs_token(sub="edge-3"))
+    assert (await plain.register("edge-3"))["type"] == "welcome"
+    again = await hub.hub.store.revoke_credential("jwt:batch-7")
+    assert again is not None and again.rev == record.rev  # revoking twice changes nothing
+    assert await hub.hub.store.revoke_credential("000000000000") is None
+    await other.close()
+    await plain.close()
+
+
 async def test_jwt_alg_none_is_refused(hs_hub_factory) -> None:
     hub = await hs_hub_factory()
     token = jwt.encode(
