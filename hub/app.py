@@ -49,6 +49,8 @@ __all__ = ["Events", "Hub"]
 VIEW_CHUNK = 2_000
 #: Connections the kernel queues until the hub accepts them (capped by net.core.somaxconn).
 LISTEN_BACKLOG = 4096
+#: How often the client CRL file is checked for a newer version (seconds).
+CRL_RELOAD_INTERVAL = 30.0
 
 
 def _exit_watchdog(seconds: float, loop: asyncio.AbstractEventLoop) -> threading.Timer:
@@ -131,6 +133,7 @@ class Hub:
         self.busy_refusals = RefusalSpread(
             config.max_handshakes_per_second, 2 * config.overload_retry_after
         )
+        self._crl_mtime = 0
         self.tls = self.ssl_context()
         self.admins: set[Any] = set()
         self.tasks: set[asyncio.Future[Any]] = set()
@@ -195,6 +198,7 @@ class Hub:
             ),
             asyncio.create_task(self._every(1.0, self._tick), name="tick"),
             asyncio.create_task(self._every(5.0, self._check_store), name="readiness"),
+            asyncio.create_task(self._every(CRL_RELOAD_INTERVAL, self.reload_crl), name="crl"),
             asyncio.create_task(self._every(1.0, self.store.checkpoint), name="checkpoint"),
             asyncio.create_task(self._every(3600.0, self._prune), name="prune"),
         ]
@@ -224,7 +228,30 @@ class Hub:
             # Optional at the TLS layer: /healthz and friends never need a certificate;
             # /ws and /admin enforce --require-client-cert after the handshake.
             context.verify_mode = ssl.CERT_OPTIONAL
+            if config.client_crl is not None:
+                # A presented certificate that the CRL revokes fails the handshake. OpenSSL
+                # keeps every CRL loaded and uses the newest: reloading one adds it.
+                context.load_verify_locations(config.client_crl)
+                context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+                self._crl_mtime = config.client_crl.stat().st_mtime_ns
         return context
+
+    async def reload_crl(self) -> None:
+        """Pick up a renewed CRL (and with it newly revoked certificates) without a restart."""
+        path, context = self.config.client_crl, self.tls
+        if path is None or context is None:
+            return
+        try:
+            mtime = (await asyncio.to_thread(path.stat)).st_mtime_ns
+            if mtime == self._crl_mtime:
+                return
+            await asyncio.to_thread(context.load_verify_locations, path)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("cannot reload the client CRL %s: %s", path, exc)
+            return
+        self._crl_mtime = mtime
+        self.auditor.record("tls.crl_reloaded", subject=str(path))
+        log.info("client CRL %s reloaded", path)
 
     async def stop(self) -> None:
         """Drain: stop accepting, send agents elsewhere with a spread, save, close."""

@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert")
     serve.add_argument("--tls-key")
     serve.add_argument("--client-ca")
+    serve.add_argument("--client-crl", help="PEM CRL of the client CA (reread when it changes)")
     serve.add_argument("--require-client-cert", action="store_true", default=None)
     serve.add_argument("--jwt-key", help="PEM public key (RS256/ES256) for agent JWTs")
     serve.add_argument("--jwt-secret-file", help="file holding the HS256 secret for agent JWTs")
@@ -220,6 +221,7 @@ def _config_from(args: argparse.Namespace) -> Any:
             "tls_cert",
             "tls_key",
             "client_ca",
+            "client_crl",
             "require_client_cert",
             "jwt_key",
             "jwt_secret_file",
@@ -251,6 +253,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError("--tls-cert and --tls-key go together")
     if config.require_client_cert and config.client_ca is None:
         raise UsageError("--require-client-cert needs --client-ca")
+    if config.client_crl is not None and config.client_ca is None:
+        raise UsageError("--client-crl needs --client-ca")
 
     try:
         hub = Hub(config)

@@ -30,6 +30,8 @@ class HubConfig(BaseModel):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     client_ca: Path | None = None
+    #: PEM certificate revocation list(s) of the client CA: a revoked certificate fails TLS.
+    client_crl: Path | None = None
     require_client_cert: bool = False
     jwt_key: Path | None = None
     jwt_secret_file: Path | None = None
@@ -122,6 +124,7 @@ ENVIRONMENT = {
     "TETHER_TLS_CERT": "tls_cert",
     "TETHER_TLS_KEY": "tls_key",
     "TETHER_CLIENT_CA": "client_ca",
+    "TETHER_CLIENT_CRL": "client_crl",
     "TETHER_JWT_KEY": "jwt_key",
     "TETHER_JWT_SECRET_FILE": "jwt_secret_file",
     "TETHER_ALLOWED_ORIGINS": "allowed_origins",

@@ -67,6 +67,7 @@ def test_usage_errors_exit_2_with_one_line(tmp_path: Path) -> None:
             "--args",
             "[1]",
         ),
+        ("serve", "--data-dir", str(tmp_path), "--client-crl", str(tmp_path / "x.crl")),
     ):
         done = run_cli(*args, env={"TETHER_HUB_URL": "", "TETHER_TOKEN": ""})
         assert done.returncode == 2, (args, done.stdout, done.stderr)

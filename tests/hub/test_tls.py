@@ -100,6 +100,69 @@ async def test_client_certificate_authenticates_by_cn(mtls_hub, ca) -> None:
     await agent.close()
 
 
+def revocation_list(ca: trustme.CA, certificates: list[Any], age_minutes: int) -> bytes:
+    """A PEM CRL of ``ca`` revoking ``certificates`` (trustme makes none)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca._certificate.subject)
+        .last_update(now - datetime.timedelta(minutes=age_minutes))
+        .next_update(now + datetime.timedelta(hours=1))
+    )
+    for certificate in certificates:
+        serial = x509.load_pem_x509_certificate(certificate.cert_chain_pems[0].bytes())
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial.serial_number)
+            .revocation_date(now - datetime.timedelta(minutes=age_minutes))
+            .build()
+        )
+    crl = builder.sign(ca._private_key, hashes.SHA256())
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
+async def healthz_over_tls(hub: Any, context: ssl.SSLContext) -> bytes:
+    """The first bytes of the answer to ``GET /healthz`` over TLS with ``context``: b"" when
+    the hub ends the connection instead (with TLS 1.3 a client learns that its certificate
+    was refused only when it reads)."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", hub.hub.port, ssl=context, server_hostname="127.0.0.1"
+    )
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:
+        return await asyncio.wait_for(reader.readline(), 5)
+    except (ssl.SSLError, ConnectionError):
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_a_certificate_the_crl_revokes_fails_tls(
+    hub_factory, server_files, ca, tmp_path: Path
+) -> None:
+    kept = ca.issue_cert("edge-1", common_name="edge-1")
+    revoked = ca.issue_cert("edge-2", common_name="edge-2")
+    crl = tmp_path / "agents.crl"
+    crl.write_bytes(revocation_list(ca, [revoked], age_minutes=2))
+    hub = await tls_hub(hub_factory, server_files, client_ca=server_files["ca"], client_crl=crl)
+    agent = await RawAgent.connect(wss(hub), None, ssl=client_context(ca, kept))
+    assert (await agent.register("edge-1"))["type"] == "welcome"
+    assert (await healthz_over_tls(hub, client_context(ca, kept))).startswith(b"HTTP/1.1 200")
+    assert await healthz_over_tls(hub, client_context(ca, revoked)) == b""
+    # A renewed CRL is picked up without a restart (the hub checks the file every 30 s).
+    crl.write_bytes(revocation_list(ca, [revoked, kept], age_minutes=1))
+    await hub.hub.reload_crl()
+    assert await healthz_over_tls(hub, client_context(ca, kept)) == b""
+    # Health probes need no certificate at all.
+    assert (await healthz_over_tls(hub, client_context(ca))).startswith(b"HTTP/1.1 200")
+    await agent.close()
+
+
 def uri_certificate(ca: trustme.CA, uri: str, tmp_path: Path) -> ssl.SSLContext:
     """A client certificate whose SAN is a URI (trustme issues only DNS/IP/e-mail names)."""
     import datetime
