@@ -56,6 +56,10 @@ class HubConfig(BaseModel):
     register_timeout: float = Field(default=10.0, gt=0)
     agent_message_rate: float = Field(default=200.0, gt=0)
     agent_message_burst: float = Field(default=2_000.0, gt=0)
+    #: Control frames and fragments a second per connection (agents and admins), with a
+    #: burst; past it the connection is closed 1008 (a legitimate peer pings every ~20 s).
+    frame_rate: float = Field(default=50.0, gt=0)
+    frame_burst: float = Field(default=500.0, ge=1)
     agent_write_buffer: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
     reconnect_spread_ms: int = Field(default=10_000, ge=0)
 

@@ -160,6 +160,7 @@ class HubConnection(Connection):
         self._source: str | None = None
         #: Bytes read past this turn's read budget, handled in a later turn (hub.budget).
         self._parked_data: bytes | None = None
+        self.limit_frames(hub.config.frame_rate, hub.config.frame_burst)
 
     # -- connection ----------------------------------------------------------------------
 
@@ -314,6 +315,14 @@ class HubConnection(Connection):
     def on_writable(self) -> None:
         if self.session is not None:
             self.session.writable()
+
+    def on_frame_flood(self) -> None:
+        session = self.session
+        self.hub.auditor.record(
+            "message.frame_rate_exceeded",
+            actor=session.actor if session is not None else None,
+            source=self.peer,
+        )
 
     # -- handshake -----------------------------------------------------------------------
 

@@ -76,12 +76,16 @@ class Connection(asyncio.Protocol):
         "_eof_sent",
         "_fast",
         "_fragments",
+        "_frame_stamp",
+        "_frame_tokens",
         "_handshake",
         "_keepalive",
         "_ping_sent_at",
         "close_timeout",
         "closed",
         "early_data",
+        "frame_burst",
+        "frame_rate",
         "max_buffer",
         "opened",
         "peer",
@@ -113,6 +117,13 @@ class Connection(asyncio.Protocol):
         #: Server side: frames arrived before the handshake response was sent.
         self.early_data = False
         self._fragments: bytearray | None = None
+        #: Frames a second that are not whole text messages (control frames, fragments),
+        #: which no message budget counts; 0: unbounded. Each costs a parse, a ping also a
+        #: pong: a flood of them must not cost the process unbounded CPU.
+        self.frame_rate = 0.0
+        self.frame_burst = 0.0
+        self._frame_tokens = 0.0
+        self._frame_stamp = 0.0
         self._close_timer: asyncio.TimerHandle | None = None
         self._keepalive: asyncio.TimerHandle | None = None
         self._ping_sent_at: float = 0.0
@@ -134,6 +145,9 @@ class Connection(asyncio.Protocol):
 
     def on_message(self, data: bytes) -> None:
         """One complete text message, as UTF-8 bytes (not yet validated)."""
+
+    def on_frame_flood(self) -> None:
+        """More frames than ``frame_rate`` allows arrived; the connection is being closed."""
 
     def on_binary(self) -> None:
         """A binary frame arrived; Tether speaks text only (PROTOCOL §3)."""
@@ -432,7 +446,24 @@ class Connection(asyncio.Protocol):
 
     # -- internals ---------------------------------------------------------------------
 
+    def limit_frames(self, rate: float, burst: float) -> None:
+        """Bound the frames a second that are not whole text messages (``frame_rate``)."""
+        self.frame_rate = rate
+        self.frame_burst = self._frame_tokens = burst
+        self._frame_stamp = time.monotonic()
+
     def _frame(self, frame: Frame) -> None:
+        rate = self.frame_rate
+        if rate and not (frame.fin and frame.opcode is Opcode.TEXT):  # messages have theirs
+            now = time.monotonic()
+            tokens = min(self.frame_burst, self._frame_tokens + (now - self._frame_stamp) * rate)
+            self._frame_stamp = now
+            self._frame_tokens = tokens - 1
+            if tokens < 1:
+                self.frame_rate = 0.0  # once is enough: the close is under way
+                self._guard(self.on_frame_flood)
+                self.close(Close.POLICY, "too many frames")
+                return
         opcode = frame.opcode
         if opcode is Opcode.TEXT:
             if frame.fin:

@@ -196,7 +196,12 @@ async def test_fragments_adding_up_past_1_mib_close_1009(hub: HubHandle) -> None
     await assert_healthy(hub)
 
 
-async def test_tiny_and_empty_fragments_cost_no_more_than_their_bytes(hub: HubHandle) -> None:
+#: Frame budgets out of the way, for tests of what a flood costs when it is allowed.
+UNBUDGETED = {"frame_rate": 1e9, "frame_burst": 1e9}
+
+
+async def test_tiny_and_empty_fragments_cost_no_more_than_their_bytes(hub_factory) -> None:
+    hub = await hub_factory(**UNBUDGETED)
     wire, conn = await registered(hub)
     head = b'{"type":"heartbeat","metrics":{"probe":9},"pad":"'
     await wire.send(frame(TEXT, head, fin=False))
@@ -461,11 +466,32 @@ async def test_enrollment_pattern_mismatch_closes_1008_and_issues_nothing(
 # -- floods and peers that stop reading ---------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", ["pings", "empty fragments"])
+async def test_a_flood_of_control_frames_or_fragments_closes_1008(hub_factory, kind: str) -> None:
+    hub = await hub_factory(frame_rate=50, frame_burst=100)
+    wire, _ = await registered(hub)
+    # Within the budget: answered, and the agent stays.
+    await wire.send(frame(PING, b"x") * 20 + frame(PING, b"sync"))
+    while (await wire.read_frame()).payload != b"sync":
+        pass
+    assert "edge-1" in hub.hub.registry.live
+    # Past it (the burst, then 50 a second): closed as a policy breach and audited.
+    if kind == "pings":
+        flood = frame(PING, b"p") * 1_000
+    else:
+        flood = frame(TEXT, b'{"type":"heartbeat"', fin=False) + frame(CONT, b"", fin=False) * 1_000
+    await wire.send(flood)
+    await expect_close(hub, wire, 1008)
+    entry = (await audit(hub, "message.frame_rate_exceeded"))[0]
+    assert (entry["actor"], entry["source"]) == ("agent:edge-1", "127.0.0.1")
+    await assert_healthy(hub)
+
+
 async def test_ping_flood_from_a_peer_that_never_reads_is_cut_off_at_the_write_bound(
     hub_factory, caplog: pytest.LogCaptureFixture
 ) -> None:
     bound = 64 * 1024
-    hub = await hub_factory(agent_write_buffer=bound)
+    hub = await hub_factory(agent_write_buffer=bound, **UNBUDGETED)
     wire, conn = await registered(hub, rcvbuf=4096)
     chunk = frame(PING, b"p" * 125) * 1000  # 131 KB of pings, 127 KB of pongs owed
     sent = 0
