@@ -19,6 +19,7 @@ import traceback
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from .admin import RequestError
@@ -29,7 +30,7 @@ from .auth import PREFIXES, AuthFailure, Credentials, Principal
 from .budget import ReadBudget
 from .bus import Bus
 from .config import HubConfig, parse_listen
-from .identity import JwtVerifier, certificate_agent_id
+from .identity import JwtVerifier, certificate_agent_id, revoked_by_crl
 from .ledger import Ledger
 from .metrics import Metrics, StallReporter
 from .model import AgentRecord
@@ -252,6 +253,29 @@ class Hub:
         self._crl_mtime = mtime
         self.auditor.record("tls.crl_reloaded", subject=str(path))
         log.info("client CRL %s reloaded", path)
+        await self._close_revoked_certificates(path)
+
+    async def _close_revoked_certificates(self, path: Path) -> None:
+        """Close (4003) the connections whose client certificate the CRL now revokes."""
+        certified = []
+        for session in [*self.registry.live.values(), *self.admins]:
+            transport = session.conn.transport
+            ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            if der:
+                certified.append((session, der))
+        if not certified:
+            return
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+            hits = await asyncio.to_thread(revoked_by_crl, data, [der for _, der in certified])
+        except (OSError, ValueError) as exc:
+            log.error("cannot read the client CRL %s: %s", path, exc)
+            return
+        for index in hits:
+            session = certified[index][0]
+            self.auditor.record("connection.revoked", subject="certificate", actor=session.actor)
+            session.close(Close.REVOKED, "certificate revoked")
 
     async def stop(self) -> None:
         """Drain: stop accepting, send agents elsewhere with a spread, save, close."""

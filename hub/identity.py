@@ -12,10 +12,12 @@ CA; the agent id is the SAN URI ``tether:agent:<id>`` when present, else the sub
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jwt
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -118,3 +120,28 @@ def certificate_agent_id(peercert: dict[str, Any] | None) -> str | None:
             if name == "commonName" and AGENT_ID.match(value):
                 return value
     return None
+
+
+_CRL_BLOCK = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
+
+
+def revoked_by_crl(crl_pem: bytes, certificates: Sequence[bytes]) -> list[int]:
+    """Indices of the DER ``certificates`` that the CRLs in ``crl_pem`` revoke (same issuer,
+    listed serial). TLS checks a certificate only at the handshake; this finds the
+    connections opened before their certificate was revoked. Raises ValueError for a
+    malformed CRL."""
+    revoked = {
+        (crl.issuer, entry.serial_number)
+        for block in _CRL_BLOCK.findall(crl_pem)
+        for crl in (x509.load_pem_x509_crl(block),)
+        for entry in crl
+    }
+    hits = []
+    for index, der in enumerate(certificates):
+        try:
+            certificate = x509.load_der_x509_certificate(der)
+        except ValueError:
+            continue
+        if (certificate.issuer, certificate.serial_number) in revoked:
+            hits.append(index)
+    return hits
