@@ -435,3 +435,28 @@ async def test_admin_cli_presents_a_client_certificate(
     assert refused.returncode == 2 and "403" in refused.stderr
     done = await run_cli_async(*base, "--cert", str(cert_file), "--key", str(key_file), "--json")
     assert done.returncode == 0, done.stderr
+
+
+def test_a_crl_revokes_only_its_own_issuers_serials(ca) -> None:
+    from cryptography import x509
+
+    from hub.identity import revoked_by_crl
+
+    other_ca = trustme.CA()
+    mine = ca.issue_cert("edge-1", common_name="edge-1")
+    theirs = other_ca.issue_cert("edge-2", common_name="edge-2")
+    der = [
+        x509.load_pem_x509_certificate(c.cert_chain_pems[0].bytes()).public_bytes(
+            serialization.Encoding.DER
+        )
+        for c in (mine, theirs)
+    ]
+    # Two CRLs in one file, as a CA bundle may carry; each revokes only what its CA issued.
+    both = revocation_list(ca, [mine], 1) + revocation_list(other_ca, [], 1)
+    assert revoked_by_crl(both, der) == [0]
+    # The same serial under another issuer is another certificate.
+    forged = revocation_list(other_ca, [mine], 1)
+    assert revoked_by_crl(forged, der) == []
+    assert revoked_by_crl(b"", der) == []
+    with pytest.raises(ValueError):
+        revoked_by_crl(b"-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n", der)
