@@ -219,12 +219,7 @@ class AgentSession(Session):
             return "the credential is bound to another region"
         if principal.platform is not None and principal.platform != message.platform:
             return "the credential is bound to another platform"
-        credentials = self.hub.credentials
-        if (
-            credentials.jwt_revoked(principal.credential_id)
-            if principal.kind == "jwt"
-            else credentials.is_revoked(principal.credential_id)
-        ):
+        if self.hub.credentials.is_revoked(principal.credential_id):
             return "the credential was revoked"
         if principal.kind == "enroll":
             record = self.hub.registry.records.get(message.agent_id)

@@ -231,10 +231,11 @@ class Hub:
             context.verify_mode = ssl.CERT_OPTIONAL
             if config.client_crl is not None:
                 # A presented certificate that the CRL revokes fails the handshake. OpenSSL
-                # keeps every CRL loaded and uses the newest: reloading one adds it.
+                # keeps every CRL loaded and uses the newest: reloading one adds it. (Its
+                # time is read first, so that a change while it loads is not missed.)
+                self._crl_mtime = config.client_crl.stat().st_mtime_ns
                 context.load_verify_locations(config.client_crl)
                 context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-                self._crl_mtime = config.client_crl.stat().st_mtime_ns
         return context
 
     async def reload_crl(self) -> None:
@@ -448,7 +449,7 @@ class Hub:
             principal = self.credentials.authenticate(token)
         else:
             principal = self.jwt.verify(token)
-            if self.credentials.jwt_revoked(principal.credential_id):
+            if self.credentials.is_revoked(principal.credential_id):
                 raise AuthFailure(403, "revoked token")
         certified = self.certificate_agent(conn)
         if certified is not None and principal.is_agent:

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .model import CredentialRecord
+from .model import JWT_PREFIX, CredentialRecord
 from .store.base import Store
 
 log = logging.getLogger(__name__)
@@ -181,18 +181,15 @@ class Credentials:
             while len(misses) > MAX_MISSES:
                 misses.popitem(last=False)
 
-    def jwt_revoked(self, credential_id: str | None) -> bool:
-        """JWTs are not stored: one is refused only when its ``jti`` was revoked."""
-        if credential_id is None:
-            return False
-        record = self.records.get(credential_id)
-        return record is not None and record.revoked
-
     def is_revoked(self, credential_id: str | None) -> bool:
+        """A stored credential that is revoked or gone. JWTs are not stored: one counts as
+        revoked only when its ``jti`` was (``jwt:<jti>`` stored as revoked)."""
         if credential_id is None:
             return False
         record = self.records.get(credential_id)
-        return record is None or record.revoked
+        if record is None:
+            return not credential_id.startswith(JWT_PREFIX)
+        return record.revoked
 
     def authenticate(self, token: str) -> Principal:
         """Check a bearer token; raises :class:`AuthFailure` with the protocol's status."""

@@ -130,12 +130,10 @@ def revoked_by_crl(crl_pem: bytes, certificates: Sequence[bytes]) -> list[int]:
     listed serial). TLS checks a certificate only at the handshake; this finds the
     connections opened before their certificate was revoked. Raises ValueError for a
     malformed CRL."""
-    revoked = {
-        (crl.issuer, entry.serial_number)
-        for block in _CRL_BLOCK.findall(crl_pem)
-        for crl in (x509.load_pem_x509_crl(block),)
-        for entry in crl
-    }
+    revoked = set()
+    for block in _CRL_BLOCK.findall(crl_pem):
+        crl = x509.load_pem_x509_crl(block)
+        revoked.update((crl.issuer, entry.serial_number) for entry in crl)
     hits = []
     for index, der in enumerate(certificates):
         try:

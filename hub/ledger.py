@@ -254,11 +254,7 @@ class Ledger:
             await asyncio.sleep(0)  # registering 10,000 took ~10 ms: delivery starts next turn
         # Views taken before delivery moves them on; one that moved already (its agent came
         # back in the meantime) is announced by its next transition, once that is stored.
-        views = (
-            [c.view() for c in commands[:FLUSH_SLICE] if c.state == "queued"]
-            if self.bus.wanted("commands")
-            else []
-        )
+        views = self._queued_views(commands[:FLUSH_SLICE]) if self.bus.wanted("commands") else []
         # Deliver first and announce after: delivery is on the round trip's critical path,
         # the announcement is not. In slices, so that a job to the whole fleet never stalls
         # the event loop.
@@ -662,11 +658,14 @@ class Ledger:
     def _announce_queued(self, commands: list[CommandRecord]) -> None:
         """Announce new commands a slice per turn; one that already moved on is announced
         by its next transition, once that is stored."""
-        for command in commands[:FLUSH_SLICE]:
-            if command.state == "queued":
-                self._announce(command.view())
+        for view in self._queued_views(commands[:FLUSH_SLICE]):
+            self._announce(view)
         if len(commands) > FLUSH_SLICE:
             asyncio.get_running_loop().call_soon(self._announce_queued, commands[FLUSH_SLICE:])
+
+    @staticmethod
+    def _queued_views(commands: list[CommandRecord]) -> list[dict[str, Any]]:
+        return [command.view() for command in commands if command.state == "queued"]
 
     def _announce(self, view: dict[str, Any]) -> None:
         self.bus.publish("commands", "state", view["command_id"], command=view)
