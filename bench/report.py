@@ -161,6 +161,18 @@ def render(report: dict[str, Any]) -> str:
             f"page ({_fmt(flush)} µs each, measured in the same run) | | "
             f"{_fmt(f50 + 2 * flush / 1000)} ms | {_fmt(f50)} ms | | — |"
         )
+    for synchronous, label in (("full", "FULL"), ("normal", "NORMAL")):
+        both = _get(r, f"store_{synchronous}.both_us")
+        if both is None or f50 is None:
+            continue
+        queued = _get(r, f"store_{synchronous}.queued_us")
+        result = _get(r, f"store_{synchronous}.result_us")
+        lines.append(
+            f"| what the store allows {label}: the floor's p50 plus the round trip's two "
+            f"commits timed alone through the store, no hub ({_fmt(queued)} + {_fmt(result)} "
+            f"µs, `bench/store_commits.py`) | | {_fmt(f50 + both / 1000)} ms | {_fmt(f50)} ms "
+            f"| | — |"
+        )
     for size in (5_000, 10_000):
         job = _get(r, f"hub.job_all_results_s.{size}")
         if job is None:

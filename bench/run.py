@@ -46,6 +46,7 @@ from bench.harness import (
     simulators,
     wait_until,
 )
+from bench.store_commits import store_commits
 from hub.protocol.client import AdminClient
 
 OUT = ROOT / "bench" / "results"
@@ -266,6 +267,11 @@ class Bench:
         samples = 200 if self.quick else 500
         # What the disk allows: with FULL, a round trip holds two fdatasyncs of the WAL.
         self.note("disk.fdatasync_us", fdatasync_us(self.workdir))
+        # What the store allows: the round trip's two commits alone, no hub, no network.
+        print("latency: the store's two commits alone", flush=True)
+        for synchronous, figures in store_commits(self.workdir).items():
+            for key, value in figures.items():
+                self.note(f"store_{synchronous}.{key}", value)
         for size in sizes:
             # hub: synchronous=FULL (the default); hub_normal: synchronous=NORMAL, which
             # survives a crash of the hub but not of the machine (one fsync less per commit).
