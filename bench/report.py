@@ -61,7 +61,8 @@ def render(report: dict[str, Any]) -> str:
         f"{runs}. Machine: "
         f"{machine['cpus']} cores ({machine['cpu']}), {machine['memory_gb']} GiB, "
         f"Python {machine['python']}, websockets {machine['websockets']}, "
-        f"Linux {machine['kernel']}. The hub (`tether-hub serve`, uvloop, SQLite store with "
+        f"Linux {machine['kernel']}{_speed(machine)}. The hub (`tether-hub serve`, uvloop, "
+        "SQLite store with "
         "`synchronous=FULL`) and the floor (`bench/floor.py`: the websockets library's own "
         "asyncio server, uvloop, compression off, answering the same clients) run as their "
         "own processes; the load comes from `tether-agent simulate` processes (each dialing "
@@ -232,6 +233,11 @@ def render(report: dict[str, Any]) -> str:
         END,
     ]
     return "\n".join(lines)
+
+
+def _speed(machine: dict[str, Any]) -> str:
+    loop = machine.get("python_loop_ms")
+    return f", a 5M-step Python loop in {loop:g} ms (one core's speed)" if loop else ""
 
 
 def merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
