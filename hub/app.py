@@ -443,6 +443,18 @@ class Hub:
             return "store unavailable"
         return ""
 
+    def admin_limit_reached(self, principal: Principal) -> str | None:
+        """Which admin connection limit a new connection of ``principal`` would pass."""
+        config = self.config
+        admins = self.admins
+        if len(admins) >= config.max_admin_connections:
+            return "admin connection limit"
+        credential = principal.credential_id
+        held = sum(1 for admin in admins if admin.principal.credential_id == credential)
+        if held >= config.max_admin_per_credential:
+            return "admin connection limit of this credential"
+        return None
+
     def authenticate(self, token: str, conn: HubConnection) -> Principal:
         """A bearer token (ours or a JWT), checked against the client certificate if any."""
         if token[:4] in PREFIXES.values() or self.jwt is None or token.count(".") != 2:

@@ -70,6 +70,10 @@ class HubConfig(BaseModel):
     subscriber_max_events: int = Field(default=10_000, ge=10)
     subscriber_max_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
     admin_compression: bool = True
+    #: Admin connections open at once, in all and per admin token: each may hold megabytes
+    #: of queued events and snapshots, so a leaked viewer token must not open thousands.
+    max_admin_connections: int = Field(default=256, ge=1)
+    max_admin_per_credential: int = Field(default=32, ge=1)
 
     # Store: "full" fsyncs every commit (survives power loss); "normal" survives a crash of
     # the hub process (kill -9) but not of the machine, and commits ~10x faster.

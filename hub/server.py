@@ -476,6 +476,11 @@ class HubConnection(Connection):
                 return self._refuse(
                     503, "overloaded", "handshake rate", path, [("Retry-After", str(retry))]
                 )
+        else:
+            limit = hub.admin_limit_reached(principal)
+            if limit is not None:
+                retry = random.randint(1, 2 * hub.config.overload_retry_after)
+                return self._refuse(503, "overloaded", limit, path, [("Retry-After", str(retry))])
 
         offered = [
             p.strip()

@@ -145,6 +145,40 @@ async def test_agent_limit_is_503_with_retry_after(hub_factory) -> None:
     await second.close()
 
 
+async def test_admin_connections_are_limited_in_all_and_per_token(hub_factory) -> None:
+    hub = await hub_factory(max_admin_connections=3, max_admin_per_credential=2)
+    viewer = await hub.admin_token("viewer")
+    held = [await RawAgent.connect(hub.admin_url, viewer) for _ in range(2)]
+    await wait_for(lambda: len(hub.hub.admins) == 2)
+    # A third connection of one token is refused as an admission refusal...
+    before = hub.hub.metrics.connections["overloaded"]
+    status, (body, headers) = await refused_status(hub.admin_url, viewer)
+    assert (status, body) == (503, {"error": "overloaded"})
+    assert 1 <= int(headers["Retry-After"]) <= 10
+    assert hub.hub.metrics.connections["overloaded"] == before + 1
+    # ...while another token gets in, up to the hub's own limit.
+    other = await RawAgent.connect(hub.admin_url, await hub.admin_token("operator"))
+    status, (body, _) = await refused_status(hub.admin_url, await hub.admin_token("admin"))
+    assert (status, body) == (503, {"error": "overloaded"})
+    reasons = [
+        e["detail"]["reason"]
+        for e in await audit_actions(hub)
+        if e["action"] == "connection.refused"
+    ]
+    assert sorted(reasons) == [
+        "admin connection limit",
+        "admin connection limit of this credential",
+    ]
+    # Agents do not count against it; a closed admin connection frees its place.
+    agent = await online_agent(hub, "edge-1")
+    await held[0].close()
+    await wait_for(lambda: len(hub.hub.admins) == 2)
+    again = await RawAgent.connect(hub.admin_url, viewer)
+    await wait_for(lambda: len(hub.hub.admins) == 3)
+    for conn in (held[1], other, again, agent):
+        await conn.close()
+
+
 async def test_token_created_by_the_cli_while_running_works_at_once(hub: HubHandle) -> None:
     # Written straight to the store, as `tether-hub token create` in another process does.
     record, token = hub.hub.credentials.make("agent", agent_id="edge-9")
