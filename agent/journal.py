@@ -25,6 +25,8 @@ from typing import Any, Protocol, TypeVar
 
 import orjson
 
+from hub.protocol.times import now_rfc3339 as utc_now
+
 __all__ = ["INTERRUPTED", "Journal", "MemoryJournal", "SqliteJournal", "utc_now"]
 
 INTERRUPTED = "interrupted"
@@ -34,12 +36,6 @@ MAX_AGE = 7 * 86_400.0
 PRUNE_EVERY = 500
 
 T = TypeVar("T")
-
-
-def utc_now(clock: Callable[[], float] = time.time) -> str:
-    """RFC 3339 UTC with milliseconds, the form every timestamp on the wire takes."""
-    now = clock()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
 
 
 class Journal(Protocol):

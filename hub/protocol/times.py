@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
-__all__ = ["format_time", "now", "now_rfc3339", "parse_time"]
+__all__ = ["format_instant", "format_time", "now", "now_rfc3339", "parse_time"]
 
 
 def now() -> float:
@@ -24,20 +25,23 @@ def _second(whole: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 
-@functools.lru_cache(maxsize=8192)
-def format_time(ts: float) -> str:
-    """``2026-11-28T06:00:00.123Z`` for a float epoch timestamp.
-
-    Remembered: one command's timestamps are formatted again for its view, its row and its
-    audit entry at every transition, and a job's ten thousand commands share their
-    ``issued_at`` and ``expires_at``.
-    """
+def format_instant(ts: float) -> str:
+    """``2026-11-28T06:00:00.123Z`` for a float epoch timestamp."""
     whole = int(ts)
     return f"{_second(whole)}.{int((ts - whole) * 1000):03d}Z"
 
 
-def now_rfc3339() -> str:
-    return format_time(time.time())
+@functools.lru_cache(maxsize=8192)
+def format_time(ts: float) -> str:
+    """:func:`format_instant`, remembered: one command's timestamps are formatted again for
+    its view, its row and its audit entry at every transition, and a job's ten thousand
+    commands share their ``issued_at`` and ``expires_at``."""
+    return format_instant(ts)
+
+
+def now_rfc3339(clock: Callable[[], float] = time.time) -> str:
+    """Now, not remembered: every call is another instant."""
+    return format_instant(clock())
 
 
 def parse_time(text: str) -> float:
