@@ -10,18 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import logging
 import sys
 import threading
 import time
 import traceback
+from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 __all__ = ["LagMonitor", "Metrics", "RateWindow", "StallReporter"]
 
@@ -123,6 +131,32 @@ class _Percentiles:
         ordered = sorted(value for _, value in samples)
         n = len(ordered)
         return ordered[int(0.5 * (n - 1))], ordered[int(0.99 * (n - 1))]
+
+
+class _Histogram:
+    """A Prometheus histogram without locks. Only the event loop observes it and only the
+    event loop exposes it; prometheus_client's takes two locks an observation, which was
+    4.6 % of the event loop's time in a job to 10,000 agents (one observation per result)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = tuple(float(bound) for bound in bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: upper bounds are inclusive
+        self.sum += value
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        labels = [*(floatToGoString(bound) for bound in self.bounds), "+Inf"]
+        return HistogramMetricFamily(
+            name,
+            documentation,
+            buckets=list(zip(labels, itertools.accumulate(self.counts), strict=True)),
+            sum_value=self.sum,
+        )
 
 
 class LagMonitor:
@@ -253,12 +287,7 @@ class Metrics(Collector):
         self.history = StatsHistory()
         self.lag = LagMonitor()
         self.gc = GcMonitor()
-        self.round_trip = Histogram(
-            "tether_command_round_trip_seconds",
-            "Time from dispatch to a command's terminal result.",
-            buckets=RTT_BUCKETS,
-            registry=self.registry,
-        )
+        self.round_trip = _Histogram(RTT_BUCKETS)
         self.registry.register(self)
 
     # -- recording -----------------------------------------------------------------------
@@ -373,6 +402,10 @@ class Metrics(Collector):
         for generation, pause in enumerate(self.gc.max_pause):
             pauses.add_metric([str(generation)], pause)
         yield pauses
+        yield self.round_trip.family(
+            "tether_command_round_trip_seconds",
+            "Time from dispatch to a command's terminal result.",
+        )
         for name, read in self.extra_gauges.items():
             yield GaugeMetricFamily(name, name.replace("_", " "), value=read())
 

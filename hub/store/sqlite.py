@@ -896,22 +896,25 @@ class SQLiteStore(Store):
         audit: Sequence[AuditEntry] = (),
         jobs: Sequence[JobRecord] = (),
     ) -> asyncio.Future[None]:
+        # A command's fields and a job's counts change as the ledger goes on, so they are
+        # taken now; a result and an audit entry never change once made (a new result is a
+        # new dict), so they are serialized in the writer thread, off the event loop.
         rows = [
-            (c.state, c.updated_at, c.sent_at, c.acked_at, _dumps(c.result), c.output_bytes,
+            (c.state, c.updated_at, c.sent_at, c.acked_at, c.result, c.output_bytes,
              int(c.truncated), c.command_id)
             for c in commands
         ]  # fmt: skip
-        audit_rows = [self._audit_row(e) for e in audit]
+        audit = list(audit)
         job_rows = [self._job_row(job) for job in jobs]
 
         def op(conn: sqlite3.Connection) -> None:
             conn.executemany(
                 "UPDATE commands SET state = ?, updated_at = ?, sent_at = ?, acked_at = ?, "
                 "result = ?, output_bytes = ?, truncated = ? WHERE command_id = ?",
-                rows,
+                [(s, u, sent, acked, _dumps(r), o, t, i) for s, u, sent, acked, r, o, t, i in rows],
             )
-            if audit_rows:
-                conn.executemany(self._AUDIT_SQL, audit_rows)
+            if audit:
+                conn.executemany(self._AUDIT_SQL, map(self._audit_row, audit))
             if job_rows:
                 conn.executemany(self._JOB_SQL, job_rows)
 
@@ -1114,8 +1117,10 @@ class SQLiteStore(Store):
         return (e.ts, e.hub_id, e.action, e.actor, e.subject, e.source, _dumps(e.detail))
 
     def audit(self, entries: Sequence[AuditEntry]) -> asyncio.Future[None]:
-        rows = [self._audit_row(e) for e in entries]
-        return self._write(lambda conn: conn.executemany(self._AUDIT_SQL, rows))
+        entries = list(entries)  # rows made in the writer thread: entries never change
+        return self._write(
+            lambda conn: conn.executemany(self._AUDIT_SQL, map(self._audit_row, entries))
+        )
 
     _AUDIT_FILTERS = {k: k for k in ("action", "actor", "subject", "source", "hub_id")}
 
