@@ -26,6 +26,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+import timeit
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -510,14 +511,8 @@ def cpu_model() -> str | None:
 def python_loop_ms(count: int = 5_000_000) -> float:
     """How fast one core runs Python here (best of three): figures from two virtual machines
     of the same size differ by as much as their cores do, and this tells them apart."""
-    best = float("inf")
-    for _ in range(3):
-        started = time.perf_counter()
-        total = 0
-        for n in range(count):
-            total += n
-        best = min(best, time.perf_counter() - started)
-    return round(best * 1000, 1)
+    seconds = timeit.repeat(f"for n in range({count}): total += n", "total = 0", repeat=3, number=1)
+    return round(min(seconds) * 1000, 1)
 
 
 def main() -> None:

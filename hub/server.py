@@ -398,6 +398,13 @@ class HubConnection(Connection):
         self._record_refusal(status, error, reason, path)
         return json_response(status, {"error": error}, headers)
 
+    def _refuse_full(self, reason: str, path: str) -> Response:
+        """503 at a connection limit. Full, not busy: the Retry-After is drawn from 1 s up to
+        twice the setting, so refused clients come back spread out instead of in one wave
+        that is refused again."""
+        retry = random.randint(1, 2 * self.hub.config.overload_retry_after)
+        return self._refuse(503, "overloaded", reason, path, [("Retry-After", str(retry))])
+
     def _record_refusal(
         self, status: int | None, error: str, reason: str, path: str | None
     ) -> None:
@@ -465,12 +472,7 @@ class HubConnection(Connection):
         if agent_channel:
             takeover = principal.agent_id is not None and principal.agent_id in hub.registry.live
             if hub.registry.connected >= hub.config.max_agents and not takeover:
-                # Full, not busy: drawn from 1 s up to twice the setting, so refused agents
-                # come back spread out instead of in one wave that is refused again.
-                retry = random.randint(1, 2 * hub.config.overload_retry_after)
-                return self._refuse(
-                    503, "overloaded", "agent limit", path, [("Retry-After", str(retry))]
-                )
+                return self._refuse_full("agent limit", path)
             if not hub.handshake_rate.take():
                 retry = hub.busy_refusals.retry_after()
                 return self._refuse(
@@ -479,8 +481,7 @@ class HubConnection(Connection):
         else:
             limit = hub.admin_limit_reached(principal)
             if limit is not None:
-                retry = random.randint(1, 2 * hub.config.overload_retry_after)
-                return self._refuse(503, "overloaded", limit, path, [("Retry-After", str(retry))])
+                return self._refuse_full(limit, path)
 
         offered = [
             p.strip()
