@@ -76,6 +76,9 @@ class JobRun:
     errors: int = 0
     successes: int = 0
     cancelled_by: str | None = None
+    #: Set once the job's last command finished: a job finishes exactly once, even when
+    #: the failure that passed ``max_errors`` finished it through the cancellations it made.
+    finished: bool = False
     #: Queued commands of online agents waiting for a slot in the window.
     waiting: deque[CommandRecord] = field(default_factory=deque)
 
@@ -671,6 +674,9 @@ class Ledger:
         self.bus.publish("commands", "state", view["command_id"], command=view)
 
     def _finish_job(self, run: JobRun) -> None:
+        if run.finished:
+            return
+        run.finished = True
         job = run.record
         del self.jobs[job.job_id]
         if run.successes == job.total:

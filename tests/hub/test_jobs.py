@@ -238,3 +238,41 @@ async def test_progress_events_as_targets_finish(hub: HubHandle, admin: AdminCli
                 finals.add(command["command_id"])
     for agent in agents:
         await agent.close()
+
+
+async def test_max_errors_zero_with_a_window_of_one_finishes_the_job_once(
+    hub: HubHandle, admin: AdminClient
+) -> None:
+    """The first failure cancels the two queued commands; each cancellation finishes a
+    command, the last of them the job, inside the failure's own bookkeeping. The job is
+    finished once, and the failing agent's connection stays up."""
+    agents = await fleet(hub, 3)
+    await admin.request("subscribe", topics=["commands"])
+    data = await admin.request(
+        "dispatch",
+        target={"selector": {"agent_id": "edge-*"}},
+        name="ping",
+        max_concurrency=1,
+        max_errors=0,
+    )
+    ((index, command_id),) = await pending_commands(agents)
+    await agents[index].send(
+        {"type": "result", "command_id": command_id, "status": "failed", "exit_code": 1}
+    )
+    detail = await wait_for(lambda: job_done(admin, data["job_id"]))
+    assert detail["job"]["counts"] == {"failed": 1, "cancelled": 2}
+    assert detail["job"]["state"] == "failed"
+    # The connection that sent the failure is still served.
+    await agents[index].send({"type": "heartbeat", "status": "ok"})
+    await agents[index].send({"type": "ack", "command_id": "nope"})
+    assert (await agents[index].recv_type("error"))["code"] == "unknown_command"
+    assert await pending_commands(agents, timeout=0.2) == []
+    auditor = await AdminClient(hub.url, await hub.admin_token("admin")).open()
+    await hub.hub.auditor.drain()
+    page = await auditor.request(
+        "audit", filter={"action": "job.finished", "subject": data["job_id"]}
+    )
+    assert len(page["entries"]) == 1
+    await auditor.close()
+    for agent in agents:
+        await agent.close()
