@@ -119,7 +119,7 @@ class AgentSession(Session):
         if hub.registry.remove(self):
             record.connected_at = None
             hub.registry.set_state(record, "offline")
-            hub.ledger.set_draining(self.agent_id, False)
+            hub.ledger.agent_disconnected(self.agent_id)
             hub.store.save_agent(record)
             hub.events.agent(record, "disconnected", code=code)
         # else: superseded; the newer session owns the record now.

@@ -566,7 +566,7 @@ class Hub:
         live = self.ledger.job_view(job_id)
         if live is not None:
             stored["job"] = live
-        unfinished = {c.command_id: c for c in self.ledger.commands.values() if c.job_id == job_id}
+        unfinished = self.ledger.unfinished_of_job(job_id)
         if unfinished:
             stored["commands"] = [
                 unfinished[c["command_id"]].view() if c["command_id"] in unfinished else c

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .model import JWT_PREFIX, CredentialRecord
+from .protocol.constants import ROLES
 from .store.base import Store
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 PREFIXES = {"agent": "tta_", "enroll": "tte_", "admin": "ttm_"}
 KINDS = {prefix: kind for kind, prefix in PREFIXES.items()}
 ID_LENGTH = 12
-ROLES = ("viewer", "operator", "admin")
 #: A token id the store did not know is not looked up again for this long.
 MISS_TTL = 5.0
 MAX_MISSES = 10_000

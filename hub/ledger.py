@@ -1,16 +1,14 @@
-"""The command ledger: jobs, command states, delivery, timeouts, rate control.
+"""The command ledger: the I/O around :mod:`hub.ledger_rules`.
 
-Invariants:
+The rules decide (states, job counts, the window, timeouts, cancels); this module accepts
+jobs into the store, hands commands to agents through ``send``, writes every transition
+and announces it once written:
 
-* A state only moves forward (``queued → sent → acked → terminal``; a result may skip
-  ahead). Anything else is ignored.
 * Every transition is stored durably before it is announced. Transitions made during one
   turn of the event loop are written together (one store call, one commit); their events
   go out when that write has committed, with the state as it was written.
 * Delivery is at least once: a command that was sent and has no result is sent again on
   the agent's next connection, with the same id. The agent guarantees at most once.
-* A job never has more than ``max_concurrency`` commands sent and unfinished; once more
-  than ``max_errors`` of them ended in error, the rest of the job is cancelled.
 
 Only unfinished commands and running jobs stay in memory; finished ones live in the store.
 """
@@ -18,25 +16,32 @@ Only unfinished commands and running jobs stay in memory; finished ones live in 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import logging
-import math
 import secrets
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from .audit import Auditor
 from .bus import Bus
 from .config import HubConfig
+from .ledger_rules import (
+    CancelOnAgent,
+    CancelRequested,
+    Deliver,
+    JobFinished,
+    JobRun,
+    LedgerRules,
+    MaxErrorsPassed,
+    Moved,
+    resolve_limit,
+)
 from .metrics import Metrics
 from .model import CommandRecord, JobRecord
 from .protocol.codec import encode
-from .protocol.constants import ERROR_STATES, STATE_RANK, TERMINAL_STATES
 from .protocol.messages import Dispatch, Output, Result
+from .protocol.states import TERMINAL_STATES, CommandState
 from .registry import Registry
 from .store.base import AuditEntry, Store
 
@@ -51,8 +56,6 @@ DELIVERY_SLICE = 500
 #: Transitions written (and later announced) per turn of the event loop: 1,000 took 5-15 ms
 #: to write and 5 ms to announce, and shared their turn with reads and deliveries.
 FLUSH_SLICE = 500
-#: Finished command ids remembered to tell a harmless repeated result from a foreign one.
-RECENT_FINISHED = 20_000
 
 
 class DispatchRefused(Exception):
@@ -62,33 +65,6 @@ class DispatchRefused(Exception):
         super().__init__(message)
         self.code = code
         self.refused = refused
-
-
-@dataclass(slots=True, eq=False)
-class JobRun:
-    """A running job and its rate-control window."""
-
-    record: JobRecord
-    window: int | None
-    error_limit: int | None
-    remaining: int
-    in_flight: int = 0
-    errors: int = 0
-    successes: int = 0
-    cancelled_by: str | None = None
-    #: Set once the job's last command finished: a job finishes exactly once, even when
-    #: the failure that passed ``max_errors`` finished it through the cancellations it made.
-    finished: bool = False
-    #: Queued commands of online agents waiting for a slot in the window.
-    waiting: deque[CommandRecord] = field(default_factory=deque)
-
-
-def _resolve_limit(value: int | str | None, total: int, floor: int) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return max(floor, math.floor(total * int(value[:-1]) / 100))
-    return value
 
 
 class Ledger:
@@ -113,19 +89,30 @@ class Ledger:
         #: or in cluster mode another hub's through the bus); False when none does.
         self.send = send
         self.clock = clock
-        self.commands: dict[str, CommandRecord] = {}
-        self.by_agent: dict[str, list[CommandRecord]] = {}
-        self.jobs: dict[str, JobRun] = {}
-        self.in_flight = 0
+        self.rules = LedgerRules(clock, config.timeout_grace)
         self._seq = itertools.count(1)
-        self._deadlines: list[tuple[float, int, str]] = []
-        self._finished: OrderedDict[str, str] = OrderedDict()
         self._pending: list[tuple[CommandRecord | JobRecord, AuditEntry]] = []
         self._flush_handle: asyncio.Handle | None = None
         self._flush_delayed = False
         self._writes: set[asyncio.Future[Any]] = set()
-        #: Agents whose heartbeat says ``draining``: they get no new commands.
-        self.draining: set[str] = set()
+
+    # The rules' state, read by the admin queries, metrics and tests.
+
+    @property
+    def commands(self) -> dict[str, CommandRecord]:
+        return self.rules.commands
+
+    @property
+    def jobs(self) -> dict[str, JobRun]:
+        return self.rules.jobs
+
+    @property
+    def in_flight(self) -> int:
+        return self.rules.in_flight
+
+    @property
+    def draining(self) -> set[str]:
+        return self.rules.draining
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -133,32 +120,8 @@ class Ledger:
         """Rebuild unfinished jobs and commands after a restart (or a crash)."""
         jobs, commands, top = await self.store.unfinished()
         self._seq = itertools.count(top + 1)
-        runs = {}
-        for job in jobs:
-            runs[job.job_id] = JobRun(
-                record=job,
-                window=job.max_concurrency,
-                error_limit=job.max_errors,
-                remaining=0,
-            )
-        for command in commands:
-            self.commands[command.command_id] = command
-            self.by_agent.setdefault(command.agent_id, []).append(command)
-            run = runs.get(command.job_id)
-            if run is not None:
-                run.remaining += 1
-                if command.state in ("sent", "acked"):
-                    run.in_flight += 1
-            if command.state in ("sent", "acked"):
-                self.in_flight += 1
-            self._schedule(command)
-        for run in runs.values():
-            counts = run.record.counts
-            run.errors = sum(counts.get(s, 0) for s in ERROR_STATES)
-            run.successes = counts.get("succeeded", 0)
-            self.jobs[run.record.job_id] = run
-            if run.remaining == 0:
-                self._finish_job(run)
+        self.rules.load(jobs, commands)
+        self._perform()
         log.info("ledger loaded: %d unfinished commands in %d jobs", len(commands), len(jobs))
 
     # -- dispatch ------------------------------------------------------------------------
@@ -180,11 +143,6 @@ class Ledger:
         now = self.clock()
         job_id = secrets.token_hex(8)
         total = len(targets)
-        spec = {
-            "max_concurrency": request.max_concurrency,
-            "max_errors": request.max_errors,
-            "refused": len(refused),
-        }
         job = JobRecord(
             job_id=job_id,
             name=request.name,
@@ -195,11 +153,15 @@ class Ledger:
             timeout=request.timeout,
             ttl=request.ttl,
             dispatched_by=actor,
-            max_concurrency=_resolve_limit(request.max_concurrency, total, 1),
-            max_errors=_resolve_limit(request.max_errors, total, 0),
-            counts={"queued": total},
+            max_concurrency=resolve_limit(request.max_concurrency, total, 1),
+            max_errors=resolve_limit(request.max_errors, total, 0),
+            counts={CommandState.QUEUED.value: total},
             updated_at=now,
-            spec=spec,
+            spec={
+                "max_concurrency": request.max_concurrency,
+                "max_errors": request.max_errors,
+                "refused": len(refused),
+            },
         )
         commands: list[CommandRecord] = []
         entries = [
@@ -236,23 +198,10 @@ class Ledger:
             if index % DELIVERY_SLICE == 0:
                 await asyncio.sleep(0)  # a job to the whole fleet must not stall the loop
         await self.store.add_job(job, commands, entries)
-        run = JobRun(
-            record=job,
-            window=job.max_concurrency,
-            error_limit=job.max_errors,
-            remaining=total,
-        )
-        self.jobs[job_id] = run
         # Every command of an accepted job is registered in one go, so that a cancel or a
         # lookup never sees part of a job.
-        registered, by_agent, waiting = self.commands, self.by_agent, run.waiting
-        for command in commands:
-            registered[command.command_id] = command
-            by_agent.setdefault(command.agent_id, []).append(command)
-            self._schedule(command)
-            if self._deliverable(command.agent_id):
-                waiting.append(command)
-        self.metrics.commands["queued"] += total
+        self.rules.add_job(job, commands)
+        self.metrics.commands[CommandState.QUEUED.value] += total
         if total > DELIVERY_SLICE:
             await asyncio.sleep(0)  # registering 10,000 took ~10 ms: delivery starts next turn
         # Views taken before delivery moves them on; one that moved already (its agent came
@@ -261,14 +210,16 @@ class Ledger:
         # Deliver first and announce after: delivery is on the round trip's critical path,
         # the announcement is not. In slices, so that a job to the whole fleet never stalls
         # the event loop.
-        self._pump(run, limit=DELIVERY_SLICE)
+        more = self.rules.pump(job_id, DELIVERY_SLICE)
+        self._perform()
         for view in views:
             self._announce(view)
         if len(commands) > FLUSH_SLICE:
             asyncio.get_running_loop().call_soon(self._announce_queued, commands[FLUSH_SLICE:])
-        while run.waiting and (run.window is None or run.in_flight < run.window):
+        while more:
             await asyncio.sleep(0)
-            self._pump(run, limit=DELIVERY_SLICE)
+            more = self.rules.pump(job_id, DELIVERY_SLICE)
+            self._perform()
         return {
             "job_id": job_id,
             "command_ids": [c.command_id for c in commands],
@@ -302,93 +253,39 @@ class Ledger:
                 refused.append({"agent_id": record.agent_id, "code": "unsupported"})
         return targets, refused
 
-    # -- delivery ------------------------------------------------------------------------
-
-    def _deliverable(self, agent_id: str) -> bool:
-        return agent_id in self.registry.live and agent_id not in self.draining
-
-    def _pump(self, run: JobRun, limit: int | None = None) -> None:
-        """Send queued commands of a job while its window has room (at most ``limit``)."""
-        waiting = run.waiting
-        budget = limit if limit is not None else len(waiting)
-        while waiting and budget > 0 and (run.window is None or run.in_flight < run.window):
-            budget -= 1
-            command = waiting.popleft()
-            if command.state != "queued":
-                continue
-            if not self._deliverable(command.agent_id):
-                continue  # sent from agent_connected() when the agent is back
-            self._send(command, run)
-
-    def _send(self, command: CommandRecord, run: JobRun | None) -> None:
-        if not self.send(command.agent_id, encode(command.wire())):
-            return
-        if command.state == "queued":
-            command.sent_at = self.clock()
-            self.in_flight += 1
-            if run is not None:
-                run.in_flight += 1
-            self._transition(command, "sent")
+    # -- agents coming and going ---------------------------------------------------------
 
     def agent_connected(self, agent_id: str) -> None:
         """Deliver every unfinished command of this agent, in the order they were accepted."""
-        if agent_id in self.draining:
-            return
-        for command in list(self.by_agent.get(agent_id, ())):
-            if command.state in ("sent", "acked"):
-                # Redelivery with the same id: the agent answers from its journal.
-                self.send(agent_id, encode(command.wire()))
-            elif command.state == "queued":
-                run = self.jobs.get(command.job_id)
-                if run is None or run.window is None or run.in_flight < run.window:
-                    self._send(command, run)
-                elif command not in run.waiting:
-                    run.waiting.append(command)
+        self.rules.agent_connected(agent_id)
+        self._perform()
+
+    def agent_disconnected(self, agent_id: str) -> None:
+        self.rules.agent_disconnected(agent_id)
 
     def set_draining(self, agent_id: str, draining: bool) -> None:
-        if draining:
-            self.draining.add(agent_id)
-        elif agent_id in self.draining:
-            self.draining.discard(agent_id)
-            if agent_id in self.registry.live:
-                self.agent_connected(agent_id)
+        self.rules.set_draining(agent_id, draining)
+        self._perform()
 
     # -- messages from agents ------------------------------------------------------------
 
-    def owned(self, agent_id: str, command_id: str) -> tuple[bool, CommandRecord | None]:
-        """Whether ``command_id`` is this agent's, and its record while it is unfinished.
-
-        ``(False, None)``: unknown or another agent's (refused). ``(True, None)``: this
-        agent's and finished (a harmless repeat, ignored).
-        """
-        command = self.commands.get(command_id)
-        if command is not None:
-            if command.agent_id != agent_id:
-                return False, None
-            return True, None if command.state in TERMINAL_STATES else command
-        return self._finished.get(command_id) == agent_id, None
-
     def on_ack(self, agent_id: str, command_id: str) -> bool:
-        owned, command = self.owned(agent_id, command_id)
-        if command is None:
-            return owned
-        if STATE_RANK[command.state] < STATE_RANK["acked"]:
-            self._mark_in_flight(command)
-            command.acked_at = self.clock()
-            self._transition(command, "acked")
-            self._schedule(command)
-        return True
+        """False when the command is not this agent's (the caller answers the error)."""
+        owned, command = self.rules.owned(agent_id, command_id)
+        if command is not None:
+            self.rules.ack(command)
+            self._perform()
+        return owned
 
     def on_output(self, agent_id: str, message: Output) -> bool:
-        owned, command = self.owned(agent_id, message.command_id)
+        owned, command = self.rules.owned(agent_id, message.command_id)
         if command is None:
             return owned
         data = message.data
         size = len(data.encode("utf-8", "replace"))
         cap = self.config.output_cap
         if command.output_bytes >= cap:
-            if not command.truncated:
-                command.truncated = True
+            command.truncated = True
             return True
         if command.output_bytes + size > cap:
             room = cap - command.output_bytes
@@ -411,190 +308,93 @@ class Ledger:
         return True
 
     def on_result(self, agent_id: str, message: Result) -> bool:
-        owned, command = self.owned(agent_id, message.command_id)
+        owned, command = self.rules.owned(agent_id, message.command_id)
         if command is None:
             return owned
-        command.result = {
+        self.metrics.command_round_trip(self.clock() - command.issued_at)
+        result = {
             "status": message.status,
             "exit_code": message.exit_code,
             "data": message.data,
             "error": message.error,
         }
-        if command.state == "queued":
-            self._mark_in_flight(command)
-        self.metrics.command_round_trip(self.clock() - command.issued_at)
-        self._finish(command, message.status)
+        self.rules.result(command, message.status, result)
+        self._perform()
         return True
 
-    def _mark_in_flight(self, command: CommandRecord) -> None:
-        """A command answered before its ``sent`` was recorded (redelivery after a crash)."""
-        if command.state == "queued":
-            command.sent_at = command.sent_at or self.clock()
-            self.in_flight += 1
-            run = self.jobs.get(command.job_id)
-            if run is not None:
-                run.in_flight += 1
-                try:
-                    run.waiting.remove(command)
-                except ValueError:
-                    pass
-
-    # -- cancel --------------------------------------------------------------------------
+    # -- cancel and time -----------------------------------------------------------------
 
     def cancel_command(self, command_id: str, actor: str) -> str:
         """``cancelled`` (at once), ``requested`` (sent to the agent) or ``finished``."""
-        command = self.commands.get(command_id)
-        if command is None or command.state in TERMINAL_STATES:
-            return "finished"
-        if command.state == "queued" or command.agent_id not in self.registry.live:
-            command.result = {
-                "status": "cancelled",
-                "exit_code": None,
-                "data": None,
-                "error": f"cancelled by {actor}",
-            }
-            self._finish(command, "cancelled", actor=actor)
-            return "cancelled"
-        if not command.cancel_requested:
-            command.cancel_requested = True
-            self.auditor.record("command.cancel_requested", actor=actor, subject=command_id)
-        self.send(command.agent_id, encode({"type": "cancel", "command_id": command_id}))
-        return "requested"
-
-    def cancel_job(self, job_id: str, actor: str) -> dict[str, list[str]] | None:
-        run = self.jobs.get(job_id)
-        if run is None:
-            return None
-        run.cancelled_by = run.cancelled_by or actor
-        outcome: dict[str, list[str]] = {"cancelled": [], "requested": []}
-        for command in [c for c in self.commands.values() if c.job_id == job_id]:
-            result = self.cancel_command(command.command_id, actor)
-            if result in outcome:
-                outcome[result].append(command.command_id)
+        outcome = self.rules.cancel_command(command_id, actor)
+        self._perform()
         return outcome
 
-    # -- time ----------------------------------------------------------------------------
-
-    def _schedule(self, command: CommandRecord) -> None:
-        if command.state == "acked" and command.acked_at is not None:
-            when = command.acked_at + command.timeout + self.config.timeout_grace
-        elif command.state in ("queued", "sent"):
-            when = command.expires_at
-        else:
-            return
-        heapq.heappush(self._deadlines, (when, command.seq, command.command_id))
+    def cancel_job(self, job_id: str, actor: str) -> dict[str, list[str]] | None:
+        outcome = self.rules.cancel_job(job_id, actor)
+        self._perform()
+        return outcome
 
     def tick(self) -> None:
         """Expire queued commands and time out unanswered ones (called about once a second)."""
-        now = self.clock()
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now:
-            _, _, command_id = heapq.heappop(deadlines)
-            command = self.commands.get(command_id)
-            if command is None or command.state in TERMINAL_STATES:
-                continue
-            if command.state == "queued" and command.expires_at <= now:
-                command.result = {
-                    "status": "expired",
-                    "exit_code": None,
-                    "data": None,
-                    "error": "not delivered before expires_at",
-                }
-                self._finish(command, "expired")
-            elif command.state == "sent" and command.expires_at <= now:
-                command.result = {
-                    "status": "timed_out",
-                    "exit_code": None,
-                    "data": None,
-                    "error": "not acknowledged before expires_at",
-                }
-                self._finish(command, "timed_out")
-            elif command.state == "acked" and command.acked_at is not None:
-                limit = command.acked_at + command.timeout + self.config.timeout_grace
-                if limit <= now:
-                    command.result = {
-                        "status": "timed_out",
-                        "exit_code": None,
-                        "data": None,
-                        "error": f"no result within {command.timeout:g} s of the ack",
-                    }
-                    self.send(
-                        command.agent_id,
-                        encode({"type": "cancel", "command_id": command.command_id}),
-                    )
-                    self._finish(command, "timed_out")
+        self.rules.tick()
+        self._perform()
 
-    # -- transitions ---------------------------------------------------------------------
+    # -- effects -------------------------------------------------------------------------
 
-    def _finish(self, command: CommandRecord, state: str, actor: str | None = None) -> None:
-        was_in_flight = command.state in ("sent", "acked")
-        self._transition(command, state, actor=actor)
-        if was_in_flight:
-            self.in_flight -= 1
-        del self.commands[command.command_id]
-        siblings = self.by_agent.get(command.agent_id)
-        if siblings is not None:
-            siblings.remove(command)
-            if not siblings:
-                del self.by_agent[command.agent_id]
-        finished = self._finished
-        finished[command.command_id] = command.agent_id
-        if len(finished) > RECENT_FINISHED:
-            finished.popitem(last=False)
-        run = self.jobs.get(command.job_id)
-        if run is None:
-            return
-        if was_in_flight:
-            run.in_flight -= 1
-        run.remaining -= 1
-        if state == "succeeded":
-            run.successes += 1
-        elif state in ERROR_STATES:
-            run.errors += 1
-            if run.error_limit is not None and run.errors > run.error_limit:
-                self._stop_job(run)
-        if run.remaining <= 0:
-            self._finish_job(run)
-        else:
-            # Bounded like every delivery: a result that lands while a job to the whole fleet
-            # is still being delivered must not send all the rest in this one callback.
-            self._pump(run, limit=DELIVERY_SLICE)
+    def _perform(self) -> None:
+        """Carry out what the rules decided, in order."""
+        for effect in self.rules.take_effects():
+            kind = type(effect)
+            if kind is Moved:
+                self._moved(effect)  # type: ignore[arg-type]
+            elif kind is Deliver:
+                command = effect.command  # type: ignore[union-attr]
+                # A connection that is going away refuses it; the command is sent again
+                # when its agent comes back, like any command sent and unanswered.
+                self.send(command.agent_id, encode(command.wire()))
+            elif kind is CancelOnAgent:
+                self.send(
+                    effect.agent_id,  # type: ignore[union-attr]
+                    encode({"type": "cancel", "command_id": effect.command_id}),  # type: ignore[union-attr]
+                )
+            elif kind is JobFinished:
+                job = effect.job  # type: ignore[union-attr]
+                entry = self.auditor.entry(
+                    "job.finished", subject=job.job_id, state=job.state, counts=dict(job.counts)
+                )
+                # In the same commit as the transition that finished it: one fsync, not two,
+                # at the end of every job (a job of one command is a round trip's last write).
+                self._pending.append((job, entry))
+                self._schedule_flush(urgent=True)
+            elif kind is CancelRequested:
+                self.auditor.record(
+                    "command.cancel_requested",
+                    actor=effect.actor,  # type: ignore[union-attr]
+                    subject=effect.command_id,  # type: ignore[union-attr]
+                )
+            elif kind is MaxErrorsPassed:
+                self.auditor.record(
+                    "job.max_errors",
+                    subject=effect.job_id,  # type: ignore[union-attr]
+                    errors=effect.errors,  # type: ignore[union-attr]
+                    limit=effect.limit,  # type: ignore[union-attr]
+                )
 
-    def _stop_job(self, run: JobRun) -> None:
-        """``max_errors`` passed: cancel what has not finished."""
-        if run.cancelled_by is not None:
-            return
-        run.cancelled_by = "max_errors"
-        self.auditor.record(
-            "job.max_errors", subject=run.record.job_id, errors=run.errors, limit=run.error_limit
-        )
-        run.waiting.clear()
-        for command in [c for c in self.commands.values() if c.job_id == run.record.job_id]:
-            self.cancel_command(command.command_id, "max_errors")
-
-    def _transition(self, command: CommandRecord, state: str, actor: str | None = None) -> None:
-        old = command.state
-        if STATE_RANK[state] <= STATE_RANK[old]:
-            return
-        command.state = state
-        command.updated_at = self.clock()
-        run = self.jobs.get(command.job_id)
-        if run is not None:
-            counts = run.record.counts
-            counts[old] = counts.get(old, 0) - 1
-            if counts[old] <= 0:
-                del counts[old]
-            counts[state] = counts.get(state, 0) + 1
-        self.metrics.command_state(state)
+    def _moved(self, moved: Moved) -> None:
+        command = moved.command
+        self.metrics.command_state(moved.new)
         entry = self.auditor.entry(
-            f"command.{state}",
-            actor=actor or command.dispatched_by,
+            f"command.{moved.new}",
+            actor=moved.actor or command.dispatched_by,
             subject=command.command_id,
             agent_id=command.agent_id,
             job_id=command.job_id,
         )
         self._pending.append((command, entry))
-        self._schedule_flush(urgent=state in TERMINAL_STATES)
+        self._schedule_flush(urgent=moved.new in TERMINAL_STATES)
+
+    # -- writing and announcing ----------------------------------------------------------
 
     def _schedule_flush(self, urgent: bool) -> None:
         handle = self._flush_handle
@@ -634,7 +434,7 @@ class Ledger:
             else:
                 # Queued after its commands' last transitions, so in this slice or a later
                 # one: a job row never runs ahead of its commands.
-                jobs.append(record)
+                jobs.append(record)  # type: ignore[arg-type]
         entries = [entry for _, entry in pending]
         future = asyncio.ensure_future(
             self.store.save_commands(list(latest.values()), entries, jobs)
@@ -668,33 +468,10 @@ class Ledger:
 
     @staticmethod
     def _queued_views(commands: list[CommandRecord]) -> list[dict[str, Any]]:
-        return [command.view() for command in commands if command.state == "queued"]
+        return [c.view() for c in commands if c.state == CommandState.QUEUED.value]
 
     def _announce(self, view: dict[str, Any]) -> None:
         self.bus.publish("commands", "state", view["command_id"], command=view)
-
-    def _finish_job(self, run: JobRun) -> None:
-        if run.finished:
-            return
-        run.finished = True
-        job = run.record
-        del self.jobs[job.job_id]
-        if run.successes == job.total:
-            job.state = "succeeded"
-        elif run.cancelled_by is not None and run.cancelled_by != "max_errors":
-            job.state = "cancelled"
-        elif run.successes == 0:
-            job.state = "failed"
-        else:
-            job.state = "partial"
-        job.updated_at = self.clock()
-        entry = self.auditor.entry(
-            "job.finished", subject=job.job_id, state=job.state, counts=dict(job.counts)
-        )
-        # In the same commit as the transition that finished it: one fsync, not two, at
-        # the end of every job (a job of one command is a round trip's last write).
-        self._pending.append((job, entry))
-        self._schedule_flush(urgent=True)
 
     async def drain(self) -> None:
         """Wait for every transition made so far to be stored."""
@@ -706,8 +483,11 @@ class Ledger:
     # -- queries -------------------------------------------------------------------------
 
     def job_view(self, job_id: str) -> dict[str, Any] | None:
-        run = self.jobs.get(job_id)
+        run = self.rules.jobs.get(job_id)
         return run.record.view() if run is not None else None
 
-    def commands_of_agent(self, agent_id: str) -> list[CommandRecord]:
-        return list(self.by_agent.get(agent_id, ()))
+    def unfinished_of_job(self, job_id: str) -> dict[str, CommandRecord]:
+        run = self.rules.jobs.get(job_id)
+        if run is None:
+            return {}
+        return {c.command_id: c for c in run.unfinished()}

@@ -31,8 +31,8 @@ from PySide6.QtWidgets import (
 
 from console.client import AdminError
 from console.fleet import Changes, FleetModel
-from hub.protocol.constants import ERROR_STATES, TERMINAL_STATES
 from hub.protocol.messages import CommandView, JobView
+from hub.protocol.states import ERROR_STATES, TERMINAL_STATES
 
 from .common import monospace_font, plain_label
 from .tables import Index, ListTableModel, make_table, short_time

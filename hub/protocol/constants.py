@@ -37,21 +37,5 @@ class Close(IntEnum):
     REVOKED = 4003
 
 
-TERMINAL_STATES = frozenset(
-    {"succeeded", "failed", "rejected", "cancelled", "timed_out", "expired"}
-)
-ERROR_STATES = frozenset({"failed", "rejected", "timed_out"})
-#: Order of command states; a transition may only move to a later rank.
-STATE_RANK = {
-    "queued": 0,
-    "sent": 1,
-    "acked": 2,
-    "succeeded": 3,
-    "failed": 3,
-    "rejected": 3,
-    "cancelled": 3,
-    "timed_out": 3,
-    "expired": 3,
-}
-
+#: Admin roles, each allowing what the one before allows and more (PROTOCOL §2).
 ROLES = ("viewer", "operator", "admin")

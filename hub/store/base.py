@@ -161,7 +161,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def unfinished(self) -> tuple[list[JobRecord], list[CommandRecord], int]:
-        """Jobs still running, commands not finished, and the highest command seq."""
+        """Jobs still running (their counts as their commands' stored states say), commands
+        not finished in the order they were accepted, and the highest command seq."""
 
     @abc.abstractmethod
     async def command(self, command_id: str) -> dict[str, Any] | None: ...

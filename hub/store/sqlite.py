@@ -988,6 +988,15 @@ class SQLiteStore(Store):
                     f"SELECT {self._JOB_COLUMNS} FROM jobs WHERE state = 'running'"
                 )
             ]
+            # A running job's row is written when it is accepted and when it finishes: its
+            # counts are what its commands' stored states say.
+            for job in jobs:
+                job.counts = dict(
+                    conn.execute(
+                        "SELECT state, count(*) FROM commands WHERE job_id = ? GROUP BY state",
+                        (job.job_id,),
+                    ).fetchall()
+                )
             commands = [
                 self._command_record(row)
                 for row in conn.execute(

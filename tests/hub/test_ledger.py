@@ -360,3 +360,43 @@ async def test_a_job_bigger_than_a_slice_is_delivered_stored_and_announced_once_
     for agent in agents:
         await agent.close()
     await watcher.close()
+
+
+async def test_a_job_running_across_a_restart_keeps_counts_that_agree_with_its_commands(
+    hub_factory: Any, tmp_path: Any
+) -> None:
+    """A running job's row is written when it is accepted and when it finishes; a hub that
+    restarts in between rebuilds the job's counts from its commands as stored."""
+    data_dir = tmp_path / "restarted"
+    first = await hub_factory(data_dir=data_dir)
+    admin = await AdminClient(first.url, await first.admin_token("operator")).open()
+    keys = {f"edge-{n}": await first.agent_token(f"edge-{n}") for n in range(3)}
+    agents = {}
+    for agent_id, key in keys.items():
+        agents[agent_id] = await RawAgent.connect(first.agent_url, key)
+        await agents[agent_id].register(agent_id)
+    data = await admin.request("dispatch", target={"selector": {"agent_id": "edge-*"}}, name="ping")
+    commands = {a: (await agent.recv_type("command"))["command_id"] for a, agent in agents.items()}
+    await agents["edge-0"].send(
+        {"type": "result", "command_id": commands["edge-0"], "status": "succeeded"}
+    )
+    await wait_for(lambda: commands["edge-0"] not in first.hub.ledger.commands)
+    await admin.close()
+    await first.hub.stop()
+    second = await hub_factory(data_dir=data_dir)
+    admin = await AdminClient(second.url, await second.admin_token("operator")).open()
+    live = await admin.request("job", job_id=data["job_id"])
+    assert live["job"]["counts"] == {"succeeded": 1, "sent": 2}
+    for agent_id in ("edge-1", "edge-2"):
+        agent = await RawAgent.connect(second.agent_url, keys[agent_id])
+        await agent.register(agent_id)
+        command = await agent.recv_type("command")
+        assert command["command_id"] == commands[agent_id]
+        await agent.send(
+            {"type": "result", "command_id": command["command_id"], "status": "succeeded"}
+        )
+        agents[agent_id] = agent
+    detail = await wait_for(lambda: job_done(admin, data["job_id"]))
+    assert detail["job"]["counts"] == {"succeeded": 3}
+    assert detail["job"]["state"] == "succeeded"
+    await admin.close()
