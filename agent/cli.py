@@ -1,4 +1,4 @@
-"""``tether-agent run | simulate | doctor`` (DESIGN.md, "Command-line contract").
+"""``tether-agent run | simulate | doctor`` (the command-line contract of docs/agent.md).
 
 Options and environment variables are part of the contract and tested from outside, so
 they are spelled exactly as there. Flags beat the environment; ``TETHER_HUB_URL`` holds
@@ -14,7 +14,6 @@ import contextlib
 import ipaddress
 import logging
 import os
-import re
 import signal
 import sqlite3
 import sys
@@ -23,6 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from hub.protocol.constants import AGENT_ID, AGENT_ID_PATTERN
 from hub.protocol.messages import Location, ValidationError
 from hub.protocol.tls import TlsOptions, make_ssl_context, parse_fingerprint
 
@@ -32,8 +32,6 @@ from .client import AgentClient, ClientSettings, agent_url
 __all__ = ["main"]
 
 log = logging.getLogger("tether.agent")
-
-AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
 class UsageError(Exception):
@@ -195,7 +193,7 @@ def resolve_agent_id(flag: str | None, env: Mapping[str, str], required: bool = 
             raise UsageError("an agent id is required (--agent-id or TETHER_AGENT_ID)")
         return ""
     if not AGENT_ID.match(agent_id):
-        raise UsageError(f"agent id {agent_id!r} must match [A-Za-z0-9][A-Za-z0-9._:-]{{0,127}}")
+        raise UsageError(f"agent id {agent_id!r} must match {AGENT_ID_PATTERN}")
     return agent_id
 
 

@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from .auth import Principal, role_allows
-from .channel import Session, error_ref
+from .bus import Bus
+from .channel import Session, SessionHost, error_ref
 from .ledger import DispatchRefused
 from .protocol.codec import encode
+from .protocol.connection import Connection
 from .protocol.messages import (
     ADMIN_REQUEST,
     AckAlert,
@@ -37,15 +39,12 @@ from .protocol.messages import (
     Subscribe,
     describe_validation_error,
 )
+from .queries import AdminQueries, RequestError
 from .store.base import StoreUnavailable
-
-if TYPE_CHECKING:
-    from .app import Hub
-    from .server import HubConnection
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AdminSession", "RequestError"]
+__all__ = ["AdminHost", "AdminSession"]
 
 ROLE_NEEDED = {
     "subscribe": "viewer",
@@ -71,11 +70,19 @@ BATCH_BYTES = 1024 * 1024
 # bigger. Batching follows the subscriber's pace instead of a fixed delay.
 
 
-class RequestError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class AdminHost(SessionHost, Protocol):
+    """What an admin session may use of the host."""
+
+    @property
+    def bus(self) -> Bus: ...
+
+    @property
+    def queries(self) -> AdminQueries: ...
+
+    @property
+    def admins(self) -> set[Any]:
+        """The open admin sessions (the gate counts them against its limits)."""
+        ...
 
 
 class AdminSession(Session):
@@ -93,9 +100,10 @@ class AdminSession(Session):
     )
 
     channel = "admin"
+    host: AdminHost
 
-    def __init__(self, hub: Hub, conn: HubConnection, principal: Principal) -> None:
-        super().__init__(hub, conn)
+    def __init__(self, host: AdminHost, conn: Connection, principal: Principal) -> None:
+        super().__init__(host, conn)
         self.principal = principal
         self.topics: frozenset[str] = frozenset()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -114,25 +122,25 @@ class AdminSession(Session):
     # -- life cycle ----------------------------------------------------------------------
 
     def opened(self) -> None:
-        hub = self.hub
-        hub.admins.add(self)
+        host = self.host
+        host.admins.add(self)
         transport = self.conn.transport
         if transport is not None:
             transport.set_write_buffer_limits(high=256 * 1024)
-        self.conn.start_keepalive(hub.config.admin_ping_interval, hub.config.admin_ping_timeout)
-        hub.auditor.record("admin.connect", actor=self.actor, source=self.conn.peer)
+        self.conn.start_keepalive(host.config.admin_ping_interval, host.config.admin_ping_timeout)
+        host.auditor.record("admin.connect", actor=self.actor, source=self.conn.peer)
 
     def closed(self, code: int, reason: str) -> None:
-        hub = self.hub
-        hub.admins.discard(self)
-        hub.bus.unsubscribe(self)
-        hub.metrics.disconnected(code)
+        host = self.host
+        host.admins.discard(self)
+        host.bus.unsubscribe(self)
+        host.metrics.disconnected(code)
         self._queue.clear()
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         for task in self.tasks:
             task.cancel()
-        hub.auditor.record("admin.disconnect", actor=self.actor, source=self.conn.peer, code=code)
+        host.auditor.record("admin.disconnect", actor=self.actor, source=self.conn.peer, code=code)
 
     def close(self, code: int, reason: str = "") -> None:
         self.conn.close(code, reason)
@@ -144,7 +152,7 @@ class AdminSession(Session):
         request_id = obj.get("id")
         needed = ROLE_NEEDED.get(obj["type"])
         if needed is not None and not role_allows(self.principal.role, needed):
-            self.hub.auditor.record(
+            self.host.auditor.record(
                 "admin.forbidden", actor=self.actor, source=self.conn.peer, request=obj["type"]
             )
             self._reply_error(request_id, "forbidden", f"{obj['type']} needs the {needed} role")
@@ -206,56 +214,34 @@ class AdminSession(Session):
         )
 
     async def _dispatch(self, request: Any) -> Any:
-        hub = self.hub
+        queries = self.host.queries
         kind = type(request)
         if kind is Subscribe:
             return await self._subscribe(request)
         if kind is AgentsRequest:
-            selector = request.selector
-            records = (
-                hub.registry.select(selector, request.limit)
-                if selector is not None
-                else sorted(hub.registry.records.values(), key=lambda r: r.agent_id)[
-                    : request.limit
-                ]
-            )
-            return {"agents": await hub.views(records)}
+            return await queries.agents(request)
         if kind is AgentRequest:
-            return await hub.agent_detail(request.agent_id)
+            return await queries.agent(request.agent_id)
         if kind is Dispatch:
-            entry = hub.auditor.entry(
-                "admin.dispatch", actor=self.actor, source=self.conn.peer, name=request.name
-            )
-            return await hub.ledger.dispatch(request, self.actor, audit=[entry])
+            return await queries.dispatch(request, self.actor, self.conn.peer)
         if kind is CancelRequest:
-            return await hub.cancel(request, self.actor)
+            return await queries.cancel(request, self.actor)
         if kind is JobRequest:
-            return await hub.job_detail(request.job_id)
+            return await queries.job(request.job_id)
         if kind is JobsRequest:
-            page = await hub.store.jobs(request.filter, request.limit, request.before)
-            return {"jobs": hub.overlay_jobs(page.items), "next": page.next}
+            return await queries.jobs(request)
         if kind is CommandsRequest:
-            page = await hub.store.commands(request.filter, request.limit, request.before)
-            return {"commands": page.items, "next": page.next}
+            return await queries.commands(request)
         if kind is OutputRequest:
-            command = await hub.store.command(request.command_id)
-            if command is None:
-                raise RequestError("not_found", "no such command")
-            chunks = await hub.store.command_output(request.command_id)
-            return {"command": command, "chunks": chunks}
+            return await queries.output(request.command_id)
         if kind is AlertsRequest:
-            page = await hub.store.alerts(request.filter, request.limit, request.before)
-            return {"alerts": page.items, "next": page.next}
+            return await queries.alerts_page(request)
         if kind is AckAlert:
-            alert = await hub.alerts.acknowledge(request.alert_id, self.actor, request.comment)
-            if alert is None:
-                raise RequestError("not_found", "no such open alert")
-            return {"alert": alert}
+            return await queries.ack_alert(request.alert_id, self.actor, request.comment)
         if kind is AuditRequest:
-            page = await hub.store.audit_entries(request.filter, request.limit, request.before)
-            return {"entries": page.items, "next": page.next}
+            return await queries.audit(request)
         if kind is MetricsHistoryRequest:
-            return {"ticks": hub.metrics.history.since(request.since)}
+            return queries.metrics_history(request)
         raise RequestError("invalid_message", f"unsupported request {request.type}")
 
     # -- subscriptions -------------------------------------------------------------------
@@ -264,15 +250,15 @@ class AdminSession(Session):
         topics = frozenset(request.topics)
         if "audit" in topics and not role_allows(self.principal.role, "admin"):
             raise RequestError("forbidden", "the audit topic needs the admin role")
-        hub = self.hub
-        hub.bus.unsubscribe(self)
+        host = self.host
+        host.bus.unsubscribe(self)
         self.topics = topics
         self.hold = True  # events wait until the snapshot reply is out
         self._queue.clear()
         self._queue_bytes = 0
         self.resync_pending = False
-        hub.bus.subscribe(self)
-        return await hub.snapshot(topics)
+        host.bus.subscribe(self)
+        return await host.queries.snapshot(topics)
 
     def push(self, key: Any, data: bytes) -> None:
         if self.resync_pending:
@@ -285,7 +271,7 @@ class AdminSession(Session):
             self._queue_bytes -= len(old)
         queue[key] = data
         self._queue_bytes += len(data)
-        config = self.hub.config
+        config = self.host.config
         if (
             len(queue) > config.subscriber_max_events
             or self._queue_bytes > config.subscriber_max_bytes
@@ -293,7 +279,7 @@ class AdminSession(Session):
             queue.clear()
             self._queue_bytes = 0
             self.resync_pending = True
-            self.hub.auditor.record(
+            self.host.auditor.record(
                 "admin.resync", actor=self.actor, source=self.conn.peer, reason="queue bound"
             )
             self._schedule_flush()
@@ -343,7 +329,7 @@ class AdminSession(Session):
 
     async def _send_snapshot(self) -> None:
         try:
-            data = await self.hub.snapshot(self.topics)
+            data = await self.host.queries.snapshot(self.topics)
             self.send(encode({"type": "snapshot", "data": data}))
         finally:
             self._sending_snapshot = False

@@ -16,13 +16,15 @@ import logging
 import secrets
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .audit import Auditor
+from .bus import Bus
+from .config import HubConfig
+from .metrics import Metrics
 from .model import AgentRecord, AlertRecord
-from .store.base import StoreUnavailable
-
-if TYPE_CHECKING:
-    from .app import Hub
+from .registry import Registry
+from .store.base import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,23 @@ __all__ = ["Alerts"]
 
 
 class Alerts:
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
+    def __init__(
+        self,
+        config: HubConfig,
+        hub_id: str,
+        registry: Registry,
+        metrics: Metrics,
+        store: Store,
+        bus: Bus,
+        auditor: Auditor,
+    ) -> None:
+        self.config = config
+        self.hub_id = hub_id
+        self.registry = registry
+        self.metrics = metrics
+        self.store = store
+        self.bus = bus
+        self.auditor = auditor
         self.open: dict[tuple[str, str], AlertRecord] = {}
         #: Agents that went from connected to offline while this hub ran, and since when.
         self.offline_since: dict[str, float] = {}
@@ -39,10 +56,9 @@ class Alerts:
         self._region_drops: dict[str, deque[float]] = {}
         self._takeovers: dict[str, float] = {}
         self._writes: set[asyncio.Future[Any]] = set()
-        hub.registry.on_state = self._state_changed
 
     async def load(self) -> None:
-        for alert in await self.hub.store.open_alerts():
+        for alert in await self.store.open_alerts():
             self.open[alert.key] = alert
 
     def open_views(self) -> list[dict[str, Any]]:
@@ -50,10 +66,11 @@ class Alerts:
 
     # -- inputs --------------------------------------------------------------------------
 
-    def _state_changed(self, record: AgentRecord, old: str) -> None:
+    def agent_state_changed(self, record: AgentRecord, old: str) -> None:
+        """The registry's listener: every change of an agent's live state."""
         now = time.monotonic()
         new = record.state
-        config = self.hub.config
+        config = self.config
         if new == "offline" and old in ("online", "stale"):
             self.offline_since[record.agent_id] = now
             drops = self._region_drops.setdefault(record.region or "(none)", deque())
@@ -72,41 +89,41 @@ class Alerts:
 
     def takeover(self, agent_id: str, recent: int) -> None:
         self._takeovers[agent_id] = time.monotonic()
-        if recent >= self.hub.config.alert_conflict_takeovers:
+        if recent >= self.config.alert_conflict_takeovers:
             self._raise(
                 "agent_conflict",
                 "critical",
                 agent_id,
                 f"{recent} takeovers of agent id {agent_id} within "
-                f"{self.hub.config.alert_conflict_window:g} s: two processes claim this id",
+                f"{self.config.alert_conflict_window:g} s: two processes claim this id",
             )
 
     # -- evaluation ----------------------------------------------------------------------
 
     def evaluate(self) -> None:
-        hub = self.hub
-        config = hub.config
-        registry = hub.registry
+        config = self.config
+        registry = self.registry
+        hub_id = self.hub_id
         now = time.monotonic()
 
         # no_agents
         known = len(registry.records)
         if registry.connected == 0 and known >= max(1, config.alert_expected_agents):
-            self._raise("no_agents", "critical", hub.hub_id, f"no agent connected ({known} known)")
+            self._raise("no_agents", "critical", hub_id, f"no agent connected ({known} known)")
         else:
-            self._resolve("no_agents", hub.hub_id)
+            self._resolve("no_agents", hub_id)
 
         # connection_failures
-        refused = hub.metrics.refusals_window.total()
+        refused = self.metrics.refusals_window.total()
         if refused > config.alert_connection_failures_per_min:
             self._raise(
                 "connection_failures",
                 "warning",
-                hub.hub_id,
+                hub_id,
                 f"{refused} refused handshakes in the last minute",
             )
         elif refused <= config.alert_connection_failures_per_min // 2:
-            self._resolve("connection_failures", hub.hub_id)
+            self._resolve("connection_failures", hub_id)
 
         # capacity
         if config.max_agents:
@@ -115,11 +132,11 @@ class Alerts:
                 self._raise(
                     "capacity",
                     "warning",
-                    hub.hub_id,
+                    hub_id,
                     f"{registry.connected} of {config.max_agents} agent slots in use",
                 )
             elif share < config.alert_capacity_share * 0.95:
-                self._resolve("capacity", hub.hub_id)
+                self._resolve("capacity", hub_id)
 
         # mass_disconnect, per region
         window = config.alert_mass_disconnect_window
@@ -221,7 +238,7 @@ class Alerts:
             message=message,
         )
         self.open[alert.key] = alert
-        self.hub.auditor.record("alert.raised", subject=alert.alert_id, rule=rule, about=subject)
+        self.auditor.record("alert.raised", subject=alert.alert_id, rule=rule, about=subject)
         self._save_and_announce(alert, "raised")
 
     def _resolve(self, rule: str, subject: str) -> None:
@@ -230,7 +247,7 @@ class Alerts:
             return
         alert.state = "resolved"
         alert.resolved_at = alert.last_seen = time.time()
-        self.hub.auditor.record("alert.resolved", subject=alert.alert_id, rule=rule, about=subject)
+        self.auditor.record("alert.resolved", subject=alert.alert_id, rule=rule, about=subject)
         self._save_and_announce(alert, "resolved")
 
     async def acknowledge(
@@ -243,10 +260,10 @@ class Alerts:
         alert.acknowledged_by = actor
         alert.acknowledged_at = time.time()
         alert.comment = comment
-        await self.hub.store.save_alert(alert)
-        self.hub.auditor.record("alert.acknowledged", actor=actor, subject=alert_id)
+        await self.store.save_alert(alert)
+        self.auditor.record("alert.acknowledged", actor=actor, subject=alert_id)
         view = alert.view()
-        self.hub.bus.publish("alerts", "acknowledged", alert.alert_id, alert=view)
+        self.bus.publish("alerts", "acknowledged", alert.alert_id, alert=view)
         return view
 
     def _save_and_announce(self, alert: AlertRecord, kind: str) -> None:
@@ -254,11 +271,11 @@ class Alerts:
 
         async def save() -> None:
             try:
-                await self.hub.store.save_alert(alert)
+                await self.store.save_alert(alert)
             except StoreUnavailable:
                 log.error("could not store alert %s", alert.alert_id)
                 return
-            self.hub.bus.publish("alerts", kind, alert.alert_id, alert=view)
+            self.bus.publish("alerts", kind, alert.alert_id, alert=view)
 
         task = asyncio.ensure_future(save())
         self._writes.add(task)

@@ -8,18 +8,37 @@ connection stays up, until more than 20 such errors within a sliding minute clos
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
+from .audit import Auditor
+from .config import HubConfig
+from .metrics import Metrics
 from .protocol.codec import LimitExceeded, NotJSON, decode, encode
+from .protocol.connection import Connection
 from .protocol.constants import INVALID_MESSAGE_BUDGET, INVALID_MESSAGE_WINDOW, Close
 
-if TYPE_CHECKING:
-    from .app import Hub
-    from .server import HubConnection
+__all__ = ["Session", "SessionHost", "error_ref"]
 
-__all__ = ["Session", "error_ref"]
+
+class SessionHost(Protocol):
+    """What every session may use of the hub around it."""
+
+    @property
+    def config(self) -> HubConfig: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def auditor(self) -> Auditor: ...
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
+        """Run ``coroutine`` as a task the hub keeps (and cancels when it stops)."""
+        ...
 
 
 def error_ref(obj: Any) -> Any:
@@ -37,15 +56,15 @@ def error_ref(obj: Any) -> Any:
 class Session:
     """Base of the agent and admin sessions: parsing, error budget, rate budget."""
 
-    __slots__ = ("_errors", "_rate_last", "_rate_tokens", "_rate_warned", "conn", "hub")
+    __slots__ = ("_errors", "_rate_last", "_rate_tokens", "_rate_warned", "conn", "host")
 
     channel = "agent"
 
-    def __init__(self, hub: Hub, conn: HubConnection) -> None:
-        self.hub = hub
+    def __init__(self, host: SessionHost, conn: Connection) -> None:
+        self.host = host
         self.conn = conn
         self._errors: deque[float] | None = None
-        self._rate_tokens = hub.config.agent_message_burst
+        self._rate_tokens = host.config.agent_message_burst
         self._rate_last = time.monotonic()
         self._rate_warned = False
 
@@ -67,14 +86,14 @@ class Session:
     # -- receiving -----------------------------------------------------------------------
 
     def receive(self, data: bytes) -> None:
-        hub = self.hub
-        hub.metrics.messages[(self.channel, "in")] += 1
+        host = self.host
+        host.metrics.messages[(self.channel, "in")] += 1
         if not self._within_rate():
             return
         try:
             obj = decode(data)
         except NotJSON as exc:
-            hub.auditor.record(
+            host.auditor.record(
                 "message.not_json", actor=self.actor, source=self.conn.peer, reason=str(exc)[:200]
             )
             self.conn.close(Close.INVALID_DATA, "message is not JSON")
@@ -88,7 +107,7 @@ class Session:
         self.handle(obj)
 
     def _within_rate(self) -> bool:
-        config = self.hub.config
+        config = self.host.config
         now = time.monotonic()
         tokens = min(
             config.agent_message_burst,
@@ -101,7 +120,7 @@ class Session:
             self._rate_warned = False
             return True
         if tokens < -config.agent_message_burst:
-            self.hub.auditor.record(
+            self.host.auditor.record(
                 "message.rate_exceeded", actor=self.actor, source=self.conn.peer
             )
             self.conn.close(Close.POLICY, "message rate exceeded")
@@ -115,7 +134,7 @@ class Session:
 
     def send(self, data: bytes) -> bool:
         if self.conn.send_text(data):
-            self.hub.metrics.messages[(self.channel, "out")] += 1
+            self.host.metrics.messages[(self.channel, "out")] += 1
             return True
         return False
 
@@ -129,15 +148,15 @@ class Session:
 
     def count_invalid(self, message: str) -> None:
         """More than 20 invalid messages within a sliding minute close the connection."""
-        hub = self.hub
-        hub.metrics.invalid_messages[self.channel] += 1
+        host = self.host
+        host.metrics.invalid_messages[self.channel] += 1
         now = time.monotonic()
         errors = self._errors
         if errors is None:
             errors = self._errors = deque(maxlen=INVALID_MESSAGE_BUDGET + 1)
         errors.append(now)
         if len(errors) > INVALID_MESSAGE_BUDGET and now - errors[0] <= INVALID_MESSAGE_WINDOW:
-            hub.auditor.record(
+            host.auditor.record(
                 "message.invalid_budget", actor=self.actor, source=self.conn.peer, last=message
             )
             self.conn.close(Close.POLICY, "too many invalid messages")

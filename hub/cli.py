@@ -1,7 +1,7 @@
 """``tether-hub``: run a hub, manage credentials, and drive a hub from scripts.
 
-Exit status (DESIGN.md): 0 success; 1 a command that ran and did not succeed; 2 usage or
-connection errors, with a one-line reason on stderr.
+Exit status (the command-line contract, docs/operations.md): 0 success; 1 a command that
+ran and did not succeed; 2 usage or connection errors, with a one-line reason on stderr.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import Any, NoReturn
 import orjson
 
 from .protocol.client import AdminClient, AdminError, HandshakeRefused
+from .protocol.constants import AGENT_ID
 from .protocol.tls import TlsOptions, make_ssl_context, parse_fingerprint
 
 __all__ = ["main"]
 
-AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 LIMIT = re.compile(r"^(\d+|(100|[1-9]?[0-9])%)$")
 
 

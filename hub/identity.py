@@ -23,10 +23,10 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .auth import AuthFailure, Principal
 from .model import JWT_PREFIX
+from .protocol.constants import AGENT_ID
 
 __all__ = ["JwtVerifier", "certificate_agent_id"]
 
-AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 AUDIENCE = "tether-agent"
 SAN_PREFIX = "tether:agent:"
 HMAC_ALGORITHMS = {"HS256"}

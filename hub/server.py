@@ -10,13 +10,10 @@ costs one pass through this module and never waits on the store.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
-import random
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from websockets.datastructures import Headers
 from websockets.exceptions import (
     HeaderLineTooLong,
     InvalidHeader,
@@ -30,11 +27,13 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import StatusLike
 
-from .admin import AdminSession
-from .agent_session import AgentSession
-from .auth import AuthFailure, NotCached, Principal
+from .audit import Auditor
+from .auth import NotCached, Principal
+from .budget import ReadBudget
 from .channel import Session
-from .protocol.codec import encode
+from .config import HubConfig
+from .gate import ADMITTED, Gate, json_response, offered_subprotocols, plain_response
+from .metrics import Metrics
 from .protocol.connection import WIRE_LOGGER, Connection
 from .protocol.constants import (
     ADMIN_PATH,
@@ -44,28 +43,10 @@ from .protocol.constants import (
     MAX_MESSAGE_BYTES,
 )
 
-if TYPE_CHECKING:
-    from .app import Hub
-
 log = logging.getLogger(__name__)
 
-__all__ = ["HubConnection", "json_response", "listen_now"]
+__all__ = ["HubConnection", "ServerHost", "listen_now"]
 
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    414: "URI Too Long",
-    426: "Upgrade Required",
-    429: "Too Many Requests",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-    505: "HTTP Version Not Supported",
-}
 #: The error code of each refusal that websockets' own parser or checks make.
 _WEBSOCKETS_ERRORS = {
     400: "bad_request",
@@ -77,12 +58,6 @@ _WEBSOCKETS_ERRORS = {
     505: "http_version_not_supported",
 }
 _CHANNELS = {AGENT_PATH: AGENT_SUBPROTOCOL, ADMIN_PATH: ADMIN_SUBPROTOCOL}
-_OVERLOADED = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-    b"Content-Length: 22\r\nRetry-After: %d\r\nCache-Control: no-store\r\n"
-    b"Connection: close\r\n\r\n"
-    b'{"error":"overloaded"}'
-)
 
 
 #: Requests answered even past the pending-handshake cap, told apart by their first bytes: a
@@ -90,29 +65,37 @@ _OVERLOADED = (
 _PROBES = (b"GET /healthz ", b"HEAD /healthz ", b"GET /readyz ", b"HEAD /readyz ")
 #: How long a connection past the cap may take to send its request before it gets the 503.
 SHED_WAIT = 1.0
-#: A shed connection: waiting for its first bytes (the hub's cap, or its address's), answered.
-_SHED_WAITING, _SHED_WAITING_SOURCE, _SHED_ANSWERED = 1, 2, 3
+#: A shed connection that was answered already.
+_SHED_ANSWERED = -1
 
 
-def json_response(status: int, body: Any, headers: list[tuple[str, str]] | None = None) -> Response:
-    return _response(status, encode(body), "application/json", headers)
+class ServerHost(Protocol):
+    """What a connection may use of the hub before and while it carries a session."""
 
+    @property
+    def config(self) -> HubConfig: ...
 
-def _response(
-    status: int, body: bytes, content_type: str, extra: list[tuple[str, str]] | None = None
-) -> Response:
-    headers = Headers(
-        [
-            ("Date", email.utils.formatdate(usegmt=True)),
-            ("Content-Type", content_type),
-            ("Content-Length", str(len(body))),
-            ("Cache-Control", "no-store"),
-            ("Connection", "close"),
-        ]
-    )
-    for name, value in extra or ():
-        headers[name] = value
-    return Response(status, _REASONS.get(status, "Error"), headers, body)
+    @property
+    def gate(self) -> Gate: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def auditor(self) -> Auditor: ...
+
+    @property
+    def read_budget(self) -> ReadBudget: ...
+
+    def not_ready_reason(self) -> str:
+        """Why ``/readyz`` answers 503 ('' when ready)."""
+        ...
+
+    def open_session(self, conn: HubConnection, principal: Principal, agent: bool) -> Session:
+        """The session of a connection just upgraded on ``/ws`` (agent) or ``/admin``."""
+        ...
+
+    def spawn(self, coroutine: Any) -> asyncio.Future[Any]: ...
 
 
 def _describe(exc: BaseException | None) -> str:
@@ -146,57 +129,48 @@ class _ServerProtocol(ServerProtocol):
 class HubConnection(Connection):
     """A connection to the hub, from the first byte to the close."""
 
-    __slots__ = ("_open_timer", "_parked_data", "_shed", "_source", "hub", "session")
+    __slots__ = ("_open_timer", "_parked_data", "_pending", "_shed", "host", "session")
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, host: ServerHost) -> None:
         protocol = _ServerProtocol(max_size=MAX_MESSAGE_BYTES, logger=WIRE_LOGGER)
-        super().__init__(protocol, max_buffer=hub.config.agent_write_buffer)
-        self.hub = hub
+        super().__init__(protocol, max_buffer=host.config.agent_write_buffer)
+        self.host = host
         self.session: Session | None = None
         self._open_timer: asyncio.TimerHandle | None = None
-        #: Past the pending-handshake cap: 0 no, then waiting for the request, then answered.
-        self._shed = 0
-        #: The source address counted in ``hub.pending_by_source`` while the handshake runs.
-        self._source: str | None = None
+        #: Counted among the gate's pending handshakes until the request arrives.
+        self._pending = False
+        #: Past the gate's pending cap: why (``SHED_*``) until answered, then answered.
+        self._shed = ADMITTED
         #: Bytes read past this turn's read budget, handled in a later turn (hub.budget).
         self._parked_data: bytes | None = None
-        self.limit_frames(hub.config.frame_rate, hub.config.frame_burst)
+        self.limit_frames(host.config.frame_rate, host.config.frame_burst)
 
     # -- connection ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        hub = self.hub
-        per_source = hub.config.max_pending_per_source
-        over_source = per_source and hub.pending_by_source.get(self.peer, 0) >= per_source
-        if hub.pending_handshakes >= hub.config.max_pending_handshakes or over_source:
+        shed = self.host.gate.arrive(self.peer)
+        if shed != ADMITTED:
             # Shed: answered from the request's first bytes, without parsing it — a 503
             # with a Retry-After drawn per refusal (it spreads a reconnect storm out, where
             # a reset would send every agent into ever longer backoff), or the answer to a
-            # health probe. A client silent for SHED_WAIT gets the 503 all the same. One
-            # address past its own share is shed the same way, so that it cannot hold every
-            # pending place and shed everyone else.
-            self._shed = _SHED_WAITING_SOURCE if over_source else _SHED_WAITING
-            self._open_timer = None
+            # health probe. A client silent for SHED_WAIT gets the 503 all the same.
+            self._shed = shed
             asyncio.get_running_loop().call_later(SHED_WAIT, self._answer_shed, b"")
             return
-        hub.pending_handshakes += 1
-        if per_source:
-            self._source = self.peer
-            hub.pending_by_source[self.peer] = hub.pending_by_source.get(self.peer, 0) + 1
+        self._pending = True
         self._open_timer = asyncio.get_running_loop().call_later(
-            hub.config.open_timeout, self._handshake_timeout
+            self.host.config.open_timeout, self._handshake_timeout
         )
 
     def _answer_shed(self, first: bytes) -> None:
         shed = self._shed
-        if shed not in (_SHED_WAITING, _SHED_WAITING_SOURCE):
+        if shed in (ADMITTED, _SHED_ANSWERED):
             return
         self._shed = _SHED_ANSWERED
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        hub = self.hub
         if first.startswith(_PROBES):
             head, _, rest = first.partition(b" ")
             response = self._probe("/healthz" if rest.startswith(b"/healthz ") else "/readyz")
@@ -204,10 +178,7 @@ class HubConnection(Connection):
                 response = Response(response.status_code, response.reason_phrase, response.headers)
             transport.write(response.serialize())  # type: ignore[attr-defined]
         else:
-            hub.metrics.connection(
-                "source_overloaded" if shed == _SHED_WAITING_SOURCE else "overloaded"
-            )
-            transport.write(_OVERLOADED % hub.busy_refusals.retry_after())  # type: ignore[attr-defined]
+            transport.write(self.host.gate.shed_answer(shed))  # type: ignore[attr-defined]
         # Half-close and read the request to its end, so that the client gets the answer
         # rather than a reset; a client that never finishes is cut at 2 s.
         if transport.can_write_eof():  # type: ignore[attr-defined]
@@ -217,26 +188,19 @@ class HubConnection(Connection):
     def _handshake_timeout(self) -> None:
         self._open_timer = None
         self._not_pending()
-        self.hub.metrics.connection("handshake_timeout")
+        self.host.metrics.connection("handshake_timeout")
         self.abort()
 
     def _handshake_done(self) -> None:
         if self._open_timer is not None:
             self._open_timer.cancel()
             self._open_timer = None
-            self._not_pending()
+        self._not_pending()
 
     def _not_pending(self) -> None:
-        hub = self.hub
-        hub.pending_handshakes -= 1
-        source = self._source
-        if source is not None:
-            self._source = None
-            left = hub.pending_by_source[source] - 1
-            if left:
-                hub.pending_by_source[source] = left
-            else:
-                del hub.pending_by_source[source]
+        if self._pending:
+            self._pending = False
+            self.host.gate.depart(self.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._handle_parked()  # bytes that arrived before the close go before it
@@ -250,7 +214,7 @@ class HubConnection(Connection):
         if self._parked_data is not None:
             self._parked_data += data
         elif (
-            self.hub.read_budget.spent()
+            self.host.read_budget.spent()
             and self.transport is not None
             # A health probe is cheap and must not wait behind a reconnect storm's
             # thousands of parked handshakes: a late answer fails the probe.
@@ -258,7 +222,7 @@ class HubConnection(Connection):
         ):
             self._parked_data = data
             self.transport.pause_reading()
-            self.hub.read_budget.park(self)
+            self.host.read_budget.park(self)
         else:
             self._handle(data)
 
@@ -289,7 +253,7 @@ class HubConnection(Connection):
             else:
                 status = None
             error = _WEBSOCKETS_ERRORS[status] if status else "bad_request"
-            self._record_refusal(status, error, _describe(exc), None)
+            self.host.gate.record_refusal(self, status, error, _describe(exc), None)
 
     def eof_received(self) -> bool | None:
         if self._shed:
@@ -318,7 +282,7 @@ class HubConnection(Connection):
 
     def on_frame_flood(self) -> None:
         session = self.session
-        self.hub.auditor.record(
+        self.host.auditor.record(
             "message.frame_rate_exceeded",
             actor=session.actor if session is not None else None,
             source=self.peer,
@@ -329,215 +293,93 @@ class HubConnection(Connection):
     def on_request(self, request: Request) -> None:
         self._handshake_done()
         path = request.path.partition("?")[0]
-        channel = _CHANNELS.get(path)
-        if channel is None:
+        if path not in _CHANNELS:
             self.respond(self._plain(path, request))
             return
         try:
-            response = self._check(request, path, channel)
+            verdict = self.host.gate.check(request, path, self)
         except NotCached as miss:
             # A credential created moments ago (say, by `tether-hub token create` against
             # this hub's store): look it up without blocking, then check again.
-            task = asyncio.ensure_future(self._check_after_lookup(request, path, channel, miss))
-            self.hub.tasks.add(task)
-            task.add_done_callback(self.hub.tasks.discard)
+            self.host.spawn(self._check_after_lookup(request, path, miss))
             return
-        if response is not None:
-            self.respond(response)
+        self._open(request, path, verdict)
 
-    async def _check_after_lookup(
-        self, request: Request, path: str, channel: str, miss: NotCached
-    ) -> None:
+    async def _check_after_lookup(self, request: Request, path: str, miss: NotCached) -> None:
+        gate = self.host.gate
         try:
-            await self.hub.credentials.look_up(miss.credential_id)
+            await gate.look_up(miss.credential_id)
         except Exception:
             log.exception("credential lookup failed")
         if self.closed:
             return
         try:
-            response = self._check(request, path, channel)
+            verdict = gate.check(request, path, self)
         except NotCached:
-            response = self._refuse(
-                401, "unauthorized", "unknown token", path, [("WWW-Authenticate", "Bearer")]
+            verdict = gate.refuse(
+                self, 401, "unauthorized", "unknown token", path, [("WWW-Authenticate", "Bearer")]
             )
-        if response is not None:
-            self.respond(response)
+        self._open(request, path, verdict)
 
-    def _plain(self, path: str, request: Request) -> Response:
-        """Health, readiness and metrics: no credential, no client certificate."""
-        hub = self.hub
-        if request.method not in ("GET", "HEAD"):
-            return self._refuse(
-                405, "method_not_allowed", f"method {request.method[:20]}", path, [("Allow", "GET")]
-            )
-        if path in ("/healthz", "/readyz"):
-            return self._probe(path)
-        if path == "/metrics":
-            return _response(
-                200, hub.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8"
-            )
-        return self._refuse(404, "not_found", "unknown path", path)
-
-    def _probe(self, path: str) -> Response:
-        """``/healthz`` (alive) or ``/readyz`` (the store answers, not draining)."""
-        if path == "/healthz":
-            return json_response(200, {"status": "ok"})
-        reason = self.hub.not_ready_reason()
-        if reason:
-            return json_response(503, {"status": "not_ready", "reason": reason})
-        return json_response(200, {"status": "ready"})
-
-    def _refuse(
-        self,
-        status: int,
-        error: str,
-        reason: str,
-        path: str,
-        headers: list[tuple[str, str]] | None = None,
-    ) -> Response:
-        self._record_refusal(status, error, reason, path)
-        return json_response(status, {"error": error}, headers)
-
-    def _refuse_full(self, reason: str, path: str) -> Response:
-        """503 at a connection limit. Full, not busy: the Retry-After is drawn from 1 s up to
-        twice the setting, so refused clients come back spread out instead of in one wave
-        that is refused again."""
-        retry = random.randint(1, 2 * self.hub.config.overload_retry_after)
-        return self._refuse(503, "overloaded", reason, path, [("Retry-After", str(retry))])
-
-    def _record_refusal(
-        self, status: int | None, error: str, reason: str, path: str | None
-    ) -> None:
-        """Every refusal is counted and audited with its source (PROTOCOL §2); ``status``
-        is None for a request dropped without an answer."""
-        hub = self.hub
-        hub.metrics.connection(error)
-        hub.auditor.record(
-            "connection.refused",
-            source=self.peer,
-            status=status,
-            error=error,
-            reason=reason,
-            path=path[:200] if path is not None else None,
-        )
-
-    def _check(self, request: Request, path: str, subprotocol: str) -> Response | None:
-        hub = self.hub
-        headers = request.headers
-        if request.method != "GET":
-            return self._refuse(
-                405, "method_not_allowed", f"method {request.method[:20]}", path, [("Allow", "GET")]
-            )
-        # Headers.get raises on a repeated name. Origin and Authorization are singletons
-        # (RFC 6454 §7.3, RFC 9110 §11.6.2): two of them are a malformed request, and a
-        # way to smuggle an origin past a check that reads only one of them.
-        for name in ("Origin", "Authorization"):
-            if len(headers.get_all(name)) > 1:
-                return self._refuse(400, "bad_request", f"repeated {name} header", path)
-        if self.early_data:
-            # Whether the credential was cached or looked up: frames pipelined behind the
-            # request never reach a session.
-            return self._refuse(400, "bad_request", "frames sent before the handshake", path)
-        if "websocket" not in ", ".join(headers.get_all("Upgrade")).lower():
-            return self._refuse(
-                426, "upgrade_required", "no websocket upgrade", path, [("Upgrade", "websocket")]
-            )
-
-        origin = headers.get("Origin")
-        if origin is not None and origin not in hub.config.allowed_origins:
-            return self._refuse(403, "origin_not_allowed", f"origin {origin[:200]!r}", path)
-
-        if hub.config.require_client_cert and not hub.has_client_certificate(self):
-            return self._refuse(403, "forbidden", "no client certificate", path)
-
-        try:
-            principal = self._authenticate(headers)
-        except AuthFailure as failure:
-            if failure.status == 401:
-                retry = hub.failures.cooling_down(self.peer)
-                hub.failures.failed(self.peer)
-                if retry:
-                    return self._refuse(
-                        429, "rate_limited", failure.reason, path, [("Retry-After", str(retry))]
-                    )
-                return self._refuse(
-                    401, "unauthorized", failure.reason, path, [("WWW-Authenticate", "Bearer")]
-                )
-            return self._refuse(403, "forbidden", failure.reason, path)
-
+    def _open(self, request: Request, path: str, verdict: Principal | Response) -> None:
+        """Upgrade with the principal the gate admitted, or send its refusal."""
+        if isinstance(verdict, Response):
+            self.respond(verdict)
+            return
+        host = self.host
         agent_channel = path == AGENT_PATH
-        if principal.is_agent != agent_channel:
-            return self._refuse(403, "forbidden", f"{principal.kind} credential on {path}", path)
-
-        if agent_channel:
-            takeover = principal.agent_id is not None and principal.agent_id in hub.registry.live
-            if hub.registry.connected >= hub.config.max_agents and not takeover:
-                return self._refuse_full("agent limit", path)
-            if not hub.handshake_rate.take():
-                retry = hub.busy_refusals.retry_after()
-                return self._refuse(
-                    503, "overloaded", "handshake rate", path, [("Retry-After", str(retry))]
-                )
-        else:
-            limit = hub.admin_limit_reached(principal)
-            if limit is not None:
-                return self._refuse_full(limit, path)
-
-        offered = [
-            p.strip()
-            for value in headers.get_all("Sec-WebSocket-Protocol")
-            for p in value.split(",")
-            if p.strip()
-        ]
-        if offered and subprotocol not in offered:
-            return self._refuse(400, "unsupported_subprotocol", f"offered {offered[:5]}", path)
-
         protocol = self.protocol
         assert isinstance(protocol, ServerProtocol)
-        protocol.available_subprotocols = [subprotocol] if offered else None  # type: ignore[list-item]
-        if not agent_channel and hub.config.admin_compression:
+        offered = offered_subprotocols(request.headers)
+        protocol.available_subprotocols = [_CHANNELS[path]] if offered else None  # type: ignore[list-item]
+        if not agent_channel and host.config.admin_compression:
             # Level 1: on JSON it compresses nearly as well as the default and 3-4x faster,
             # which matters for multi-megabyte snapshots.
             protocol.available_extensions = [
                 ServerPerMessageDeflateFactory(compress_settings={"level": 1, "memLevel": 5})
             ]
-            self.max_buffer = hub.config.admin_write_buffer
+            self.max_buffer = host.config.admin_write_buffer
         response = protocol.accept(request)
         if response.status_code != 101:
             # Refused by websockets' checks (key, version, Connection header...), in our
             # format by _ServerProtocol.reject.
             status = response.status_code
-            self._record_refusal(
+            host.gate.record_refusal(
+                self,
                 status,
                 _WEBSOCKETS_ERRORS.get(status, "bad_request"),
                 _describe(protocol.handshake_exc),
                 path,
             )
             self.respond(response)
-            return None
-        hub.metrics.connection("accepted")
-        if agent_channel:
-            hub.busy_refusals.admitted()
-        self.session = (
-            AgentSession(hub, self, principal)
-            if agent_channel
-            else AdminSession(hub, self, principal)
-        )
+            return
+        host.gate.accepted(agent_channel)
+        self.session = host.open_session(self, verdict, agent_channel)
         self.respond(response)
-        return None
 
-    def _authenticate(self, headers: Headers) -> Principal:
-        hub = self.hub
-        authorization = headers.get("Authorization")
-        if authorization is None:
-            identity = hub.certificate_identity(self)
-            if identity is not None:
-                return identity
-            raise AuthFailure(401, "no credential")
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthFailure(401, "malformed authorization header")
-        return hub.authenticate(token.strip(), self)
+    def _plain(self, path: str, request: Request) -> Response:
+        """Health, readiness and metrics: no credential, no client certificate."""
+        if request.method not in ("GET", "HEAD"):
+            return self.host.gate.refuse(
+                self, 405, "method_not_allowed", f"method {request.method[:20]}", path,
+                [("Allow", "GET")],
+            )  # fmt: skip
+        if path in ("/healthz", "/readyz"):
+            return self._probe(path)
+        if path == "/metrics":
+            return plain_response(
+                200, self.host.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8"
+            )
+        return self.host.gate.refuse(self, 404, "not_found", "unknown path", path)
+
+    def _probe(self, path: str) -> Response:
+        """``/healthz`` (alive) or ``/readyz`` (the store answers, not draining)."""
+        if path == "/healthz":
+            return json_response(200, {"status": "ok"})
+        reason = self.host.not_ready_reason()
+        if reason:
+            return json_response(503, {"status": "not_ready", "reason": reason})
+        return json_response(200, {"status": "ready"})
 
 
 def listen_now(host: str, port: int, backlog: int) -> list[socket.socket]:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
+
+#: What an agent id may be (PROTOCOL §4.1): used by the messages, the CLIs and identities.
+AGENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+AGENT_ID = re.compile(AGENT_ID_PATTERN)
 
 AGENT_PATH = "/ws"
 ADMIN_PATH = "/admin"

@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from .constants import AGENT_ID_PATTERN
+
 __all__ = [
     "ADMIN_REQUEST",
     "AGENT_MESSAGE",
@@ -52,6 +54,7 @@ __all__ = [
     "MetricsHistoryRequest",
     "Output",
     "OutputRequest",
+    "PagedRequest",
     "Reconnect",
     "Register",
     "Reply",
@@ -68,7 +71,7 @@ __all__ = [
 
 # -- Field types ------------------------------------------------------------------------
 
-AgentId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
+AgentId = Annotated[str, StringConstraints(pattern=AGENT_ID_PATTERN)]
 Ident = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 ShortStr = Annotated[str, StringConstraints(max_length=128)]
 LabelValue = Annotated[str, StringConstraints(max_length=256)]
@@ -240,6 +243,15 @@ class Subscribe(_Request):
     topics: Annotated[list[Topic], Field(min_length=1, max_length=5)]
 
 
+class PagedRequest(_Request):
+    """A request for one page of stored objects, newest first (PROTOCOL §5)."""
+
+    filter: Filter = {}
+    limit: Limit = 100
+    #: The opaque ``next`` cursor of an earlier page.
+    before: Annotated[str, StringConstraints(max_length=256)] | None = None
+
+
 class AgentsRequest(_Request):
     type: Literal["agents"]
     selector: Selector | None = None
@@ -279,18 +291,12 @@ class JobRequest(_Request):
     job_id: Ident
 
 
-class CommandsRequest(_Request):
+class CommandsRequest(PagedRequest):
     type: Literal["commands"]
-    filter: Filter = {}
-    limit: Limit = 100
-    before: Annotated[str, StringConstraints(max_length=256)] | None = None
 
 
-class JobsRequest(_Request):
+class JobsRequest(PagedRequest):
     type: Literal["jobs"]
-    filter: Filter = {}
-    limit: Limit = 100
-    before: Annotated[str, StringConstraints(max_length=256)] | None = None
 
 
 class OutputRequest(_Request):
@@ -300,11 +306,8 @@ class OutputRequest(_Request):
     command_id: Ident
 
 
-class AlertsRequest(_Request):
+class AlertsRequest(PagedRequest):
     type: Literal["alerts"]
-    filter: Filter = {}
-    limit: Limit = 100
-    before: Annotated[str, StringConstraints(max_length=256)] | None = None
 
 
 class AckAlert(_Request):
@@ -320,11 +323,8 @@ class MetricsHistoryRequest(_Request):
     since: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
 
 
-class AuditRequest(_Request):
+class AuditRequest(PagedRequest):
     type: Literal["audit"]
-    filter: Filter = {}
-    limit: Limit = 100
-    before: Annotated[str, StringConstraints(max_length=256)] | None = None
 
 
 AdminRequestType = (

@@ -337,7 +337,7 @@ async def test_origin_must_match_exactly(hub_factory, origin: str) -> None:
     token = await hub.admin_token()
     request = upgrade_request("/admin", token, extra=f"Origin: {origin}\r\n")
     await expect_refusal(hub, request, 403, "origin_not_allowed", "/admin")
-    assert hub.hub.failures.cooling_down("127.0.0.1") == 0
+    assert hub.hub.gate.failures.cooling_down("127.0.0.1") == 0
     ok = await Wire.upgrade(
         hub.hub.port, "/admin", token, extra="Origin: https://console.example\r\n"
     )
@@ -392,7 +392,7 @@ async def test_slow_handshake_is_dropped_at_open_timeout(hub_factory, shape: str
     before = hub.hub.metrics.connections["handshake_timeout"]
     wire = await Wire.open(hub.hub.port)
     started = time.monotonic()
-    await wait_for(lambda: hub.hub.pending_handshakes == 1)
+    await wait_for(lambda: hub.hub.gate.pending_handshakes == 1)
 
     async def trickle() -> None:
         if shape == "silent":
@@ -412,7 +412,7 @@ async def test_slow_handshake_is_dropped_at_open_timeout(hub_factory, shape: str
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
     assert 0.4 <= time.monotonic() - started < 2.0
-    await wait_for(lambda: hub.hub.pending_handshakes == 0)
+    await wait_for(lambda: hub.hub.gate.pending_handshakes == 0)
     assert hub.hub.metrics.connections["handshake_timeout"] == before + 1
     await assert_healthy(hub)
 
@@ -424,8 +424,8 @@ async def test_one_address_cannot_hold_every_pending_place(hub_factory) -> None:
         wire = await Wire.open(hub.hub.port, local_host="127.0.0.2")
         await wire.send(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
         held.append(wire)
-    await wait_for(lambda: hub.hub.pending_handshakes == 2)
-    assert hub.hub.pending_by_source == {"127.0.0.2": 2}
+    await wait_for(lambda: hub.hub.gate.pending_handshakes == 2)
+    assert hub.hub.gate.pending_by_source == {"127.0.0.2": 2}
     # A third from that address is shed as if the hub's own cap were reached...
     before = hub.hub.metrics.connections["source_overloaded"]
     third = await Wire.open(hub.hub.port, local_host="127.0.0.2")
@@ -446,12 +446,14 @@ async def test_one_address_cannot_hold_every_pending_place(hub_factory) -> None:
     # Once its handshakes end, the address is admitted again and forgotten.
     for wire in held:
         wire.abort()
-    await wait_for(lambda: hub.hub.pending_by_source == {} and hub.hub.pending_handshakes == 0)
+    await wait_for(
+        lambda: hub.hub.gate.pending_by_source == {} and hub.hub.gate.pending_handshakes == 0
+    )
     again = await Wire.upgrade(
         hub.hub.port, "/ws", await hub.agent_token("edge-1"), local_host="127.0.0.2"
     )
     assert (await again.register("edge-1"))["type"] == "welcome"
-    assert hub.hub.pending_by_source == {}
+    assert hub.hub.gate.pending_by_source == {}
     await assert_healthy(hub)
 
 
@@ -462,7 +464,7 @@ async def test_half_open_handshakes_beyond_the_limit_are_shed(hub_factory) -> No
         wire = await Wire.open(hub.hub.port)
         await wire.send(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
         held.append(wire)
-    await wait_for(lambda: hub.hub.pending_handshakes == 3)
+    await wait_for(lambda: hub.hub.gate.pending_handshakes == 3)
     # Past the cap a connection is answered from its first bytes, without a parse: 503 with
     # a Retry-After drawn per refusal (1 s while few are refused), then closed...
     before = hub.hub.metrics.connections["overloaded"]
@@ -484,7 +486,7 @@ async def test_half_open_handshakes_beyond_the_limit_are_shed(hub_factory) -> No
     await head.send(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     raw = await head.eof()
     assert raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(b"\r\n\r\n")  # no body
-    assert hub.hub.pending_handshakes == 3  # none of them counted as pending
+    assert hub.hub.gate.pending_handshakes == 3  # none of them counted as pending
     # A connection that says nothing gets the 503 all the same.
     silent = await Wire.open(hub.hub.port)
     response = await silent.read_response()
@@ -492,7 +494,7 @@ async def test_half_open_handshakes_beyond_the_limit_are_shed(hub_factory) -> No
     assert hub.hub.metrics.connections["overloaded"] == before + 4
     for wire in held:
         assert await wire.eof(timeout=6) == b""
-    await wait_for(lambda: hub.hub.pending_handshakes == 0)
+    await wait_for(lambda: hub.hub.gate.pending_handshakes == 0)
     await assert_healthy(hub)
 
 

@@ -311,7 +311,7 @@ async def assert_healthy(hub: Any) -> None:
     await wire.send(frame(CLOSE, close_payload(1000)))
     assert await wire.closed_code() == 1000
     await wait_for(
-        lambda: not hub.hub.pending_handshakes and agent_id not in hub.hub.registry.live,
+        lambda: not hub.hub.gate.pending_handshakes and agent_id not in hub.hub.registry.live,
         5,
         what="connections cleaned up",
     )

@@ -1,0 +1,435 @@
+"""The handshake gate: who may open a WebSocket on this hub, decided before one exists.
+
+One entry, :meth:`Gate.check`: a parsed upgrade request and its connection in, the
+:class:`~hub.auth.Principal` it proved or the HTTP refusal to send out, in the order of
+PROTOCOL §2: method and form, Origin, client certificate, credential (with the
+failed-authentication cool-off), revocation and channel, admission (agent limit, handshake
+rate, admin connection limits), subprotocol. Every check reads memory only, so a handshake
+never waits on the store (an unknown but well-formed token id raises
+:class:`~hub.auth.NotCached`: :meth:`Gate.look_up` it, then check again).
+
+The gate also owns what a peer can hold before it has proved anything (the pending
+handshakes and their counters, :meth:`Gate.arrive`), the server's TLS context and client
+CRL, and closing live connections whose credential or certificate was revoked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import http
+import logging
+import random
+import ssl
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from .admission import FailureTracker, RefusalSpread, TokenBucket
+from .audit import Auditor
+from .auth import PREFIXES, AuthFailure, Credentials, Principal
+from .config import HubConfig
+from .identity import JwtVerifier, certificate_agent_id, revoked_by_crl
+from .metrics import Metrics
+from .protocol.codec import encode
+from .protocol.constants import ADMIN_SUBPROTOCOL, AGENT_PATH, AGENT_SUBPROTOCOL, Close
+from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Gate", "Guest", "json_response", "offered_subprotocols", "plain_response"]
+
+#: A connection is not shed (0), or shed because the hub's pending handshakes are at their
+#: cap (1) or because its own address holds its share (2).
+ADMITTED, SHED_FULL, SHED_SOURCE = 0, 1, 2
+
+
+class Guest(Protocol):
+    """What the gate reads of a connection that asks to come in."""
+
+    peer: str
+    early_data: bool
+
+    @property
+    def transport(self) -> asyncio.BaseTransport | None: ...
+
+
+class Closable(Protocol):
+    """A live session the gate may close when its credential is revoked."""
+
+    principal: Principal
+
+    @property
+    def actor(self) -> str: ...
+
+    @property
+    def conn(self) -> Guest: ...
+
+    def close(self, code: int, reason: str = "") -> None: ...
+
+
+def plain_response(
+    status: int, body: bytes, content_type: str, extra: list[tuple[str, str]] | None = None
+) -> Response:
+    headers = Headers(
+        [
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            ("Connection", "close"),
+        ]
+    )
+    for name, value in extra or ():
+        headers[name] = value
+    return Response(status, http.HTTPStatus(status).phrase, headers, body)
+
+
+def json_response(status: int, body: Any, headers: list[tuple[str, str]] | None = None) -> Response:
+    return plain_response(status, encode(body), "application/json", headers)
+
+
+def offered_subprotocols(headers: Headers) -> list[str]:
+    return [
+        p.strip()
+        for value in headers.get_all("Sec-WebSocket-Protocol")
+        for p in value.split(",")
+        if p.strip()
+    ]
+
+
+def server_ssl_context(config: HubConfig) -> ssl.SSLContext | None:
+    """TLS 1.2+ with the hub's certificate; client certificates optional at this layer."""
+    if config.tls_cert is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    if config.client_ca is not None:
+        context.load_verify_locations(config.client_ca)
+        # Optional at the TLS layer: /healthz and friends never need a certificate;
+        # /ws and /admin enforce --require-client-cert after the handshake.
+        context.verify_mode = ssl.CERT_OPTIONAL
+        if config.client_crl is not None:
+            # A presented certificate that the CRL revokes fails the handshake. OpenSSL
+            # keeps every CRL loaded and uses the newest: reloading one adds it.
+            context.load_verify_locations(config.client_crl)
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return context
+
+
+def _peer_certificate(conn: Guest, binary: bool = False) -> Any:
+    transport = conn.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return None
+    return ssl_object.getpeercert(binary_form=binary)
+
+
+class Gate:
+    def __init__(
+        self,
+        config: HubConfig,
+        credentials: Credentials,
+        registry: Registry,
+        admins: set[Any],
+        metrics: Metrics,
+        auditor: Auditor,
+    ) -> None:
+        self.config = config
+        self.credentials = credentials
+        self.registry = registry
+        #: Open admin sessions, counted against the admin connection limits.
+        self.admins = admins
+        self.metrics = metrics
+        self.auditor = auditor
+        self.jwt = (
+            JwtVerifier(
+                config.jwt_secret_file, config.jwt_key, config.jwt_algorithms, config.jwt_leeway
+            )
+            if config.jwt_secret_file is not None or config.jwt_key is not None
+            else None
+        )
+        self.failures = FailureTracker(
+            config.auth_failure_limit, config.auth_failure_window, config.auth_cooloff
+        )
+        self.handshake_rate = TokenBucket(
+            config.max_handshakes_per_second, config.max_handshakes_per_second
+        )
+        self.busy_refusals = RefusalSpread(
+            config.max_handshakes_per_second, 2 * config.overload_retry_after
+        )
+        self.pending_handshakes = 0
+        #: Pending handshakes by source address, kept only with ``max_pending_per_source``.
+        self.pending_by_source: dict[str, int] = {}
+        # The CRL's time is read before it is loaded, so that a change meanwhile is seen.
+        crl = config.client_crl if config.client_ca is not None else None
+        self._crl_mtime = crl.stat().st_mtime_ns if crl is not None else 0
+        self.tls = server_ssl_context(config)
+
+    # -- before the request: pending handshakes ------------------------------------------
+
+    def arrive(self, peer: str) -> int:
+        """A new connection: counted as pending (``ADMITTED``), or to be shed (answered 503
+        from its first bytes, or its probe answered) because the hub, or its address, holds
+        as many handshakes as it may."""
+        config = self.config
+        per_source = config.max_pending_per_source
+        if per_source and self.pending_by_source.get(peer, 0) >= per_source:
+            return SHED_SOURCE
+        if self.pending_handshakes >= config.max_pending_handshakes:
+            return SHED_FULL
+        self.pending_handshakes += 1
+        if per_source:
+            self.pending_by_source[peer] = self.pending_by_source.get(peer, 0) + 1
+        return ADMITTED
+
+    def depart(self, peer: str) -> None:
+        """A pending handshake ended (its request arrived, or it timed out or closed)."""
+        self.pending_handshakes -= 1
+        if self.config.max_pending_per_source:
+            left = self.pending_by_source.get(peer, 0) - 1
+            if left > 0:
+                self.pending_by_source[peer] = left
+            else:
+                self.pending_by_source.pop(peer, None)
+
+    def shed_answer(self, kind: int) -> bytes:
+        """The 503 a shed connection gets, with a Retry-After that spreads the retries."""
+        self.metrics.connection("source_overloaded" if kind == SHED_SOURCE else "overloaded")
+        return _OVERLOADED % self.busy_refusals.retry_after()
+
+    # -- the request ---------------------------------------------------------------------
+
+    def check(self, request: Request, path: str, conn: Guest) -> Principal | Response:
+        """PROTOCOL §2's checks of an upgrade on ``/ws`` or ``/admin``, in order."""
+        config = self.config
+        headers = request.headers
+        if request.method != "GET":
+            return self.refuse(
+                conn, 405, "method_not_allowed", f"method {request.method[:20]}", path,
+                [("Allow", "GET")],
+            )  # fmt: skip
+        # Headers.get raises on a repeated name. Origin and Authorization are singletons
+        # (RFC 6454 §7.3, RFC 9110 §11.6.2): two of them are a malformed request, and a
+        # way to smuggle an origin past a check that reads only one of them.
+        for name in ("Origin", "Authorization"):
+            if len(headers.get_all(name)) > 1:
+                return self.refuse(conn, 400, "bad_request", f"repeated {name} header", path)
+        if conn.early_data:
+            # Whether the credential was cached or looked up: frames pipelined behind the
+            # request never reach a session.
+            return self.refuse(conn, 400, "bad_request", "frames sent before the handshake", path)
+        if "websocket" not in ", ".join(headers.get_all("Upgrade")).lower():
+            return self.refuse(
+                conn, 426, "upgrade_required", "no websocket upgrade", path,
+                [("Upgrade", "websocket")],
+            )  # fmt: skip
+
+        origin = headers.get("Origin")
+        if origin is not None and origin not in config.allowed_origins:
+            return self.refuse(conn, 403, "origin_not_allowed", f"origin {origin[:200]!r}", path)
+
+        if config.require_client_cert and not _peer_certificate(conn):
+            return self.refuse(conn, 403, "forbidden", "no client certificate", path)
+
+        try:
+            principal = self._authenticate(headers, conn)
+        except AuthFailure as failure:
+            if failure.status != 401:
+                return self.refuse(conn, 403, "forbidden", failure.reason, path)
+            retry = self.failures.cooling_down(conn.peer)
+            self.failures.failed(conn.peer)
+            if retry:
+                return self.refuse(
+                    conn, 429, "rate_limited", failure.reason, path,
+                    [("Retry-After", str(retry))],
+                )  # fmt: skip
+            return self.refuse(
+                conn, 401, "unauthorized", failure.reason, path,
+                [("WWW-Authenticate", "Bearer")],
+            )  # fmt: skip
+
+        agent_channel = path == AGENT_PATH
+        if principal.is_agent != agent_channel:
+            return self.refuse(
+                conn, 403, "forbidden", f"{principal.kind} credential on {path}", path
+            )
+
+        if agent_channel:
+            takeover = principal.agent_id is not None and principal.agent_id in self.registry.live
+            if self.registry.connected >= config.max_agents and not takeover:
+                return self._refuse_full(conn, "agent limit", path)
+            if not self.handshake_rate.take():
+                retry = self.busy_refusals.retry_after()
+                return self.refuse(
+                    conn, 503, "overloaded", "handshake rate", path,
+                    [("Retry-After", str(retry))],
+                )  # fmt: skip
+        else:
+            limit = self._admin_limit_reached(principal)
+            if limit is not None:
+                return self._refuse_full(conn, limit, path)
+
+        offered = offered_subprotocols(headers)
+        channel = AGENT_SUBPROTOCOL if agent_channel else ADMIN_SUBPROTOCOL
+        if offered and channel not in offered:
+            return self.refuse(conn, 400, "unsupported_subprotocol", f"offered {offered[:5]}", path)
+        return principal
+
+    async def look_up(self, credential_id: str) -> None:
+        """Fetch a credential this hub has not seen yet (one store query for every waiting
+        handshake); an id the store does not know either is remembered as unknown."""
+        await self.credentials.look_up(credential_id)
+
+    def accepted(self, agent_channel: bool) -> None:
+        self.metrics.connection("accepted")
+        if agent_channel:
+            self.busy_refusals.admitted()
+
+    # -- refusals ------------------------------------------------------------------------
+
+    def refuse(
+        self,
+        conn: Guest,
+        status: int,
+        error: str,
+        reason: str,
+        path: str | None,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> Response:
+        """A refusal, counted and audited with its source (PROTOCOL §2)."""
+        self.record_refusal(conn, status, error, reason, path)
+        return json_response(status, {"error": error}, headers)
+
+    def record_refusal(
+        self, conn: Guest, status: int | None, error: str, reason: str, path: str | None
+    ) -> None:
+        """Count and audit a refusal; ``status`` is None for a request dropped unanswered."""
+        self.metrics.connection(error)
+        self.auditor.record(
+            "connection.refused",
+            source=conn.peer,
+            status=status,
+            error=error,
+            reason=reason,
+            path=path[:200] if path is not None else None,
+        )
+
+    def _refuse_full(self, conn: Guest, reason: str, path: str) -> Response:
+        """503 at a connection limit. Full, not busy: the Retry-After is drawn from 1 s up to
+        twice the setting, so refused clients come back spread out instead of in one wave
+        that is refused again."""
+        retry = random.randint(1, 2 * self.config.overload_retry_after)
+        return self.refuse(conn, 503, "overloaded", reason, path, [("Retry-After", str(retry))])
+
+    def _admin_limit_reached(self, principal: Principal) -> str | None:
+        """Which admin connection limit a new connection of ``principal`` would pass."""
+        config = self.config
+        admins = self.admins
+        if len(admins) >= config.max_admin_connections:
+            return "admin connection limit"
+        credential = principal.credential_id
+        held = sum(1 for admin in admins if admin.principal.credential_id == credential)
+        if held >= config.max_admin_per_credential:
+            return "admin connection limit of this credential"
+        return None
+
+    # -- credentials and identities ------------------------------------------------------
+
+    def _authenticate(self, headers: Headers, conn: Guest) -> Principal:
+        authorization = headers.get("Authorization")
+        if authorization is None:
+            agent_id = self.certificate_agent(conn)
+            if agent_id is not None:
+                return Principal(kind="cert", credential_id=None, agent_id=agent_id)
+            raise AuthFailure(401, "no credential")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthFailure(401, "malformed authorization header")
+        return self.authenticate(token.strip(), conn)
+
+    def authenticate(self, token: str, conn: Guest) -> Principal:
+        """A bearer token (ours or a JWT), checked against the client certificate if any."""
+        if token[:4] in PREFIXES.values() or self.jwt is None or token.count(".") != 2:
+            principal = self.credentials.authenticate(token)
+        else:
+            principal = self.jwt.verify(token)
+            if self.credentials.is_revoked(principal.credential_id):
+                raise AuthFailure(403, "revoked token")
+        certified = self.certificate_agent(conn)
+        if certified is not None and principal.is_agent:
+            # A certificate for one agent can never register as another.
+            if principal.agent_id is not None and principal.agent_id != certified:
+                raise AuthFailure(403, "the client certificate names another agent")
+            principal = replace(principal, agent_id=certified)
+        return principal
+
+    def certificate_agent(self, conn: Guest) -> str | None:
+        """The agent id a verified client certificate names, if the hub has a client CA."""
+        if self.config.client_ca is None:
+            return None
+        certificate = _peer_certificate(conn)
+        return certificate_agent_id(certificate) if certificate is not None else None
+
+    # -- revocation on live connections --------------------------------------------------
+
+    def close_revoked(self, credential_ids: set[str], sessions: Iterable[Closable]) -> None:
+        """Close (4003) the live connections authenticated by a credential just revoked."""
+        for session in sessions:
+            credential_id = session.principal.credential_id
+            if credential_id not in credential_ids:
+                continue
+            self.auditor.record("connection.revoked", subject=credential_id, actor=session.actor)
+            session.close(Close.REVOKED, "credential revoked")
+
+    async def reload_crl(self, sessions: Callable[[], Iterable[Closable]]) -> None:
+        """Pick up a renewed CRL (and with it newly revoked certificates) without a restart,
+        and close the connections whose certificate it now revokes: TLS checks a
+        certificate only at the handshake."""
+        path, context = self.config.client_crl, self.tls
+        if path is None or context is None or self.config.client_ca is None:
+            return
+        try:
+            mtime = (await asyncio.to_thread(path.stat)).st_mtime_ns
+            if mtime == self._crl_mtime:
+                return
+            await asyncio.to_thread(context.load_verify_locations, path)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("cannot reload the client CRL %s: %s", path, exc)
+            return
+        self._crl_mtime = mtime
+        self.auditor.record("tls.crl_reloaded", subject=str(path))
+        log.info("client CRL %s reloaded", path)
+        await self._close_revoked_certificates(path, sessions())
+
+    async def _close_revoked_certificates(self, path: Path, sessions: Iterable[Closable]) -> None:
+        certified = []
+        for session in sessions:
+            der = _peer_certificate(session.conn, binary=True)
+            if der:
+                certified.append((session, der))
+        if not certified:
+            return
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+            hits = await asyncio.to_thread(revoked_by_crl, data, [der for _, der in certified])
+        except (OSError, ValueError) as exc:
+            log.error("cannot read the client CRL %s: %s", path, exc)
+            return
+        for index in hits:
+            session = certified[index][0]
+            self.auditor.record("connection.revoked", subject="certificate", actor=session.actor)
+            session.close(Close.REVOKED, "certificate revoked")
+
+
+_OVERLOADED = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 22\r\nRetry-After: %d\r\nCache-Control: no-store\r\n"
+    b"Connection: close\r\n\r\n"
+    b'{"error":"overloaded"}'
+)
