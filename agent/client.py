@@ -4,7 +4,7 @@
 presents its credential in the upgrade request, sends ``register`` as soon as the WebSocket
 opens, and on ``welcome`` starts heartbeating, pinging the hub (to notice a hub that vanished
 without closing) and handing commands to its :class:`~agent.executor.Executor`. When the
-connection ends it waits as :class:`~agent.backoff.Backoff` says, honouring the hub's hints
+connection ends it waits as :class:`~hub.protocol.backoff.Backoff` says, honouring the hub's hints
 and the close codes of §4.5, and dials again.
 
 Everything on the read path is synchronous callbacks on :class:`AgentConnection`; the only
@@ -27,6 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ValidationError
 from websockets.client import ClientProtocol
 
+from hub.protocol.backoff import Backoff, Hint
 from hub.protocol.codec import LimitExceeded, NotJSON, decode, encode
 from hub.protocol.connection import Connection, HandshakeRefused, connect
 from hub.protocol.constants import AGENT_PATH, AGENT_SUBPROTOCOL, Close
@@ -43,7 +44,6 @@ from hub.protocol.messages import (
 from hub.protocol.tls import pin_matches
 
 from . import __version__
-from .backoff import Backoff, Hint
 from .executor import Executor
 from .metrics import MetricsSource
 from .profile import AgentProfile

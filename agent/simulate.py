@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .backoff import Backoff
+from hub.protocol.backoff import Backoff
+
 from .client import AgentClient, ClientSettings
 from .executor import Executor
 from .handlers import CommandContext, HandlerRegistry, HandlerResult

@@ -35,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("QT_API", "pyside6")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
+from hub.metrics import percentile  # noqa: E402  (after the path is set)
+
 RESULTS = ROOT / "bench" / "RESULTS.md"
 
 
@@ -65,14 +67,6 @@ def token(data_dir: Path, *args: str) -> str:
         [sys.executable, "-m", "hub", "token", "create", "--data-dir", str(data_dir), *args],
         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
     ).stdout.strip()  # fmt: skip
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[k]
 
 
 async def measure(hub: str, admin: str, agents: int, duration: float) -> dict[str, float]:
@@ -138,8 +132,8 @@ async def measure(hub: str, admin: str, agents: int, duration: float) -> dict[st
         "batches_per_s": (window.fleet.batches_emitted - batches0) / span,
         "map_paints_per_s": (window.map.paint_count - paints0) / span,
         "timer_ticks": float(len(lateness)),
-        "late_p50_ms": percentile(lateness, 50) * 1000,
-        "late_p99_ms": percentile(lateness, 99) * 1000,
+        "late_p50_ms": percentile(lateness, 0.5) * 1000,
+        "late_p99_ms": percentile(lateness, 0.99) * 1000,
         "late_max_ms": max(lateness) * 1000 if lateness else float("nan"),
         "late_mean_ms": statistics.fmean(lateness) * 1000 if lateness else float("nan"),
         "map_paint_ms": window.map.last_paint_ms,

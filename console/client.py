@@ -18,19 +18,22 @@ import asyncio
 import contextlib
 import enum
 import logging
-import random
 import ssl
 import time
 from typing import Any
 
 from PySide6.QtCore import QObject, Signal
 
+from hub.protocol.backoff import Backoff, Hint
 from hub.protocol.client import AdminClient, AdminError, HandshakeRefused, admin_url
 from hub.protocol.constants import Close
 
 log = logging.getLogger(__name__)
 
 __all__ = ["AdminError", "Backoff", "ConnState", "HubSession"]
+
+#: The console's cap: an operator waits for a hub that is back, not a minute more.
+BACKOFF_CAP = 30.0
 
 TOPICS = ("agents", "commands", "alerts", "metrics")
 #: A connection that stayed up this long resets the backoff.
@@ -44,27 +47,6 @@ class ConnState(enum.StrEnum):
     RECONNECTING = "reconnecting"
     FAILED = "failed"  # credential refused or revoked: no automatic retry
     CLOSED = "closed"
-
-
-class Backoff:
-    """Exponential backoff with full jitter (PROTOCOL §4.6, with the console's own cap)."""
-
-    def __init__(self, base: float = 1.0, cap: float = 30.0, rng: random.Random | None = None):
-        self.base = base
-        self.cap = cap
-        self.attempt = 0
-        self.rng = rng or random.Random()
-
-    def ceiling(self) -> float:
-        return min(self.cap, self.base * 2.0**self.attempt)
-
-    def next_delay(self) -> float:
-        delay = self.rng.uniform(0.0, self.ceiling())
-        self.attempt += 1
-        return delay
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 class HubSession(QObject):
@@ -94,7 +76,7 @@ class HubSession(QObject):
         self.ssl_context = ssl_context
         self.pin_sha256 = pin_sha256
         self.topics = topics
-        self.backoff = backoff or Backoff()
+        self.backoff = backoff or Backoff(cap=BACKOFF_CAP, reset_after=STABLE_AFTER)
         self.open_timeout = open_timeout
         self.state = ConnState.IDLE
         self.detail = ""
@@ -205,10 +187,7 @@ class HubSession(QObject):
                 self._set_state(ConnState.FAILED, self.last_error)
                 return None
             self.last_error = f"the hub refused the connection ({exc.status} {reason})"
-            delay = self.backoff.next_delay()
-            if exc.retry_after is not None:
-                delay = exc.retry_after + self.backoff.rng.uniform(0.0, 1.0)
-            return delay
+            return self.backoff.next_delay(Hint(retry_after=exc.retry_after))
         except (OSError, TimeoutError, ssl.SSLError, ValueError) as exc:
             self.last_error = _describe(exc)
             return self.backoff.next_delay()

@@ -4,8 +4,8 @@ Each event is serialized once, when at least one subscriber wants its topic, and
 bytes go to every subscriber. Events carry a coalescing key (an agent id, a command id…)
 so that a subscriber's queue can keep only the latest state of each subject.
 
-This in-process bus is the default. In cluster mode a Redis bus with the same interface
-carries events between hub processes; nothing that publishes knows the difference.
+This in-process bus is the only one so far; its interface is the seam where cluster mode
+plugs in a bus that carries events between hub processes, without changing publishers.
 """
 
 from __future__ import annotations

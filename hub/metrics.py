@@ -2,8 +2,8 @@
 
 Hot-path counters (messages, connections) are plain integers exposed by a custom
 collector at scrape time: a ``prometheus_client`` counter takes a lock per increment, and
-the hub counts tens of thousands of messages a second. The round-trip histogram uses the
-library directly; commands are far rarer than messages.
+the hub counts tens of thousands of messages a second. The round-trip histogram is ours
+too (:class:`_Histogram`, lock-free), exposed in the library's exposition format.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 import traceback
 from bisect import bisect_left
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -31,7 +31,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["LagMonitor", "Metrics", "RateWindow", "StallReporter"]
+__all__ = ["LagMonitor", "Metrics", "RateWindow", "StallReporter", "percentile"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,15 @@ class StatsHistory:
         return [tick for tick in self._ticks if tick["at"] > since]
 
 
+def percentile(values: Iterable[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile (0 ≤ q ≤ 1) of ``values``; NaN when there are none.
+    One definition for the metrics tick and the benchmarks."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
 class _Percentiles:
     """Round trips of the last minute, for p50 and p99 in the tick (bounded sample)."""
 
@@ -128,9 +137,8 @@ class _Percentiles:
             samples.popleft()
         if not samples:
             return None, None
-        ordered = sorted(value for _, value in samples)
-        n = len(ordered)
-        return ordered[int(0.5 * (n - 1))], ordered[int(0.99 * (n - 1))]
+        values = [value for _, value in samples]
+        return percentile(values, 0.5), percentile(values, 0.99)
 
 
 class _Histogram:

@@ -11,16 +11,14 @@ lists and label maps are shared between agents, which keeps per-agent memory sma
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
-import re
 from collections import Counter
 from collections.abc import Callable, Iterable
-from functools import lru_cache
 from typing import Any, Protocol
 
 from .model import AgentRecord
 from .protocol.messages import Register, Selector
+from .protocol.selectors import is_glob, selector_matches
 
 __all__ = ["LiveSession", "Registry", "matches"]
 
@@ -148,7 +146,7 @@ class Registry:
 
     def select(self, selector: Selector, limit: int | None = None) -> list[AgentRecord]:
         """Registered agents matching a selector, in id order."""
-        if selector.agent_id is not None and not _is_glob(selector.agent_id):
+        if selector.agent_id is not None and not is_glob(selector.agent_id):
             record = self.records.get(selector.agent_id)
             candidates: Iterable[AgentRecord] = [record] if record is not None else []
         else:
@@ -158,29 +156,13 @@ class Registry:
         return chosen[:limit] if limit is not None else chosen
 
 
-def _is_glob(pattern: str) -> bool:
-    return any(c in pattern for c in "*?[")
-
-
-@lru_cache(maxsize=1024)
-def _compile(pattern: str) -> re.Pattern[str]:
-    return re.compile(fnmatch.translate(pattern))
-
-
-def _glob(value: str | None, pattern: str) -> bool:
-    return value is not None and _compile(pattern).match(value) is not None
-
-
 def matches(record: AgentRecord, selector: Selector) -> bool:
-    """Whether a record matches: shell-style, case-sensitive globs on each given field."""
-    if selector.status == "online" and record.state not in ("online", "stale"):
-        return False
-    if selector.status == "offline" and record.state in ("online", "stale"):
-        return False
-    if selector.agent_id is not None and not _glob(record.agent_id, selector.agent_id):
-        return False
-    if selector.region is not None and not _glob(record.region, selector.region):
-        return False
-    if selector.platform is not None and not _glob(record.platform, selector.platform):
-        return False
-    return all(_glob(record.labels.get(key), pattern) for key, pattern in selector.labels.items())
+    """Whether a record matches a selector (:mod:`hub.protocol.selectors`)."""
+    return selector_matches(
+        selector,
+        agent_id=record.agent_id,
+        region=record.region,
+        platform=record.platform,
+        labels=record.labels,
+        state=record.state,
+    )

@@ -51,7 +51,7 @@ class ExecPolicy:
     max_output: int = 4 * 1024 * 1024
 
     def allows(self, program: str) -> bool:
-        """``argv[0]`` as given or its basename must be listed (PROTOCOL/DESIGN contract)."""
+        """``argv[0]`` as given or its basename must be listed (``--allow-exec``'s contract)."""
         if self.programs is None:
             return True
         return program in self.programs or os.path.basename(program) in self.programs

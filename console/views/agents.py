@@ -11,7 +11,8 @@ Filter syntax (see docs/console.md): whitespace-separated terms, all of which mu
 ``field:value`` terms test one field (``id``, ``host``, ``region``, ``platform``,
 ``status``, ``version``, ``hub``, ``cap``, ``label:key=value``; any other field name is a
 label key, so ``site:berlin`` is ``label:site=berlin``); values are shell-style globs
-(case-insensitive) and without a wildcard match the start of the field; ``=value`` matches
+with the hub's selector semantics (case-sensitive, the whole value: ``hub.protocol.selectors``)
+and without a wildcard match the start of the field, ignoring case; ``=value`` matches
 exactly (``region:=`` finds agents without a region). Several terms of
 the same field are alternatives (``status:offline status:stale``). A leading ``-`` negates
 a term. Anything else is free text searched in id, hostname, region, platform, version,
@@ -20,7 +21,6 @@ hub and labels.
 
 from __future__ import annotations
 
-import fnmatch
 import re
 import shlex
 import time
@@ -43,6 +43,7 @@ from PySide6.QtGui import QColor
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QTableView, QWidget
 
 from console.fleet import Agent, Changes, FleetModel
+from hub.protocol.selectors import glob_match, is_glob
 
 from .common import CONDITION_COLOURS, format_age, shortcut, symbol_pixmap
 
@@ -69,19 +70,20 @@ FIELD_ALIASES = {
     "capability": "cap",
     "label": "label",
 }
-_GLOB = re.compile(r"[*?\[]")
 
 
 def _matcher(pattern: str) -> Callable[[str], bool]:
-    """Case-insensitive glob; without a wildcard, a prefix match; ``=value`` is exact."""
-    pattern = pattern.casefold()
+    """A glob means what it means in the hub's selectors (case-sensitive, whole value:
+    ``region:eu-*`` finds the agents a dispatch to ``region=eu-*`` reaches); without a
+    wildcard a term is a search as you type, a case-insensitive prefix; ``=value`` is
+    exact."""
     if pattern.startswith("="):
         exact = pattern[1:]
-        return lambda value: value.casefold() == exact
-    if _GLOB.search(pattern):
-        regex = re.compile(fnmatch.translate(pattern), re.DOTALL)
-        return lambda value: regex.match(value.casefold()) is not None
-    return lambda value: value.casefold().startswith(pattern)
+        return lambda value: value == exact
+    if is_glob(pattern):
+        return lambda value: glob_match(value, pattern)
+    prefix = pattern.casefold()
+    return lambda value: value.casefold().startswith(prefix)
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ def _term_predicate(term: Term) -> Callable[[Agent], bool]:
         return lambda agent: needle in agent.search_text
     if term.field == "label":
         key_match = _matcher(term.key or "*") if term.key else (lambda _k: True)
-        if term.key and not _GLOB.search(term.key):
+        if term.key and not is_glob(term.key):
             exact_key = term.key
 
             def key_match(k: str, _e: str = exact_key) -> bool:

@@ -11,7 +11,6 @@ the protocol's own ``Dispatch`` model before it goes out, and ``exec`` always as
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import json
 import shlex
 from collections import Counter
@@ -41,6 +40,7 @@ from PySide6.QtWidgets import (
 from console.client import AdminError
 from console.fleet import Agent, FleetModel
 from hub.protocol.messages import Dispatch, Selector, ValidationError, describe_validation_error
+from hub.protocol.selectors import selector_matches
 
 from .common import plain_label, shortcut
 
@@ -65,27 +65,18 @@ def parse_labels(text: str) -> dict[str, str]:
 
 def agents_matching(fleet: FleetModel, selector: Selector) -> list[Agent]:
     """The agents the console knows that the hub's selector rules would match."""
-
-    def glob(value: str | None, pattern: str | None) -> bool:
-        return pattern is None or (value is not None and fnmatch.fnmatchcase(value, pattern))
-
-    out = []
-    for agent in fleet.agents.values():
-        v = agent.view
-        live = v.state in ("online", "stale")
-        if selector.status == "online" and not live:
-            continue
-        if selector.status == "offline" and live:
-            continue
-        if not (
-            glob(v.agent_id, selector.agent_id)
-            and glob(v.region, selector.region)
-            and glob(v.platform, selector.platform)
-            and all(glob(v.labels.get(k), p) for k, p in selector.labels.items())
-        ):
-            continue
-        out.append(agent)
-    return out
+    return [
+        agent
+        for agent in fleet.agents.values()
+        if selector_matches(
+            selector,
+            agent_id=agent.view.agent_id,
+            region=agent.view.region,
+            platform=agent.view.platform,
+            labels=agent.view.labels,
+            state=agent.view.state,
+        )
+    ]
 
 
 def _limit(text: str) -> int | str | None:

@@ -1,5 +1,7 @@
 """When to dial the hub again (PROTOCOL §4.5, §4.6). Pure: no I/O, no sleeping.
 
+Shared by the agent and the admin clients (the console), with their own caps.
+
 A fleet that reconnects in lockstep knocks its hub over again, so every wait is drawn at
 random: full-jitter exponential backoff, where retry ``n`` (counting from 0) waits a uniform
 time in ``[0, min(cap, base·2ⁿ)]``. The counter resets once a connection has stayed
@@ -32,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hub.protocol.constants import Close
+from .constants import Close
 
 __all__ = ["Backoff", "Hint"]
 
@@ -89,6 +91,11 @@ class Backoff:
         self._restart_until = float("-inf")
         #: How many retries have been drawn since the last reset.
         self.attempt = 0
+
+    def reset(self) -> None:
+        """Start over: the next retry is a first one (the user asked to reconnect now)."""
+        self.attempt = 0
+        self._registered_at = None
 
     def registered(self) -> None:
         """The hub welcomed us: start timing the session for the reset rule."""

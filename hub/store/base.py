@@ -1,7 +1,8 @@
 """The store interface: everything the hub persists, behind one set of async methods.
 
-The embedded SQLite store (:mod:`hub.store.sqlite`) is the default; a Redis store for
-cluster mode implements the same interface. Nothing above ``store/`` knows which one runs.
+The embedded SQLite store (:mod:`hub.store.sqlite`) is the only one so far; this interface
+is the seam where a store for cluster mode plugs in, and nothing above ``store/`` may
+depend on which one runs.
 
 Two kinds of writes exist. *Durable* writes return an awaitable that resolves once the data
 is committed (the ledger awaits them before announcing a transition). *Batched* writes

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from agent.backoff import Backoff, Hint
+from hub.protocol.backoff import Backoff, Hint
 from hub.protocol.constants import Close
 from tests.support import FakeClock
 
