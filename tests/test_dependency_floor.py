@@ -1,0 +1,57 @@
+"""The lowest websockets that pyproject.toml allows is tested, not assumed.
+
+The lean connection drives websockets' sans-I/O protocol objects directly and reads
+names that appeared in 17.0 (``max_message_size``, ``HeaderLineTooLong``…); pyproject
+says ``>=17``. This installs exactly that version beside the suite (``pip install
+--target``, nothing in the venv changes) and runs the tests of the wire, both sides,
+against it in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The tests that exercise websockets' protocol objects from both ends.
+WIRE_TESTS = [
+    "tests/agent/test_connection_frames.py",
+    "tests/hub/test_hostile_frames.py",
+    "tests/hub/test_agent_channel.py",
+    "tests/hub/test_handshake.py",
+]
+
+
+def lowest_allowed() -> str:
+    text = (ROOT / "pyproject.toml").read_text()
+    found = re.search(r'"websockets>=([\d.]+)', text)
+    assert found, "pyproject.toml names no lower bound for websockets"
+    return found.group(1)
+
+
+@pytest.mark.slow
+def test_the_wire_tests_pass_on_the_lowest_websockets_allowed(tmp_path: Path) -> None:
+    version = lowest_allowed()
+    target = tmp_path / "floor"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+         f"websockets=={version}"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert install.returncode == 0, f"cannot install websockets=={version}: {install.stderr}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT)])}
+    probe = subprocess.run(
+        [sys.executable, "-c", "import websockets; print(websockets.version.version)"],
+        capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    assert probe.stdout.strip().split(".")[:2] == [*version.split("."), "0"][:2]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *WIRE_TESTS],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
