@@ -11,7 +11,8 @@ import pytest
 
 from hub.model import CredentialRecord
 from hub.store.base import AuditEntry, StoreUnavailable
-from hub.store.sqlite import SCHEMA_VERSION, SQLiteStore
+from hub.store.schema import SCHEMA_VERSION
+from hub.store.sqlite import SQLiteStore
 
 
 async def test_schema_version_and_wal(tmp_path: Path) -> None:
