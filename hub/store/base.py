@@ -1,8 +1,9 @@
 """The store interface: everything the hub persists, behind one set of async methods.
 
-The embedded SQLite store (:mod:`hub.store.sqlite`) is the only one so far; this interface
-is the seam where a store for cluster mode plugs in, and nothing above ``store/`` may
-depend on which one runs.
+The embedded SQLite store (:mod:`hub.store.sqlite`) is the only one today. A store for
+cluster mode (on Redis) is to implement the same interface and pass the same conformance
+suite (``tests/hub/test_store_conformance.py``); nothing above ``store/`` may know which one
+runs.
 
 Two kinds of writes exist. *Durable* writes return an awaitable that resolves once the data
 is committed (the ledger awaits them before announcing a transition). *Batched* writes

@@ -515,7 +515,7 @@ async def test_frames_pipelined_before_the_101_refuse_the_upgrade(hub_factory) -
     # cannot finish until the frame is in the hub's socket.
     gate = threading.Event()
     store = hub.hub.store
-    busy = [store._read(lambda conn: gate.wait(10)) for _ in store._readers]
+    busy = [store._read(lambda conn: gate.wait(10)) for _ in range(store.readers)]
     try:
         wire = await Wire.open(hub.hub.port)
         await wire.send(upgrade_request("/ws", fresh))
