@@ -56,6 +56,11 @@ class Alerts:
         self._region_drops: dict[str, deque[float]] = {}
         self._takeovers: dict[str, float] = {}
         self._writes: set[asyncio.Future[Any]] = set()
+        #: Which rules this hub judges: ``all`` (one hub), or in cluster mode ``fleet``
+        #: (the leader: everything) and ``hub`` (the others: only rules about themselves).
+        self.scope = "all"
+        #: Cluster mode: hubs whose lease lapsed, and since when (for ``hub_down``).
+        self.hubs_down: dict[str, float] = {}
 
     async def load(self) -> None:
         for alert in await self.store.open_alerts():
@@ -101,17 +106,11 @@ class Alerts:
     # -- evaluation ----------------------------------------------------------------------
 
     def evaluate(self) -> None:
+        """Judge every rule in this hub's scope (called about once a second)."""
         config = self.config
         registry = self.registry
         hub_id = self.hub_id
         now = time.monotonic()
-
-        # no_agents
-        known = len(registry.records)
-        if registry.connected == 0 and known >= max(1, config.alert_expected_agents):
-            self._raise("no_agents", "critical", hub_id, f"no agent connected ({known} known)")
-        else:
-            self._resolve("no_agents", hub_id)
 
         # connection_failures
         refused = self.metrics.refusals_window.total()
@@ -137,6 +136,19 @@ class Alerts:
                 )
             elif share < config.alert_capacity_share * 0.95:
                 self._resolve("capacity", hub_id)
+
+        if self.scope == "hub":
+            return
+        # no_agents (in cluster mode about the whole fleet, whichever hub leads)
+        known = len(registry.records)
+        if self.scope == "all":
+            connected, subject = registry.connected, hub_id
+        else:
+            connected, subject = registry.counts["online"] + registry.counts["stale"], "cluster"
+        if connected == 0 and known >= max(1, config.alert_expected_agents):
+            self._raise("no_agents", "critical", subject, f"no agent connected ({known} known)")
+        else:
+            self._resolve("no_agents", subject)
 
         # mass_disconnect, per region
         window = config.alert_mass_disconnect_window
@@ -218,6 +230,43 @@ class Alerts:
             if now - last > config.alert_conflict_window:
                 del self._takeovers[agent_id]
                 self._resolve("agent_conflict", agent_id)
+
+        # hub_down (cluster mode): resolved when the hub is back or its agents are elsewhere
+        for down_hub in list(self.hubs_down):
+            stranded = sum(
+                1
+                for r in registry.records.values()
+                if r.hub_id == down_hub and r.state == "unknown"
+            )
+            if not stranded:
+                self.hub_up(down_hub)
+
+    # -- cluster mode --------------------------------------------------------------------
+
+    def hub_down(self, hub_id: str) -> None:
+        """A hub stopped renewing its lease: raised once, by the leader."""
+        self.hubs_down.setdefault(hub_id, time.monotonic())
+        stranded = sum(1 for r in self.registry.records.values() if r.hub_id == hub_id)
+        self._raise(
+            "hub_down",
+            "critical",
+            hub_id,
+            f"hub {hub_id} stopped reporting; its {stranded} agents are unknown until they "
+            "register elsewhere",
+        )
+
+    def hub_up(self, hub_id: str) -> None:
+        self.hubs_down.pop(hub_id, None)
+        self._resolve("hub_down", hub_id)
+
+    def data_lost(self, message: str) -> None:
+        self._raise("redis_data_lost", "critical", self.hub_id, message)
+
+    def forget_fleet_alerts(self) -> None:
+        """No longer the leader: the fleet's alerts are the next leader's to judge."""
+        mine = {"connection_failures", "capacity"}
+        for key in [k for k in self.open if k[0] not in mine or k[1] != self.hub_id]:
+            del self.open[key]
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -96,34 +96,19 @@ class Hub:
     def __init__(self, config: HubConfig, store: Store | None = None) -> None:
         self.config = config
         self.hub_id = config.hub_id
-        self.store: Store = store or SQLiteStore(
-            config.data_dir, synchronous=config.store_synchronous
-        )
-        self.bus = Bus()
+        self.store: Store = store or self._make_store()
+        self.bus: Bus = self._make_bus()
         self.metrics = Metrics()
         self.auditor = Auditor(self.store, self.bus, self.hub_id)
         self.credentials = Credentials(self.store)
         self.registry = Registry(self.hub_id)
         self.admins: set[AdminSession] = set()
-        self.ledger = Ledger(
-            config, self.store, self.registry, self.bus, self.metrics, self.auditor, self._send
-        )
         self.alerts = Alerts(
             config, self.hub_id, self.registry, self.metrics, self.store, self.bus, self.auditor
         )
         self.registry.on_state = self.alerts.agent_state_changed
-        self.fleet = Fleet(
-            config,
-            self.hub_id,
-            self.registry,
-            self.store,
-            self.bus,
-            self.auditor,
-            self.metrics,
-            self.credentials,
-            self.ledger,
-            on_takeover=self.alerts.takeover,
-        )
+        self.ledger: Any = self._make_ledger()
+        self.fleet: Fleet = self._make_fleet()
         self.gate = Gate(
             config, self.credentials, self.registry, self.admins, self.metrics, self.auditor
         )
@@ -151,21 +136,50 @@ class Hub:
         self.metrics.commands_in_flight = lambda: self.ledger.in_flight
         self.metrics.store_commits = lambda: self.store.commits
 
+    # The parts that cluster mode replaces (hub/cluster_hub.py).
+
+    def _make_store(self) -> Store:
+        return SQLiteStore(self.config.data_dir, synchronous=self.config.store_synchronous)
+
+    def _make_bus(self) -> Bus:
+        return Bus()
+
+    def _make_ledger(self) -> Any:
+        return Ledger(
+            self.config,
+            self.store,
+            self.registry,
+            self.bus,
+            self.metrics,
+            self.auditor,
+            self._send,
+        )
+
+    def _make_fleet(self) -> Fleet:
+        return Fleet(
+            self.config,
+            self.hub_id,
+            self.registry,
+            self.store,
+            self.bus,
+            self.auditor,
+            self.metrics,
+            self.credentials,
+            self.ledger,
+            on_takeover=self.alerts.takeover,
+        )
+
     # -- start and stop ------------------------------------------------------------------
 
     async def start(self) -> None:
         config = self.config
         host, port = parse_listen(config.listen)
         # Listening first: a fleet reconnecting while the state loads waits, not refused.
-        sockets = listen_now(host, port, LISTEN_BACKLOG)
+        # Workers of one `serve --workers N` share the port, the kernel spreading connections.
+        sockets = listen_now(host, port, LISTEN_BACKLOG, reuse_port=config.reuse_port)
         self.port = sockets[0].getsockname()[1]
         try:
-            await self.store.open()
-            self.store_ready = True
-            await self.credentials.load()
-            self.registry.load(await self.store.load_agents())
-            await self.ledger.load()
-            await self.alerts.load()
+            await self._load()
             loop = asyncio.get_running_loop()
             for sock in sockets:
                 server = await loop.create_server(
@@ -181,16 +195,7 @@ class Hub:
             for sock in sockets:
                 sock.close()
             raise
-        self._loops = [
-            self._every(min(1.0, config.heartbeat_interval / 4), self._sweep, "sweep"),
-            self._every(config.heartbeat_flush_interval, self.fleet.flush_heartbeats, "heartbeats"),
-            self._every(config.credential_sync_interval, self.credentials.sync, "credentials"),
-            self._every(1.0, self._tick, "tick"),
-            self._every(5.0, self._check_store, "readiness"),
-            self._every(CRL_RELOAD_INTERVAL, self.reload_crl, "crl"),
-            self._every(1.0, self.store.checkpoint, "checkpoint"),
-            self._every(3600.0, self._prune, "prune"),
-        ]
+        self._loops = self._periodic_work()
         if config.gc_freeze_interval:
             self._loops.append(self._every(config.gc_freeze_interval, self._gc, "gc"))
             gc.collect()
@@ -202,6 +207,28 @@ class Hub:
             self._stall_reporter.start()
         self.auditor.record("hub.start", subject=self.hub_id, listen=config.listen)
         log.info("hub %s listening on %s:%d", self.hub_id, host, self.port)
+
+    async def _load(self) -> None:
+        """Open the store and read the state back (after a restart or a crash)."""
+        await self.store.open()
+        self.store_ready = True
+        await self.credentials.load()
+        self.registry.load(await self.store.load_agents())
+        await self.ledger.load()
+        await self.alerts.load()
+
+    def _periodic_work(self) -> list[asyncio.Task[None]]:
+        config = self.config
+        return [
+            self._every(min(1.0, config.heartbeat_interval / 4), self._sweep, "sweep"),
+            self._every(config.heartbeat_flush_interval, self.fleet.flush_heartbeats, "heartbeats"),
+            self._every(config.credential_sync_interval, self.credentials.sync, "credentials"),
+            self._every(1.0, self._tick, "tick"),
+            self._every(5.0, self._check_store, "readiness"),
+            self._every(CRL_RELOAD_INTERVAL, self.reload_crl, "crl"),
+            self._every(1.0, self.store.checkpoint, "checkpoint"),
+            self._every(3600.0, self._prune, "prune"),
+        ]
 
     async def stop(self) -> None:
         """Drain: stop accepting, send agents elsewhere with a spread, save, close."""
@@ -246,7 +273,7 @@ class Hub:
         for task in list(self.tasks):
             task.cancel()
         # Every step is bounded: a stuck write must not keep the process from exiting.
-        for step in (self.ledger.drain, self.auditor.drain, self.store.flush, self.store.close):
+        for step in self._last_steps():
             try:
                 async with asyncio.timeout(config.shutdown_timeout):
                     await step()
@@ -259,6 +286,10 @@ class Hub:
             drained - began,
             time.monotonic() - drained,
         )
+
+    def _last_steps(self) -> list[Callable[[], Any]]:
+        """Saving the state, in order, at the end of a stop."""
+        return [self.ledger.drain, self.auditor.drain, self.store.flush, self.store.close]
 
     async def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT, then drain and return."""

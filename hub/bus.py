@@ -43,6 +43,10 @@ class Bus:
     def wanted(self, topic: str) -> bool:
         return self._by_topic.get(topic, 0) > 0
 
+    def wants(self, topic: str, kind: str) -> bool:
+        """Whether an event of this kind would reach anyone (build it only then)."""
+        return self._by_topic.get(topic, 0) > 0
+
     def publish(self, topic: str, kind: str, key: Any, **fields: Any) -> None:
         """Announce an event; cheap when nobody subscribes to ``topic``."""
         if not self._by_topic.get(topic):

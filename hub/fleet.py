@@ -57,7 +57,9 @@ class AgentEvents:
         self.bus = bus
 
     def agent(self, record: AgentRecord, kind: str, **extra: Any) -> None:
-        if self.bus.wanted("agents"):
+        if self.bus.wants("agents", kind):
+            if record.generation:
+                extra["gen"] = record.generation  # cluster mode: which connection it is about
             self.bus.publish("agents", kind, record.agent_id, agent=record.view(), **extra)
 
 
@@ -267,9 +269,11 @@ class Fleet:
                 self.ledger.set_draining(record.agent_id, status == "draining")
             record.status = status
         record.dirty = True
+        kind = "heartbeat"
         if record.state != ONLINE:
             self.registry.set_state(record, ONLINE)
-        self.events.agent(record, "heartbeat")
+            kind = "updated"  # back from stale: a change every hub must see, not a beat
+        self.events.agent(record, kind)
 
     def flush_heartbeats(self, force: bool = False) -> None:
         """Hand the heartbeats that changed since the last batch to the store (and, once a

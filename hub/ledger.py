@@ -20,7 +20,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .audit import Auditor
@@ -65,6 +65,119 @@ class DispatchRefused(Exception):
         super().__init__(message)
         self.code = code
         self.refused = refused
+
+
+def select_targets(registry: Registry, request: Dispatch) -> tuple[list[str], list[dict[str, str]]]:
+    """The agents a dispatch reaches, and those refused (``not_found``, ``unsupported``)."""
+    records = registry.records
+    refused: list[dict[str, str]] = []
+    targets: list[str] = []
+    target = request.target
+    if target.agent_ids is not None:
+        seen: set[str] = set()
+        candidates = []
+        for agent_id in target.agent_ids:
+            if agent_id in seen:
+                continue
+            seen.add(agent_id)
+            record = records.get(agent_id)
+            if record is None:
+                refused.append({"agent_id": agent_id, "code": "not_found"})
+            else:
+                candidates.append(record)
+    else:
+        assert target.selector is not None
+        candidates = registry.select(target.selector)
+    for record in candidates:
+        if request.name in record.capabilities:
+            targets.append(record.agent_id)
+        else:
+            refused.append({"agent_id": record.agent_id, "code": "unsupported"})
+    return targets, refused
+
+
+async def accept_job(
+    request: Dispatch,
+    actor: str,
+    audit: Sequence[AuditEntry],
+    *,
+    targets: tuple[list[str], list[dict[str, str]]],
+    store: Store,
+    auditor: Auditor,
+    now: float,
+    seq: Iterator[int],
+    job_id: str | None = None,
+) -> tuple[JobRecord, list[CommandRecord], list[dict[str, str]]]:
+    """Make a job and its queued commands and store them, with their audit entries, in one
+    transaction: after this the job is accepted, whatever happens to this hub.
+
+    Raises :class:`DispatchRefused` (its audit entries stored on their own) when no
+    target is left."""
+    chosen, refused = targets
+    if not chosen:
+        for entry in audit:
+            auditor.queue(entry)
+        codes = {r["code"] for r in refused}
+        code = "unsupported" if "unsupported" in codes else "not_found"
+        raise DispatchRefused(code, f"no target can run {request.name!r}", refused)
+    job_id = job_id or secrets.token_hex(8)
+    total = len(chosen)
+    job = JobRecord(
+        job_id=job_id,
+        name=request.name,
+        args=request.args,
+        target=request.target.model_dump(exclude_none=True),
+        total=total,
+        created_at=now,
+        timeout=request.timeout,
+        ttl=request.ttl,
+        dispatched_by=actor,
+        max_concurrency=resolve_limit(request.max_concurrency, total, 1),
+        max_errors=resolve_limit(request.max_errors, total, 0),
+        counts={CommandState.QUEUED.value: total},
+        updated_at=now,
+        spec={
+            "max_concurrency": request.max_concurrency,
+            "max_errors": request.max_errors,
+            "refused": len(refused),
+        },
+    )
+    commands: list[CommandRecord] = []
+    entries = [
+        *audit,
+        auditor.entry(
+            "job.dispatch",
+            actor=actor,
+            subject=job_id,
+            name=request.name,
+            targets=total,
+            refused=len(refused),
+        ),
+    ]
+    for index, agent_id in enumerate(chosen, 1):
+        command = CommandRecord(
+            command_id=secrets.token_hex(12),
+            job_id=job_id,
+            agent_id=agent_id,
+            name=request.name,
+            args=request.args,
+            timeout=request.timeout,
+            issued_at=now,
+            expires_at=now + request.ttl,
+            seq=next(seq),
+            updated_at=now,
+            dispatched_by=actor,
+        )
+        commands.append(command)
+        entries.append(
+            auditor.entry(
+                "command.queued", actor=actor, subject=command.command_id, agent_id=agent_id
+            )
+        )
+        if index % DELIVERY_SLICE == 0:
+            await asyncio.sleep(0)  # a job to the whole fleet must not stall the loop
+    await store.add_job(job, commands, entries)
+    return job, commands, refused
 
 
 class Ledger:
@@ -133,74 +246,29 @@ class Ledger:
 
         ``audit`` entries (the request as the admin channel saw it) are stored in the job's
         own transaction, or on their own if nothing is accepted."""
-        targets, refused = self._targets(request)
-        if not targets:
-            for entry in audit:
-                self.auditor.queue(entry)
-            codes = {r["code"] for r in refused}
-            code = "unsupported" if "unsupported" in codes else "not_found"
-            raise DispatchRefused(code, f"no target can run {request.name!r}", refused)
-        now = self.clock()
-        job_id = secrets.token_hex(8)
-        total = len(targets)
-        job = JobRecord(
-            job_id=job_id,
-            name=request.name,
-            args=request.args,
-            target=request.target.model_dump(exclude_none=True),
-            total=total,
-            created_at=now,
-            timeout=request.timeout,
-            ttl=request.ttl,
-            dispatched_by=actor,
-            max_concurrency=resolve_limit(request.max_concurrency, total, 1),
-            max_errors=resolve_limit(request.max_errors, total, 0),
-            counts={CommandState.QUEUED.value: total},
-            updated_at=now,
-            spec={
-                "max_concurrency": request.max_concurrency,
-                "max_errors": request.max_errors,
-                "refused": len(refused),
-            },
+        job, commands, refused = await accept_job(
+            request,
+            actor,
+            audit,
+            targets=select_targets(self.registry, request),
+            store=self.store,
+            auditor=self.auditor,
+            now=self.clock(),
+            seq=self._seq,
         )
-        commands: list[CommandRecord] = []
-        entries = [
-            *audit,
-            self.auditor.entry(
-                "job.dispatch",
-                actor=actor,
-                subject=job_id,
-                name=request.name,
-                targets=total,
-                refused=len(refused),
-            ),
-        ]
-        for index, agent_id in enumerate(targets, 1):
-            command = CommandRecord(
-                command_id=secrets.token_hex(12),
-                job_id=job_id,
-                agent_id=agent_id,
-                name=request.name,
-                args=request.args,
-                timeout=request.timeout,
-                issued_at=now,
-                expires_at=now + request.ttl,
-                seq=next(self._seq),
-                updated_at=now,
-                dispatched_by=actor,
-            )
-            commands.append(command)
-            entries.append(
-                self.auditor.entry(
-                    "command.queued", actor=actor, subject=command.command_id, agent_id=agent_id
-                )
-            )
-            if index % DELIVERY_SLICE == 0:
-                await asyncio.sleep(0)  # a job to the whole fleet must not stall the loop
-        await self.store.add_job(job, commands, entries)
+        await self.start(job, commands)
+        return {
+            "job_id": job.job_id,
+            "command_ids": [c.command_id for c in commands],
+            "refused": refused,
+        }
+
+    async def start(self, job: JobRecord, commands: list[CommandRecord]) -> None:
+        """Run a job the store has accepted: register its commands, deliver, announce."""
         # Every command of an accepted job is registered in one go, so that a cancel or a
         # lookup never sees part of a job.
         self.rules.add_job(job, commands)
+        total = len(commands)
         self.metrics.commands[CommandState.QUEUED.value] += total
         if total > DELIVERY_SLICE:
             await asyncio.sleep(0)  # registering 10,000 took ~10 ms: delivery starts next turn
@@ -210,48 +278,17 @@ class Ledger:
         # Deliver first and announce after: delivery is on the round trip's critical path,
         # the announcement is not. In slices, so that a job to the whole fleet never stalls
         # the event loop.
+        job_id = job.job_id
         more = self.rules.pump(job_id, DELIVERY_SLICE)
         self._perform()
         for view in views:
             self._announce(view)
-        if len(commands) > FLUSH_SLICE:
+        if total > FLUSH_SLICE:
             asyncio.get_running_loop().call_soon(self._announce_queued, commands[FLUSH_SLICE:])
         while more:
             await asyncio.sleep(0)
             more = self.rules.pump(job_id, DELIVERY_SLICE)
             self._perform()
-        return {
-            "job_id": job_id,
-            "command_ids": [c.command_id for c in commands],
-            "refused": refused,
-        }
-
-    def _targets(self, request: Dispatch) -> tuple[list[str], list[dict[str, str]]]:
-        records = self.registry.records
-        refused: list[dict[str, str]] = []
-        targets: list[str] = []
-        target = request.target
-        if target.agent_ids is not None:
-            seen: set[str] = set()
-            candidates = []
-            for agent_id in target.agent_ids:
-                if agent_id in seen:
-                    continue
-                seen.add(agent_id)
-                record = records.get(agent_id)
-                if record is None:
-                    refused.append({"agent_id": agent_id, "code": "not_found"})
-                else:
-                    candidates.append(record)
-        else:
-            assert target.selector is not None
-            candidates = self.registry.select(target.selector)
-        for record in candidates:
-            if request.name in record.capabilities:
-                targets.append(record.agent_id)
-            else:
-                refused.append({"agent_id": record.agent_id, "code": "unsupported"})
-        return targets, refused
 
     # -- agents coming and going ---------------------------------------------------------
 
@@ -334,6 +371,27 @@ class Ledger:
         outcome = self.rules.cancel_job(job_id, actor)
         self._perform()
         return outcome
+
+    def cancel_now(self, job_id: str | None, command_id: str | None, actor: str) -> dict[str, Any]:
+        """Cancel a job or a command: ``{"cancelled", "requested", "finished"}``, where
+        ``finished`` means nothing of it was running (it may not exist at all)."""
+        if job_id is not None:
+            outcome = self.cancel_job(job_id, actor)
+            if outcome is None:
+                return {"cancelled": [], "requested": [], "finished": True}
+            return {**outcome, "finished": False}
+        assert command_id is not None
+        result = self.cancel_command(command_id, actor)
+        return {
+            "cancelled": [command_id] if result == "cancelled" else [],
+            "requested": [command_id] if result == "requested" else [],
+            "finished": result == "finished",
+        }
+
+    async def cancel(
+        self, job_id: str | None, command_id: str | None, actor: str
+    ) -> dict[str, Any]:
+        return self.cancel_now(job_id, command_id, actor)
 
     def tick(self) -> None:
         """Expire queued commands and time out unanswered ones (called about once a second)."""
@@ -427,17 +485,23 @@ class Ledger:
         if self._pending:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
         latest: dict[str, CommandRecord] = {}
-        jobs: list[JobRecord] = []
+        jobs: dict[str, JobRecord] = {}
+        running = self.rules.jobs
         for record, _ in pending:
             if type(record) is CommandRecord:
-                latest[record.command_id] = record
+                latest[record.command_id] = record  # type: ignore[union-attr]
+                run = running.get(record.job_id)
+                if run is not None:
+                    # A running job's row follows its counts, so whoever reads the store
+                    # (another hub, a restart) sees the job as it stands.
+                    jobs[record.job_id] = run.record
             else:
                 # Queued after its commands' last transitions, so in this slice or a later
-                # one: a job row never runs ahead of its commands.
-                jobs.append(record)  # type: ignore[arg-type]
+                # one: a finished job's row never runs ahead of its commands.
+                jobs[record.job_id] = record  # type: ignore[assignment]
         entries = [entry for _, entry in pending]
         future = asyncio.ensure_future(
-            self.store.save_commands(list(latest.values()), entries, jobs)
+            self.store.save_commands(list(latest.values()), entries, list(jobs.values()))
         )
         # Taken after the write is queued (a result's commit is on the round trip's critical
         # path) but in the same callback, so they show what was written.
@@ -472,6 +536,15 @@ class Ledger:
 
     def _announce(self, view: dict[str, Any]) -> None:
         self.bus.publish("commands", "state", view["command_id"], command=view)
+
+    async def settled(self) -> bool:
+        """Wait until every transition made so far is stored (not those made meanwhile);
+        False when a write failed."""
+        while self._pending:
+            self._flush()
+        writes = list(self._writes)
+        outcomes = await asyncio.gather(*writes, return_exceptions=True) if writes else []
+        return not any(isinstance(outcome, BaseException) for outcome in outcomes)
 
     async def drain(self) -> None:
         """Wait for every transition made so far to be stored."""

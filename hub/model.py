@@ -45,6 +45,8 @@ class AgentRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     #: Enrollment key this id enrolled through, if any (a re-registration spends no use).
     enrolled_by: str | None = None
+    #: Cluster mode: the generation of the connection the record describes (0 on one hub).
+    generation: int = 0
     #: True when the heartbeat fields changed since the last batch reached the store.
     dirty: bool = False
 

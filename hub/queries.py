@@ -8,7 +8,7 @@ that cannot be answered raises :class:`RequestError` with the protocol's error c
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from .alerts import Alerts
@@ -61,6 +61,14 @@ class AdminQueries:
         self.metrics = metrics
         #: The figures of a ``metrics`` tick, as the hub computes them.
         self.stats = stats
+        #: Open alerts and acknowledging one (in cluster mode the leader's, through Redis).
+        self.open_alerts: Callable[[], Awaitable[list[dict[str, Any]]]] = self._open_alerts_here
+        self.acknowledge: Callable[[str, str, str | None], Awaitable[dict[str, Any] | None]] = (
+            alerts.acknowledge
+        )
+
+    async def _open_alerts_here(self) -> list[dict[str, Any]]:
+        return self.alerts.open_views()
 
     # -- agents --------------------------------------------------------------------------
 
@@ -104,7 +112,7 @@ class AdminQueries:
             page = await self.store.commands({}, 100, None)
             data["commands"] = page.items
         if "alerts" in topics:
-            data["alerts"] = self.alerts.open_views()
+            data["alerts"] = await self.open_alerts()
         if "metrics" in topics:
             data["metrics"] = self.stats()
         if "audit" in topics:
@@ -119,25 +127,18 @@ class AdminQueries:
         return await self.ledger.dispatch(request, actor, audit=[entry])
 
     async def cancel(self, request: CancelRequest, actor: str) -> dict[str, Any]:
-        self.auditor.record(
-            "admin.cancel", actor=actor, subject=request.job_id or request.command_id
-        )
-        if request.job_id is not None:
-            outcome = self.ledger.cancel_job(request.job_id, actor)
-            if outcome is None:
-                if await self.store.job(request.job_id) is None:
-                    raise RequestError("not_found", "no such job")
-                return {"cancelled": [], "requested": [], "finished": True}
-            return {**outcome, "finished": False}
-        assert request.command_id is not None
-        result = self.ledger.cancel_command(request.command_id, actor)
-        if result == "finished" and await self.store.command(request.command_id) is None:
-            raise RequestError("not_found", "no such command")
-        return {
-            "cancelled": [request.command_id] if result == "cancelled" else [],
-            "requested": [request.command_id] if result == "requested" else [],
-            "finished": result == "finished",
-        }
+        subject = request.job_id or request.command_id
+        self.auditor.record("admin.cancel", actor=actor, subject=subject)
+        outcome = await self.ledger.cancel(request.job_id, request.command_id, actor)
+        if outcome["finished"]:
+            known = (
+                await self.store.job(request.job_id)
+                if request.job_id is not None
+                else await self.store.command(request.command_id or "")
+            )
+            if known is None:
+                raise RequestError("not_found", f"no such {'job' if request.job_id else 'command'}")
+        return outcome
 
     async def job(self, job_id: str) -> dict[str, Any]:
         """A job and its commands: stored rows, overlaid with the live state of a running
@@ -178,7 +179,7 @@ class AdminQueries:
         return {"alerts": page.items, "next": page.next}
 
     async def ack_alert(self, alert_id: str, actor: str, comment: str | None) -> dict[str, Any]:
-        alert = await self.alerts.acknowledge(alert_id, actor, comment)
+        alert = await self.acknowledge(alert_id, actor, comment)
         if alert is None:
             raise RequestError("not_found", "no such open alert")
         return {"alert": alert}

@@ -73,11 +73,16 @@ class Registry:
         """
         for record in records:
             record.state = "unknown" if record.connected_at is not None else "offline"
-            self._share(record)
-            self.records[record.agent_id] = record
-            self.counts[record.state] += 1
+            self.add(record)
 
-    def _share(self, record: AgentRecord) -> None:
+    def add(self, record: AgentRecord) -> None:
+        """A record this hub did not have (loaded, or an agent held by another hub)."""
+        self.share(record)
+        self.records[record.agent_id] = record
+        self.counts[record.state] += 1
+
+    def share(self, record: AgentRecord) -> None:
+        """Share the record's repeated values with other records (memory per agent)."""
         intern = self._intern
         record.platform = intern(record.platform)
         record.region = intern(record.region)
@@ -102,7 +107,7 @@ class Registry:
         record.capabilities = tuple(message.capabilities)
         location = message.location
         record.location = (location.lat, location.lon) if location is not None else None
-        self._share(record)
+        self.share(record)
         return record, new
 
     def set_state(self, record: AgentRecord, state: str) -> None:

@@ -382,7 +382,9 @@ class HubConnection(Connection):
         return json_response(200, {"status": "ready"})
 
 
-def listen_now(host: str, port: int, backlog: int) -> list[socket.socket]:
+def listen_now(
+    host: str, port: int, backlog: int, reuse_port: bool = False
+) -> list[socket.socket]:
     """Bound, listening sockets for ``host:port``, one per address, to be served later.
 
     A hub listens before it loads its state: while it reads tens of thousands of agents
@@ -395,7 +397,9 @@ def listen_now(host: str, port: int, backlog: int) -> list[socket.socket]:
     sockets: list[socket.socket] = []
     try:
         for family, address in dict.fromkeys((info[0], info[4]) for info in infos):
-            sock = socket.create_server(address, family=family, backlog=backlog)
+            sock = socket.create_server(
+                address, family=family, backlog=backlog, reuse_port=reuse_port
+            )
             sockets.append(sock)
             sock.setblocking(False)
     except BaseException:
