@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ os.environ.setdefault("QT_API", "pyside6")
 
 from hub.app import Hub
 from hub.config import HubConfig
+from tests.redis_server import RedisServer
 
 
 class HubHandle:
@@ -75,3 +76,32 @@ async def hub_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 @pytest.fixture
 async def hub(hub_factory: Callable[..., Any]) -> HubHandle:
     return await hub_factory()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One ``redis-server`` for the session's tests that only need a Redis (each uses its
+    own key prefix). Tests that stop, kill or restart Redis make their own
+    (:func:`redis_factory`)."""
+    server = RedisServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Start ``redis-server`` processes of the test's own; all are killed after it."""
+    servers: list[RedisServer] = []
+
+    def make(**options: Any) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis{len(servers)}", **options)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
