@@ -281,58 +281,86 @@ def _serve(args: argparse.Namespace) -> int:
 # -- token ---------------------------------------------------------------------------------
 
 
+def _redacted(url: str) -> str:
+    """A Redis URL fit for a message: without its password."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" if parts.username else f":***@{host}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return parts._replace(netloc=netloc).geturl()
+
+
 async def _token(args: argparse.Namespace) -> int:
     from .auth import Credentials
     from .config import load_config
-    from .store.sqlite import SQLiteStore
+    from .store.base import Store, StoreUnavailable
 
-    if args.redis:
-        raise UsageError("the Redis store is not available in this build; use --data-dir")
-    data_dir = args.data_dir
-    if data_dir is None and args.config:
-        data_dir = str(load_config(args.config).data_dir)
-    if data_dir is None:
-        raise UsageError("token commands need --data-dir (or TETHER_DATA_DIR)")
-    store = SQLiteStore(data_dir, readers=1)
+    redis_url, data_dir = args.redis, args.data_dir
+    if redis_url is None and data_dir is None and args.config:
+        config = load_config(args.config)
+        redis_url, data_dir = config.redis_url, str(config.data_dir)
+    store: Store
+    if redis_url:
+        # Cluster mode: the credentials every hub syncs from, each within a second.
+        from .store.redis import RedisStore
+
+        store, where = RedisStore.from_url(redis_url), f"Redis at {_redacted(redis_url)}"
+    elif data_dir is not None:
+        from .store.sqlite import SQLiteStore
+
+        store, where = SQLiteStore(data_dir, readers=1), data_dir
+    else:
+        raise UsageError("token commands need --data-dir (or TETHER_DATA_DIR) or --redis URL")
     try:
         await store.open()
     except Exception as exc:
-        raise UsageError(f"cannot open the store in {data_dir}: {exc}") from None
+        raise UsageError(f"cannot open the store in {where}: {exc}") from None
     try:
-        credentials = Credentials(store)
-        action = args.token_command
-        if action == "create":
-            return await _token_create(args, credentials, store)
-        if action == "list":
-            records = await store.credentials()
-            listing = [r.listing() for r in records]
-            if args.json:
-                print(_dump(listing))
-            else:
-                print(f"{'ID':<14}{'KIND':<8}{'AGENT/ROLE':<28}{'USES':<6}{'EXPIRES':<26}REVOKED")
-                for item in listing:
-                    who = item["agent_id"] or item["role"] or item["pattern"] or ""
-                    uses = "" if item["uses_left"] is None else str(item["uses_left"])
-                    print(
-                        f"{item['id']:<14}{item['kind']:<8}{who[:27]:<28}{uses:<6}"
-                        f"{item['expires_at'] or '':<26}{'yes' if item['revoked'] else 'no'}"
-                    )
-            return 0
-        record = await store.revoke_credential(args.token_id)
-        if record is None:
-            raise Failed(f"no credential with id {args.token_id}")
-        from .audit import Auditor
-        from .bus import Bus
-
-        auditor = Auditor(store, Bus(), "cli")
-        await store.audit([auditor.entry("credential.revoked", actor="cli", subject=record.id)])
-        if args.json:
-            print(_dump(record.listing()))
-        else:
-            print(f"revoked {record.id}")
-        return 0
+        return await _token_action(args, Credentials(store), store)
+    except StoreUnavailable as exc:
+        raise Failed(f"the store cannot take the change now: {exc}") from None
     finally:
         await store.close()
+
+
+async def _token_action(args: argparse.Namespace, credentials: Any, store: Any) -> int:
+    """create, list or revoke: the store is open."""
+    action = args.token_command
+    if action == "create":
+        return await _token_create(args, credentials, store)
+    if action == "list":
+        records = await store.credentials()
+        listing = [r.listing() for r in records]
+        if args.json:
+            print(_dump(listing))
+        else:
+            print(f"{'ID':<14}{'KIND':<8}{'AGENT/ROLE':<28}{'USES':<6}{'EXPIRES':<26}REVOKED")
+            for item in listing:
+                who = item["agent_id"] or item["role"] or item["pattern"] or ""
+                uses = "" if item["uses_left"] is None else str(item["uses_left"])
+                print(
+                    f"{item['id']:<14}{item['kind']:<8}{who[:27]:<28}{uses:<6}"
+                    f"{item['expires_at'] or '':<26}{'yes' if item['revoked'] else 'no'}"
+                )
+        return 0
+    record = await store.revoke_credential(args.token_id)
+    if record is None:
+        raise Failed(f"no credential with id {args.token_id}")
+    from .audit import Auditor
+    from .bus import Bus
+
+    auditor = Auditor(store, Bus(), "cli")
+    await store.audit([auditor.entry("credential.revoked", actor="cli", subject=record.id)])
+    if args.json:
+        print(_dump(record.listing()))
+    else:
+        print(f"revoked {record.id}")
+    return 0
 
 
 async def _token_create(args: argparse.Namespace, credentials: Any, store: Any) -> int:

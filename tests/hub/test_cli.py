@@ -8,9 +8,11 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import HubHandle
+from tests.redis_server import RedisServer
 from tests.support import ROOT, RawAgent, online_agent, run_cli, run_cli_async, wait_for
 
 
@@ -46,6 +48,41 @@ def test_token_create_list_revoke(tmp_path: Path) -> None:
     assert {"id": "jwt:batch-7", "kind": "jwt", "revoked": True}.items() <= next(
         i for i in listing if i["id"] == "jwt:batch-7"
     ).items()
+
+
+async def test_token_commands_on_redis_reach_every_hub(
+    redis_factory: Callable[..., RedisServer],
+) -> None:
+    """``--redis`` (cluster mode): the credential is where every hub syncs from."""
+    from hub.store.redis import RedisStore
+
+    url = redis_factory().url
+    hub = RedisStore.from_url(url)
+    await hub.open()
+    try:
+        rev, _ = await hub.credentials_since(0)
+        made = await run_cli_async("token", "create", "--redis", url, "--agent", "edge-1", "--json")
+        assert made.returncode == 0, made.stderr
+        created = json.loads(made.stdout)
+        assert created["token"].startswith("tta_")
+        rev, changed = await hub.credentials_since(rev)
+        assert [(c.id, c.agent_id, c.revoked) for c in changed] == [
+            (created["id"], "edge-1", False)
+        ]
+        listing = await run_cli_async("token", "list", "--redis", url, "--json")
+        assert [i["id"] for i in json.loads(listing.stdout)] == [created["id"]]
+        revoked = await run_cli_async("token", "revoke", "--redis", url, created["id"])
+        assert (revoked.returncode, revoked.stdout) == (0, f"revoked {created['id']}\n")
+        _, changed = await hub.credentials_since(rev)
+        assert [(c.id, c.revoked) for c in changed] == [(created["id"], True)]
+        actions = [e["action"] for e in (await hub.audit_entries({}, 10, None)).items]
+        assert actions == ["credential.revoked", "credential.created"]
+    finally:
+        await hub.close()
+    # Nothing answering there: a usage error of one line, the password not shown.
+    down = await run_cli_async("token", "list", "--redis", "redis://:hunter2@127.0.0.1:1/0")
+    assert down.returncode == 2 and down.stderr.count("\n") == 1, down.stderr
+    assert "hunter2" not in down.stderr and "cannot open the store" in down.stderr
 
 
 def test_usage_errors_exit_2_with_one_line(tmp_path: Path) -> None:
