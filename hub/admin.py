@@ -287,6 +287,19 @@ class AdminSession(Session):
         if self._flush_handle is None:
             self._schedule_flush()
 
+    def request_resync(self, reason: str) -> None:
+        """Events meant for this console were lost elsewhere (between hubs): drop what is
+        queued and send ``resync`` and a fresh snapshot, as past the queue's bound."""
+        if self.resync_pending or self.hold:
+            return
+        self._queue.clear()
+        self._queue_bytes = 0
+        self.resync_pending = True
+        self.host.auditor.record(
+            "admin.resync", actor=self.actor, source=self.conn.peer, reason=reason
+        )
+        self._schedule_flush()
+
     def _schedule_flush(self) -> None:
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)

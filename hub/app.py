@@ -378,6 +378,9 @@ class Hub:
             return "store unavailable"
         return ""
 
+    def readiness_warnings(self) -> list[str]:
+        return []
+
     def open_session(self, conn: HubConnection, principal: Principal, agent: bool) -> Session:
         if agent:
             return AgentSession(self, conn, principal)

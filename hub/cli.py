@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--jwt-secret-file", help="file holding the HS256 secret for agent JWTs")
     serve.add_argument("--allowed-origin", action="append", default=[], dest="allowed_origins")
     serve.add_argument("--max-agents", type=int)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("TETHER_WORKERS", "0")) or None,
+        help="run N hub processes on the one port (SO_REUSEPORT); needs --redis",
+    )
     serve.add_argument("--heartbeat-interval", type=float)
     serve.add_argument("--log-level")
     serve.add_argument("--log-json", action="store_true", default=None)
@@ -241,8 +247,9 @@ def _config_from(args: argparse.Namespace) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .app import Hub
+    from .cluster_hub import make_hub
     from .logs import configure_logging
+    from .store.base import StoreUnavailable
 
     config = _config_from(args)
     no_store = args.data_dir is None and config.redis_url is None and args.config is None
@@ -256,8 +263,19 @@ def _serve(args: argparse.Namespace) -> int:
     if config.client_crl is not None and config.client_ca is None:
         raise UsageError("--client-crl needs --client-ca")
 
+    workers = args.workers or 1
+    if workers > 1:
+        if config.redis_url is None:
+            raise UsageError(
+                "--workers needs --redis: the worker processes share one fleet through Redis "
+                "(each is a hub of its own; without a shared store they would split the fleet)"
+            )
+        from .workers import supervise
+
+        return supervise(config, workers, argv=sys.argv[1:])
+
     try:
-        hub = Hub(config)
+        hub = make_hub(config)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot start: {exc}") from None
 
@@ -266,6 +284,9 @@ def _serve(args: argparse.Namespace) -> int:
             await hub.serve_forever()
         except OSError as exc:
             print(f"tether-hub: cannot listen on {config.listen}: {exc}", file=sys.stderr)
+            return 2
+        except StoreUnavailable as exc:
+            print(f"tether-hub: cannot start: {exc}", file=sys.stderr)
             return 2
         return 0
 

@@ -25,6 +25,16 @@ class HubConfig(BaseModel):
     data_dir: Path = Path("./tether-data")
     hub_id: str = Field(default_factory=lambda: f"hub-{socket.gethostname()}"[:128])
     redis_url: str | None = None
+    #: Cluster mode: the prefix of every Redis key (several clusters may share a Redis).
+    redis_prefix: str = Field(default="tether", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    #: Longest any Redis call may take before Redis counts as down.
+    redis_timeout: float = Field(default=1.0, gt=0)
+    #: A hub's lease (and the leadership) lapse this long after the last renewal; each is
+    #: renewed every ``cluster_lease_interval``.
+    cluster_lease_ttl: float = Field(default=5.0, gt=0)
+    cluster_lease_interval: float = Field(default=1.0, gt=0)
+    #: Listen with SO_REUSEPORT (set for the worker processes of ``serve --workers N``).
+    reuse_port: bool = False
 
     # TLS and credentials
     tls_cert: Path | None = None
@@ -138,6 +148,7 @@ ENVIRONMENT = {
     "TETHER_ALLOWED_ORIGINS": "allowed_origins",
     "TETHER_MAX_AGENTS": "max_agents",
     "TETHER_LOG_LEVEL": "log_level",
+    "TETHER_REUSE_PORT": "reuse_port",
 }
 
 

@@ -91,6 +91,10 @@ class ServerHost(Protocol):
         """Why ``/readyz`` answers 503 ('' when ready)."""
         ...
 
+    def readiness_warnings(self) -> list[str]:
+        """What an operator should know even while ready (Redis without persistence)."""
+        ...
+
     def open_session(self, conn: HubConnection, principal: Principal, agent: bool) -> Session:
         """The session of a connection just upgraded on ``/ws`` (agent) or ``/admin``."""
         ...
@@ -377,14 +381,17 @@ class HubConnection(Connection):
         if path == "/healthz":
             return json_response(200, {"status": "ok"})
         reason = self.host.not_ready_reason()
+        warnings = self.host.readiness_warnings()
         if reason:
-            return json_response(503, {"status": "not_ready", "reason": reason})
-        return json_response(200, {"status": "ready"})
+            body: dict[str, object] = {"status": "not_ready", "reason": reason}
+        else:
+            body = {"status": "ready"}
+        if warnings:
+            body["warnings"] = warnings
+        return json_response(503 if reason else 200, body)
 
 
-def listen_now(
-    host: str, port: int, backlog: int, reuse_port: bool = False
-) -> list[socket.socket]:
+def listen_now(host: str, port: int, backlog: int, reuse_port: bool = False) -> list[socket.socket]:
     """Bound, listening sockets for ``host:port``, one per address, to be served later.
 
     A hub listens before it loads its state: while it reads tens of thousands of agents

@@ -68,6 +68,12 @@ ensure_redis() {
     say "redis-server missing and not installable; cluster tests will fail"
 }
 
+# nginx in front of two hubs is part of the cluster tests (docs/cluster.md's example).
+ensure_nginx() {
+  command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || apt_install nginx-light || \
+    apt_install nginx || say "nginx missing and not installable; the nginx test will fail"
+}
+
 ensure_venv() {
   ensure_python
   local stamp="$VENV/.tether-installed"
@@ -94,6 +100,7 @@ bootstrap() {
   ensure_venv
   ensure_qt_libraries
   ensure_redis
+  ensure_nginx
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

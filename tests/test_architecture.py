@@ -32,10 +32,13 @@ LAYERS: list[tuple[str, set[str]]] = [
             "hub.ledger_rules",
         },
     ),
-    ("services", {"hub.ledger", "hub.alerts", "hub.fleet", "hub.gate", "hub.queries"}),
+    (
+        "services",
+        {"hub.ledger", "hub.alerts", "hub.fleet", "hub.gate", "hub.queries", "hub.cluster"},
+    ),
     ("sessions", {"hub.channel", "hub.agent_session", "hub.admin", "hub.server"}),
-    ("wiring", {"hub.app"}),
-    ("programs", {"hub.cli", "hub.__main__"}),
+    ("wiring", {"hub.app", "hub.cluster_hub"}),
+    ("programs", {"hub.cli", "hub.__main__", "hub.workers"}),
 ]
 
 
