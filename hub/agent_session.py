@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .auth import Principal
 from .channel import Session, error_ref
 from .model import AgentRecord
+from .probe import answer_probe, probe_audit
 from .protocol.codec import encode
 from .protocol.constants import Close
 from .protocol.messages import (
@@ -23,6 +24,7 @@ from .protocol.messages import (
     Ack,
     Heartbeat,
     Output,
+    Probe,
     Register,
     Result,
     ValidationError,
@@ -178,6 +180,21 @@ class AgentSession(Session):
         if self.registering:
             # Reading is paused while a registration completes; this is a pipelined extra.
             self.invalid(error_ref(obj), "wait for welcome before sending more")
+            return
+        if obj.get("type") == "probe":  # extension: hub/probe.py, docs/protocol.md §4
+            hub = self.hub
+            try:
+                probe = Probe.model_validate(obj)
+            except ValidationError as exc:
+                self._refuse(f"invalid probe: {describe_validation_error(exc)}")
+                return
+            answer = answer_probe(
+                self.principal, probe, hub.credentials, hub.registry, hub.config.max_agents,
+                hub.hub_id, hub.heartbeat_interval_wire,
+            )  # fmt: skip
+            audit = probe_audit(answer)
+            hub.auditor.record("agent.probe", actor=self.actor, source=self.conn.peer, **audit)
+            self.close(Close.NORMAL, "probe answered", farewell=encode(answer.model_dump()))
             return
         if obj.get("type") != "register":
             self._refuse("the first message must be register")
