@@ -231,7 +231,7 @@ async def _proxy(route: ProxyRoute, host: str, port: int, options: DoctorOptions
     except ProxyRefused as exc:
         if exc.stage == "reach":
             hint = "check the proxy's host and port, and that this host may reach it"
-        elif exc.status == 407 or "authentication" in exc.reason.lower():
+        elif exc.status in (401, 407) or "authentication" in exc.reason.lower():
             hint = "put the proxy's user name and password in the URL: http://USER:PASS@HOST:PORT"
         elif exc.stage == "timeout":
             hint = "the proxy accepted the connection but did not open the tunnel in time"

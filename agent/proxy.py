@@ -42,8 +42,10 @@ Scheme = Literal["http", "socks5"]
 DEFAULT_PORTS: dict[str, int] = {"http": 80, "socks5": 1080}
 #: What a refusing HTTP proxy means, in words an operator can act on.
 HTTP_REFUSALS = {
+    401: "the proxy refused the credentials in the proxy URL",
     403: "the proxy forbids CONNECT to this host or port (its ACL or allowed ports)",
     407: "the proxy wants credentials, or refused the ones in the proxy URL",
+    500: "the proxy could not connect to the hub (wrong host or port, or the hub is down)",
     502: "the proxy could not reach the hub (check the hub's name and port from the proxy)",
     503: "the proxy could not reach the hub or is overloaded",
     504: "the proxy timed out reaching the hub",

@@ -360,6 +360,8 @@ async def test_doctor_passes_against_a_live_hub_and_explains_refusals(
     # Nothing of that registered anything.
     assert "doc-1" not in hub.hub.registry.records
     assert "someone-else" not in hub.hub.registry.records
+
+
 async def test_simulated_fleet_registers_answers_and_reenrolls_with_keys(
     hub: HubHandle, admin: AdminClient
 ) -> None:
