@@ -607,6 +607,8 @@ class AgentClient:
         connection.start_keepalive(settings.keepalive_interval, settings.keepalive_timeout)
         connection.start_heartbeat(welcome.heartbeat_interval)
         if self.report is not None:
+            if welcome.agent_key:  # enrolled: the key issued is the credential from now on
+                self.report.credential = credential_view(welcome.agent_key)
             self.report.connected(welcome.hub_id)
         log.info(
             "event=registered agent_id=%s hub_id=%s session_id=%s heartbeat_s=%g "
