@@ -101,6 +101,12 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", metavar="DIR")
     run.add_argument("--allow-exec", nargs="*", metavar="PROGRAM")
     run.add_argument("--max-concurrency", type=int, default=4, metavar="N")
+    # Tuning for links that need it (and for tests that scale time down): the agent pings
+    # the hub every --keepalive-interval s and gives up on it after --keepalive-timeout s
+    # without a pong (PROTOCOL §4.2: 30 and 20); retries wait at most --backoff-cap s (60).
+    run.add_argument("--keepalive-interval", type=float, default=30.0, metavar="S")
+    run.add_argument("--keepalive-timeout", type=float, default=20.0, metavar="S")
+    run.add_argument("--backoff-cap", type=float, default=60.0, metavar="S")
     log_level(run)
 
     sim = commands.add_parser("simulate", help="run many simulated agents in one process")
@@ -312,6 +318,7 @@ def _settings(
 
 
 async def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .backoff import Backoff
     from .executor import Executor
     from .handlers import default_registry
     from .handlers.exec import ExecPolicy
@@ -327,6 +334,8 @@ async def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     token = resolve_token(args, env)
     if args.max_concurrency < 1:
         raise UsageError("--max-concurrency must be at least 1")
+    if min(args.keepalive_interval, args.keepalive_timeout, args.backoff_cap) <= 0:
+        raise UsageError("--keepalive-interval, --keepalive-timeout and --backoff-cap are > 0")
     profile = AgentProfile(
         agent_id=agent_id,
         platform=args.platform or env.get("TETHER_PLATFORM") or detect_platform(env),
@@ -365,7 +374,17 @@ async def _run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     )
     report = StatusReport(state_dir, agent_id, __version__, CommandLog())
     executor.tracker = report.commands
-    client = AgentClient(profile, settings, credentials, executor, HostMetrics(), report=report)
+    settings.keepalive_interval = args.keepalive_interval
+    settings.keepalive_timeout = args.keepalive_timeout
+    client = AgentClient(
+        profile,
+        settings,
+        credentials,
+        executor,
+        HostMetrics(),
+        report=report,
+        backoff=Backoff(cap=args.backoff_cap),
+    )
     assert settings.proxy is not None
     log.info(
         "event=starting agent_id=%s version=%s hubs=%s state_dir=%s credential=%s "
