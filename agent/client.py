@@ -69,6 +69,11 @@ REFUSALS = {
     503: "the hub is at capacity or overloaded",
 }
 
+#: The reason Connection's keepalive closes with (1011) when a pong is late.
+KEEPALIVE_TIMEOUT = "keepalive ping timeout"
+#: How long a connection whose keepalive timed out waits for the closing handshake.
+DEAD_LINK_CLOSE_TIMEOUT = 1.0
+
 #: Background tasks must be referenced somewhere until they finish.
 _background: set[asyncio.Task[None]] = set()
 
@@ -169,6 +174,10 @@ class AgentConnection(Connection):
 
     def close(self, code: int = Close.NORMAL, reason: str = "") -> None:
         self._uncork()  # what was sent goes before the close frame
+        if code == Close.INTERNAL_ERROR and reason == KEEPALIVE_TIMEOUT:
+            # The hub stopped answering pings: the link is presumed dead, so waiting the
+            # usual 5 s for its closing handshake only delays the next dial.
+            self.close_timeout = min(self.close_timeout, DEAD_LINK_CLOSE_TIMEOUT)
         super().close(code, reason)
 
     async def drain(self) -> None:
