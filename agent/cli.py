@@ -459,8 +459,6 @@ async def _doctor(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .status import credential_view, read_status, status_dirs
 
     config = apply_config(args, env)
-    settings = _settings(args, env, config)
-    assert settings.proxy is not None
     agent_id = resolve_agent_id(args.agent_id, env, required=False)
     state_dir: Path | None = None
     if args.state_dir or env.get("TETHER_STATE_DIR") or agent_id:
@@ -469,10 +467,14 @@ async def _doctor(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         found = status_dirs(env)
         if len(found) == 1:  # the one agent installed here
             state_dir = found[0]
-    if state_dir is not None and not agent_id:
-        status = read_status(state_dir)
-        if status is not None and isinstance(status.get("agent_id"), str):
-            agent_id = status["agent_id"]
+    status = read_status(state_dir) if state_dir is not None else None
+    if status is not None and not agent_id and isinstance(status.get("agent_id"), str):
+        agent_id = status["agent_id"]
+    hub_configured = args.hub or env.get("TETHER_HUB_URL") or env.get("CONTROL_PLANE_URL")
+    if not hub_configured and status is not None and isinstance(status.get("hub_url"), str):
+        args.hub = [status["hub_url"]]  # the hub the installed agent last dialed
+    settings = _settings(args, env, config)
+    assert settings.proxy is not None
     token = resolve_token(args, env)
     saved = KeyFile(state_dir).load() if state_dir is not None else None
     # What `run` would present: the saved agent key wins over the token.
@@ -599,8 +601,12 @@ def _configure_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
-def _event_loop_runner() -> asyncio.Runner:
-    """uvloop when it is installed: cheaper per connection, which ``simulate`` feels most."""
+def _event_loop_runner(command: str) -> asyncio.Runner:
+    """uvloop for ``simulate``, when it is installed: cheaper per connection, which ten
+    thousand simulated agents feel. Not for one real agent: it would gain nothing there and
+    costs about 9 MB of resident memory (bench/agent_footprint.py)."""
+    if command != "simulate":
+        return asyncio.Runner()
     try:
         import uvloop
     except ImportError:
@@ -628,7 +634,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     try:
         if args.command == "status":
             return _status(args, env)
-        with _event_loop_runner() as runner:
+        with _event_loop_runner(args.command) as runner:
             return runner.run(COMMANDS[args.command](args, env))
     except UsageError as exc:
         print(f"tether-agent {args.command}: {exc}", file=sys.stderr)

@@ -8,6 +8,7 @@ bytes are exactly the ones docs/protocol.md describes; the doctor side through
 from __future__ import annotations
 
 import io
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,16 @@ async def test_doctor_cli_reads_the_installed_agent_and_its_saved_key(
     assert "agent key" in result.stdout and f"saved in {state}" in result.stdout
     assert "bound to 'edge-5'" in result.stdout and "ok    clock" in result.stdout
     assert "edge-5" not in hub.hub.registry.records
+
+    # No hub configured in the shell: the hub the installed agent last dialed (its status).
+    (state / "status.json").write_text(
+        json.dumps({"agent_id": "edge-5", "state": "stopped", "hub_url": hub.url})
+    )
+    bare = tmp_path / "bare.toml"
+    bare.write_text(f'state_dir = "{state}"\n')
+    result = await run_cli_async("agent", "doctor", "--config", str(bare))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{hub.url}/ws as agent 'edge-5'" in result.stdout
 
 
 def test_doctor_without_a_credential_is_a_usage_error(tmp_path: Path, capsys: Any) -> None:
