@@ -9,7 +9,8 @@ Three figures (issue 15), each printed beside its floor measured in the same run
   websockets does by default);
 * the command round trip added by an HTTP CONNECT proxy (tinyproxy) on loopback: ``ping``
   commands dispatched one after the other to an agent dialing directly and to one dialing
-  through the proxy, medians and p99 (floor: a TCP echo through the same proxy).
+  through the proxy (tinyproxy, HTTP CONNECT; and Dante, SOCKS5), medians and p99 (floor: a
+  TCP echo through the same HTTP proxy).
 
     /work/coord/bench-lock .venv/bin/python bench/agent_footprint.py [--idle-seconds 600]
 
@@ -223,22 +224,42 @@ def proxy_figures(hub: Hub, work: Path, count: int) -> dict[str, Any]:
     conf.write_text(f"Port {port}\nListen 127.0.0.1\nAllow 127.0.0.1\nLogLevel Warning\n"
                     f'LogFile "{work / "tinyproxy.log"}"\nMaxClients 50\n')  # fmt: skip
     proxy = subprocess.Popen(["tinyproxy", "-d", "-c", str(conf)])
+    socks_port = free_port()
+    dante_conf = work / "danted.conf"
+    dante_conf.write_text(
+        f"logoutput: {work / 'danted.log'}\ninternal: 127.0.0.1 port = {socks_port}\n"
+        "external: 127.0.0.1\nclientmethod: none\nsocksmethod: none\n"
+        "user.privileged: root\nuser.unprivileged: nobody\n"
+        "client pass { from: 0.0.0.0/0 to: 0.0.0.0/0 }\n"
+        "socks pass { from: 0.0.0.0/0 to: 0.0.0.0/0 }\n"
+    )
+    dante = subprocess.Popen(
+        ["danted", "-f", str(dante_conf), "-N", "1", "-p", str(work / "danted.pid")]
+    )
+    time.sleep(1.0)
     direct = start_agent(hub, "direct-1", work / "direct-1")
     proxied = start_agent(
         hub, "proxied-1", work / "proxied-1", "--proxy", f"http://127.0.0.1:{port}"
     )
+    socksed = start_agent(
+        hub, "socks-1", work / "socks-1", "--proxy", f"socks5://127.0.0.1:{socks_port}"
+    )
     try:
         wait_connected(work / "direct-1")
         wait_connected(work / "proxied-1")
+        wait_connected(work / "socks-1")
 
         async def measure() -> dict[str, Any]:
             await round_trips(hub, "direct-1", 20)  # warm up both paths
             await round_trips(hub, "proxied-1", 20)
+            await round_trips(hub, "socks-1", 20)
             a: list[float] = []
             b: list[float] = []
-            for _ in range(count // 50):  # interleaved blocks: both see the same machine
+            c: list[float] = []
+            for _ in range(count // 50):  # interleaved blocks: all see the same machine
                 a += await round_trips(hub, "direct-1", 50)
                 b += await round_trips(hub, "proxied-1", 50)
+                c += await round_trips(hub, "socks-1", 50)
             echo_direct = await echo_round_trips(None, 500)
             echo_proxy = await echo_round_trips(port, 500)
             return {
@@ -246,6 +267,10 @@ def proxy_figures(hub: Hub, work: Path, count: int) -> dict[str, Any]:
                 "direct": summary(a),
                 "through_proxy": summary(b),
                 "added_median_ms": round((statistics.median(b) - statistics.median(a)) * 1000, 3),
+                "through_socks5_dante": summary(c),
+                "socks5_added_median_ms": round(
+                    (statistics.median(c) - statistics.median(a)) * 1000, 3
+                ),
                 "floor_tcp_echo_direct": summary(echo_direct),
                 "floor_tcp_echo_through_proxy": summary(echo_proxy),
                 "floor_added_median_ms": round(
@@ -255,7 +280,7 @@ def proxy_figures(hub: Hub, work: Path, count: int) -> dict[str, Any]:
 
         return asyncio.run(measure())
     finally:
-        for process in (direct, proxied, proxy):
+        for process in (direct, proxied, socksed, proxy, dante):
             process.terminate()
             process.wait(20)
 
