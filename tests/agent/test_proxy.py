@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,9 @@ async def test_agent_registers_through_tinyproxy_with_basic_auth(
     client = await clients([hub.url], await hub.agent_token("px-1"), "px-1", proxy=settings)
     await wait_for(lambda: client.registered, 15, what="registered through the proxy")
     assert proxy.connects() == 1
+    # Small messages leave at once through the tunnel too (no Nagle delay on ack + result).
+    sock = client.connection.transport.get_extra_info("socket")  # type: ignore[union-attr]
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     await round_trip(hub, "px-1")
     assert "pa55-w0rd" not in caplog.text  # the proxy password is never logged
 
