@@ -467,7 +467,10 @@ async def _doctor(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         found = status_dirs(env)
         if len(found) == 1:  # the one agent installed here
             state_dir = found[0]
-    status = read_status(state_dir) if state_dir is not None else None
+    try:
+        status = read_status(state_dir) if state_dir is not None else None
+    except PermissionError:
+        raise UsageError(f"cannot read {state_dir}: permission denied") from None
     if status is not None and not agent_id and isinstance(status.get("agent_id"), str):
         agent_id = status["agent_id"]
     hub_configured = args.hub or env.get("TETHER_HUB_URL") or env.get("CONTROL_PLANE_URL")
@@ -476,7 +479,13 @@ async def _doctor(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = _settings(args, env, config)
     assert settings.proxy is not None
     token = resolve_token(args, env)
-    saved = KeyFile(state_dir).load() if state_dir is not None else None
+    try:
+        saved = KeyFile(state_dir).load() if state_dir is not None else None
+    except PermissionError:
+        raise UsageError(
+            f"cannot read the agent key in {state_dir}: permission denied "
+            "(run as the agent's user or root)"
+        ) from None
     # What `run` would present: the saved agent key wins over the token.
     presented = saved or token
     if not presented and not args.cert:
@@ -533,7 +542,12 @@ def _status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         if len(candidates) > 1:
             names = ", ".join(str(path) for path in candidates)
             raise UsageError(f"several agents have state here ({names}): pick one with --state-dir")
-    status = read_status(candidates[0]) if candidates else None
+    try:
+        status = read_status(candidates[0]) if candidates else None
+    except PermissionError:
+        raise UsageError(
+            f"cannot read {candidates[0]}: permission denied (run as the agent's user or root)"
+        ) from None
     if status is None:
         where = candidates[0] if candidates else "the usual places"
         print(f"tether-agent status: no agent state found in {where}", file=sys.stderr)

@@ -60,7 +60,10 @@ CLOSE_WORDS = {
 
 def close_reason(code: int, reason: str) -> str:
     words = CLOSE_WORDS.get(code, "closed")
-    return f"{words} ({reason})" if reason and reason not in words else words
+    # The hub's own reason when it says more than the words do ("hub restarting" does not).
+    if reason and not set(reason.lower().split()) <= set(words.lower().split()):
+        return f"{words} ({reason})"
+    return words
 
 
 def credential_view(token: str | None, certificate: bool = False) -> dict[str, str | None]:
@@ -297,6 +300,8 @@ def read_status(state_dir: Path, now: float | None = None) -> dict[str, Any] | N
     """
     try:
         raw = orjson.loads((state_dir / STATUS_FILE).read_bytes())
+    except PermissionError:
+        raise  # "no state" would mislead: the caller says whose it is
     except (OSError, orjson.JSONDecodeError):
         return None
     if not isinstance(raw, dict):
