@@ -11,6 +11,8 @@ within a few minutes (docs/agent.md, "Tested on real networks" says the same):
   1.8), the hub's heartbeat interval is 2 s (stale after 4 s, offline after 6 s: the outage
   is 3.3 offline times instead of 2), and the agent's backoff is capped at 4 s (60 s) so that
   it is back within seconds of the link;
+* half-open connection superseded: the hub's heartbeat interval is 10 s (offline after 30 s)
+  so that it still holds the dead connection when the agent, pinging every 2 s, is back;
 * the clock an hour off is a real hour (libfaketime), nothing scaled.
 """
 
@@ -232,3 +234,32 @@ async def test_an_agent_clock_an_hour_off(
     assert "WARN  clock" in result.stdout and "ahead of the hub" in result.stdout
     assert re.search(r"this host is 36\d\d\.\d s ahead", result.stdout)
     assert "ok    credential" in result.stdout
+
+
+async def test_a_half_open_connection_is_superseded_once(
+    network: Topology, hub_factory: Callable[..., Any], agent_processes: Any, tmp_path: Path
+) -> None:
+    """The link dies for less than the hub's offline time: the hub still holds the dead
+    connection when the agent is back. The new one supersedes it, once: the 4001 goes to a
+    connection the agent already gave up, so nothing comes back to take over again."""
+    hub = await hub_factory(listen=f"{network.hub_ip}:0", heartbeat_interval=10.0)
+    url = f"ws://{network.hub_ip}:{hub.hub.port}"
+    state = tmp_path / "state"
+    agent = agent_processes(
+        network, "run", "--hub", url, "--token", await hub.agent_token("half-1"),
+        "--agent-id", "half-1", "--state-dir", str(state),
+        "--keepalive-interval", "2", "--keepalive-timeout", "2", "--backoff-cap", "2",
+    )  # fmt: skip
+    live = hub.hub.registry.live
+    await wait_for(lambda: "half-1" in live, 30, what="registered")
+    old = live["half-1"]
+    network.cut()
+    await wait_for(lambda: "event=disconnected" in agent.text(), 10, what="agent gave up")
+    network.heal()
+    await wait_for(lambda: live.get("half-1") not in (None, old), 30, what="reconnected")
+    assert old.conn.closed or old.conn.close_code()[0] == 4001
+    new = live["half-1"]
+    await asyncio.sleep(6)  # several keepalive rounds: nothing takes the id over again
+    assert live.get("half-1") is new
+    assert hub.hub.metrics.disconnects.get(4001, 0) == 1
+    assert "event=superseded" not in agent.text()
