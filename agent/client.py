@@ -47,7 +47,9 @@ from . import __version__
 from .executor import Executor
 from .metrics import MetricsSource
 from .profile import AgentProfile
+from .proxy import ProxyRefused, ProxySettings, open_tunnel
 from .state import Credentials
+from .status import StatusReport, close_reason, credential_view
 
 __all__ = ["AgentClient", "AgentConnection", "ClientSettings", "agent_url"]
 
@@ -66,6 +68,11 @@ REFUSALS = {
     429: "too many failed logins from this address; cooling off",
     503: "the hub is at capacity or overloaded",
 }
+
+#: The reason Connection's keepalive closes with (1011) when a pong is late.
+KEEPALIVE_TIMEOUT = "keepalive ping timeout"
+#: How long a connection whose keepalive timed out waits for the closing handshake.
+DEAD_LINK_CLOSE_TIMEOUT = 1.0
 
 #: Background tasks must be referenced somewhere until they finish.
 _background: set[asyncio.Task[None]] = set()
@@ -106,6 +113,10 @@ class ClientSettings:
     keepalive_timeout: float = 20.0
     #: Grace given to running commands when the agent stops.
     shutdown_grace: float = 5.0
+    #: Outbound proxies (None: always direct, as ``simulate`` dials).
+    proxy: ProxySettings | None = None
+    #: The client certificate authenticates when no token is presented (mTLS).
+    has_certificate: bool = False
 
 
 class AgentConnection(Connection):
@@ -163,6 +174,10 @@ class AgentConnection(Connection):
 
     def close(self, code: int = Close.NORMAL, reason: str = "") -> None:
         self._uncork()  # what was sent goes before the close frame
+        if code == Close.INTERNAL_ERROR and reason == KEEPALIVE_TIMEOUT:
+            # The hub stopped answering pings: the link is presumed dead, so waiting the
+            # usual 5 s for its closing handshake only delays the next dial.
+            self.close_timeout = min(self.close_timeout, DEAD_LINK_CLOSE_TIMEOUT)
         super().close(code, reason)
 
     async def drain(self) -> None:
@@ -273,6 +288,7 @@ class AgentClient:
         "last_error",
         "metrics",
         "profile",
+        "report",
         "settings",
         "source",
     )
@@ -287,8 +303,11 @@ class AgentClient:
         *,
         backoff: Backoff | None = None,
         source: str | None = None,
+        report: StatusReport | None = None,
     ) -> None:
         self.profile = profile
+        #: ``status.json`` in the state dir (a real agent's; simulated ones keep none).
+        self.report = report
         #: The local address to dial from (None: the system's choice); ``simulate`` spreads
         #: its agents over several so that one address's ports do not run out.
         self.source = source
@@ -359,6 +378,8 @@ class AgentClient:
             if rotate and len(urls) > 1:
                 self._url_index = (self._url_index + 1) % len(urls)
             delay = self.last_delay = self.backoff.next_delay(hint)
+            if self.report is not None:
+                self.report.waiting(delay)
             log.info(
                 "event=reconnect_wait agent_id=%s delay_s=%.2f attempt=%d",
                 self.profile.agent_id,
@@ -383,6 +404,8 @@ class AgentClient:
         if connection is not None:
             connection.close(Close.NORMAL, "agent stopping")
             await asyncio.wait([connection.done], timeout=connection.close_timeout + 1)
+        if self.report is not None:
+            self.report.stopped()
 
     # -- one connection --------------------------------------------------------------
 
@@ -393,19 +416,49 @@ class AgentClient:
         credential = self.credentials.current()
         self.attempts += 1
         self.last_error = None
+        target = agent_url(url)
+        settings = self.settings
+        route = settings.proxy.route(target) if settings.proxy is not None else None
+        report = self.report
+        if report is not None:
+            view = credential_view(credential, settings.has_certificate)
+            report.connecting(url, view, route.reason if route is not None else None)
         try:
-            connection = await connect(
-                agent_url(url),
-                lambda protocol: AgentConnection(protocol, self, credential),
-                headers=_headers(credential),
-                subprotocols=[AGENT_SUBPROTOCOL],
-                ssl_context=self.settings.ssl_context,
-                open_timeout=self.settings.open_timeout,
-                local_addr=(self.source, 0) if self.source else None,
-            )
+            async with asyncio.timeout(settings.open_timeout):
+                sock = None
+                if route is not None and route.proxy is not None:
+                    parts = urlsplit(target)
+                    port = parts.port or (443 if parts.scheme == "wss" else 80)
+                    sock = await open_tunnel(
+                        route.proxy, parts.hostname or "", port, settings.open_timeout
+                    )
+                connection = await connect(
+                    target,
+                    lambda protocol: AgentConnection(protocol, self, credential),
+                    headers=_headers(credential),
+                    subprotocols=[AGENT_SUBPROTOCOL],
+                    ssl_context=settings.ssl_context,
+                    open_timeout=settings.open_timeout,
+                    local_addr=(self.source, 0) if self.source else None,
+                    sock=sock,
+                )
         except HandshakeRefused as exc:
-            return await self._refused(url, exc, credential), True
+            hint = await self._refused(url, exc, credential)
+            if report is not None:
+                words = REFUSALS.get(exc.status, "unexpected answer")
+                report.ended(None, f"HTTP {exc.status} at the upgrade: {words}")
+            return hint, True
+        except ProxyRefused as exc:
+            self.last_error = f"proxy: {exc.stage}"
+            log.warning(
+                "event=proxy_failed agent_id=%s url=%s reason=%r", agent_id, url, exc.reason
+            )
+            if report is not None:
+                report.ended(None, exc.reason)
+            return None, True
         except (OSError, TimeoutError, ssl.SSLError) as exc:
+            if report is not None:
+                report.ended(None, f"could not connect: {str(exc) or type(exc).__name__}")
             self.last_error = self.last_error or f"connect: {type(exc).__name__}"
             log.warning(
                 "event=connect_failed agent_id=%s url=%s error=%r", agent_id, url, str(exc) or exc
@@ -425,6 +478,8 @@ class AgentClient:
             self.connection = None
             if self.executor.outbound is connection:
                 self.executor.outbound = None
+        if report is not None and not (self._stopping and code == Close.NORMAL):
+            report.ended(code, close_reason(code, reason))
         return await self._closed(url, connection, code, reason)
 
     async def _refused(
@@ -560,6 +615,10 @@ class AgentClient:
         settings = self.settings
         connection.start_keepalive(settings.keepalive_interval, settings.keepalive_timeout)
         connection.start_heartbeat(welcome.heartbeat_interval)
+        if self.report is not None:
+            if welcome.agent_key:  # enrolled: the key issued is the credential from now on
+                self.report.credential = credential_view(welcome.agent_key)
+            self.report.connected(welcome.hub_id)
         log.info(
             "event=registered agent_id=%s hub_id=%s session_id=%s heartbeat_s=%g "
             "credential=%s new_key=%s",

@@ -1,15 +1,15 @@
 """``tether-agent doctor``: why can this host not reach its hub? One step at a time.
 
-DNS, TCP, TLS (for ``wss://``), the HTTP upgrade, then the credential (``register`` until
-``welcome``, then close 1000). Each step prints ``ok``, ``FAIL`` or ``skip`` with what it saw
-and, on failure, a hint in plain words; later steps are skipped after a failure because they
-cannot tell anything new. The probe never answers commands: whatever the hub redelivers to
-this id stays unfinished and goes to the real agent on its next connection.
+The proxy (which one, chosen by what, reached, tunnel answered, authenticated), DNS, TCP, TLS
+(for ``wss://``), the HTTP upgrade, the credential, and the clock. Each step prints ``ok``,
+``FAIL``, ``WARN`` or ``skip`` with what it saw and, on failure, a hint in plain words; later
+steps are skipped after a failure because they cannot tell anything new.
 
-Side effects an operator should know (printed as notes): registering takes over a live
-connection of the same id (the real agent reconnects within about a minute), and an
-enrollment key issues an agent key, which is saved to the agent's state dir so that
-``tether-agent run`` uses it.
+A diagnostic must not change what it diagnoses: the credential step sends ``probe`` instead of
+``register`` (docs/protocol.md §4). The hub authenticates the connection exactly as a real one
+and answers what ``register`` would meet (the id the credential is bound to, what an
+enrollment key admits, whether this id would be accepted) without taking over the live
+connection, spending an enrollment use, issuing a key or creating an agent.
 """
 
 from __future__ import annotations
@@ -17,14 +17,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import re
 import socket
 import ssl
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlsplit
 
@@ -34,15 +32,19 @@ from websockets.client import ClientProtocol
 from hub.protocol.codec import decode, encode
 from hub.protocol.connection import Connection, HandshakeRefused, connect
 from hub.protocol.constants import AGENT_SUBPROTOCOL, Close
-from hub.protocol.messages import HUB_TO_AGENT, Register, ValidationError, Welcome
+from hub.protocol.messages import HUB_TO_AGENT, Probe, ProbeResult, ValidationError
 from hub.protocol.tls import peer_fingerprint
 
 from . import __version__
 from .client import REFUSALS, agent_url
 from .profile import AgentProfile
-from .state import KeyFile, prepare_state_dir
+from .proxy import ProxyRefused, ProxyRoute, open_tunnel
 
-__all__ = ["DoctorOptions", "doctor", "jwt_claims"]
+__all__ = ["CLOCK_WARN_S", "DoctorOptions", "doctor", "jwt_claims"]
+
+#: A host clock further than this from the hub's is warned about (JWT ``nbf``/``iat`` get
+#: 30 s of leeway; TLS validity and log timestamps suffer too).
+CLOCK_WARN_S = 30.0
 
 TOKEN_HINT = (
     "create one with `tether-hub token create --data-dir DIR --agent ID` "  # noqa: S105
@@ -63,16 +65,21 @@ HINTS = {
 @dataclass(frozen=True, slots=True)
 class DoctorOptions:
     url: str
+    #: The bearer token ``run`` would present (a saved agent key before the given token).
     token: str | None
+    #: ``profile.agent_id`` '' means none was configured: the hub says what is bound.
     profile: AgentProfile
     ssl_context: ssl.SSLContext | None = None
     pin_sha256: bytes | None = None
-    #: Where an agent key issued at enrollment is saved (None: not saved).
-    state_dir: Path | None = None
     timeout: float = 10.0
+    route: ProxyRoute | None = None
+    #: How to name the credential: kind, id and where it came from (never the secret).
+    credential: str = ""
+    #: The region was configured (not only defaulted): have the hub check it too.
+    check_region: bool = True
 
 
-STEPS = ("DNS", "TCP", "TLS", "upgrade", "credential")
+STEPS = ("proxy", "DNS", "TCP", "TLS", "upgrade", "credential", "clock")
 
 
 class _Failed(Exception):
@@ -111,27 +118,30 @@ class _Report:
 
 
 class _Probe(Connection):
-    """Just enough of the agent channel to register and see the answer; never runs commands."""
+    """Just enough of the agent channel to ask ``probe`` and read the answer."""
 
-    __slots__ = ("ended", "register", "welcome")
+    __slots__ = ("answer", "ended", "probe", "sent_at")
 
-    def __init__(self, protocol: ClientProtocol, register: Register) -> None:
+    def __init__(self, protocol: ClientProtocol, probe: Probe) -> None:
         super().__init__(protocol)
         loop = asyncio.get_running_loop()
-        self.register = register
-        self.welcome: asyncio.Future[Welcome] = loop.create_future()
+        self.probe = probe
+        self.sent_at = 0.0
+        self.answer: asyncio.Future[tuple[ProbeResult, float]] = loop.create_future()
         self.ended: asyncio.Future[tuple[int, str]] = loop.create_future()
 
     def on_open(self) -> None:
-        self.send_text(encode(self.register.model_dump()))
+        self.sent_at = time.time()
+        self.send_text(encode(self.probe.model_dump(exclude_none=True)))
 
     def on_message(self, data: bytes) -> None:
         try:
             message = HUB_TO_AGENT.validate_python(decode(data))
         except (ValueError, ValidationError):
             return
-        if type(message) is Welcome and not self.welcome.done():
-            self.welcome.set_result(message)
+        if type(message) is ProbeResult and not self.answer.done():
+            # The hub's clock was read about halfway between the probe and the answer.
+            self.answer.set_result((message, (self.sent_at + time.time()) / 2))
 
     def on_close(self, code: int, reason: str) -> None:
         if not self.ended.done():
@@ -147,28 +157,106 @@ async def doctor(options: DoctorOptions, out: TextIO | None = None) -> bool:
     host = parts.hostname or ""
     secure = parts.scheme == "wss"
     port = parts.port or (443 if secure else 80)
-    print(
-        f"tether-agent doctor {__version__}: {url} as agent {options.profile.agent_id!r}", file=out
-    )
+    agent_id = options.profile.agent_id
+    who = f"as agent {agent_id!r}" if agent_id else "(no agent id configured)"
+    print(f"tether-agent doctor {__version__}: {url} {who}", file=out)
+    if options.credential:
+        print(f"credential: {options.credential}", file=out)
+    route = options.route
+    proxied = route is not None and route.proxy is not None
     try:
-        report.line("ok", "DNS", await _dns(host, port, options))
-        report.line("ok", "TCP", await _tcp(host, port, options))
+        if route is None or route.proxy is None:
+            reason = route.reason if route is not None else "direct"
+            report.line("skip", "proxy", reason)
+            report.line("ok", "DNS", await _dns(host, port, options))
+            report.line("ok", "TCP", await _tcp(host, port, options))
+        else:
+            report.line("ok", "proxy", await _proxy(route, host, port, options))
+            report.line("skip", "DNS", f"{host} is resolved by the proxy")
+            report.line("skip", "TCP", "through the proxy's tunnel (above)")
         if secure:
             report.line("ok", "TLS", await _tls(host, port, options))
         else:
             report.line("skip", "TLS", "plain ws:// (no TLS: fine on loopback, not beyond)")
-        probe = await _upgrade(url, options)
+        probe = await _upgrade(url, host, port, options)
         report.line("ok", "upgrade", f"HTTP 101, subprotocol {AGENT_SUBPROTOCOL}")
-        detail, notes = await _credential(probe, options)
+        answer, read_at = await _ask(probe, options)
+        detail, notes = _credential(answer, options)
         report.line("ok", "credential", detail)
         for note in notes:
             report.note(note)
+        verdict, detail = _clock(answer.server_time, read_at)
+        report.line(verdict, "clock", detail, _CLOCK_HINT if verdict != "ok" else "")
+        if verdict != "ok":
+            print("the clock check warned", file=out)
+            return False
     except _Failed as failure:
+        if proxied and failure.step in ("DNS", "TCP"):
+            failure.step = "proxy"
         report.failed(failure)
         print("some checks failed", file=out)
         return False
     print("all checks passed", file=out)
     return True
+
+
+_CLOCK_HINT = (
+    "set the host's clock (NTP: `timedatectl set-ntp true`, chrony); the agent copes by "
+    "judging command expiry by the hub's clock, but TLS, JWTs and logs do not"
+)
+
+
+def _clock(server_time: str, read_at: float) -> tuple[str, str]:
+    from datetime import datetime
+
+    try:
+        hub_time = datetime.fromisoformat(server_time).timestamp()
+    except ValueError:
+        return "WARN", f"the hub's server_time {server_time!r} is not a time"
+    offset = read_at - hub_time
+    if abs(offset) < 1.0:
+        # server_time may be whole seconds: below one second, no difference is measurable.
+        return "ok", f"within 1 s of the hub's ({server_time})"
+    side = "ahead of" if offset > 0 else "behind"
+    detail = f"this host is {abs(offset):.1f} s {side} the hub ({server_time})"
+    return ("WARN" if abs(offset) > CLOCK_WARN_S else "ok"), detail
+
+
+async def _proxy(route: ProxyRoute, host: str, port: int, options: DoctorOptions) -> str:
+    proxy = route.proxy
+    assert proxy is not None
+    started = time.perf_counter()
+    try:
+        sock = await open_tunnel(proxy, host, port, options.timeout)
+    except ProxyRefused as exc:
+        if exc.stage == "reach":
+            hint = "check the proxy's host and port, and that this host may reach it"
+        elif exc.status in (401, 407) or "authentication" in exc.reason.lower():
+            hint = "put the proxy's user name and password in the URL: http://USER:PASS@HOST:PORT"
+        elif exc.stage == "timeout":
+            hint = "the proxy accepted the connection but did not open the tunnel in time"
+        else:
+            hint = "ask the proxy's admins to allow CONNECT to the hub's host and port"
+        raise _Failed("proxy", f"{exc.reason} [{route.source}]", hint) from None
+    elapsed = (time.perf_counter() - started) * 1000
+    sock.close()
+    auth = f"authenticated as {proxy.username!r}" if proxy.username else "no authentication"
+    kind = "CONNECT" if proxy.scheme == "http" else "SOCKS5 CONNECT"
+    return (
+        f"{proxy.redacted()} chosen by {route.source}: reached, {kind} {host}:{port} "
+        f"answered ({auth}) in {elapsed:.1f} ms"
+    )
+
+
+async def _dial(host: str, port: int, options: DoctorOptions, step: str) -> socket.socket | None:
+    """A tunnel to the hub when a proxy is in the way; None to dial directly."""
+    route = options.route
+    if route is None or route.proxy is None:
+        return None
+    try:
+        return await open_tunnel(route.proxy, host, port, options.timeout)
+    except ProxyRefused as exc:
+        raise _Failed(step, f"the proxy tunnel failed this time: {exc.reason}") from None
 
 
 async def _dns(host: str, port: int, options: DoctorOptions) -> str:
@@ -216,7 +304,15 @@ async def _tls(host: str, port: int, options: DoctorOptions) -> str:
     context = options.ssl_context or ssl.create_default_context()
     try:
         async with asyncio.timeout(options.timeout):
-            _, writer = await asyncio.open_connection(host, port, ssl=context, server_hostname=host)
+            sock = await _dial(host, port, options, "TLS")
+            if sock is None:
+                _, writer = await asyncio.open_connection(
+                    host, port, ssl=context, server_hostname=host
+                )
+            else:
+                _, writer = await asyncio.open_connection(
+                    sock=sock, ssl=context, server_hostname=host
+                )
     except ssl.SSLCertVerificationError as exc:
         raise _Failed(
             "TLS",
@@ -253,19 +349,27 @@ async def _tls(host: str, port: int, options: DoctorOptions) -> str:
     return f"{ssl_object.version() if ssl_object else 'TLS'}, sha256 {_hex(fingerprint)}{expiry}"
 
 
-async def _upgrade(url: str, options: DoctorOptions) -> _Probe:
+async def _upgrade(url: str, host: str, port: int, options: DoctorOptions) -> _Probe:
     headers = [("User-Agent", f"tether-agent-doctor/{__version__}")]
     if options.token:
         headers.append(("Authorization", f"Bearer {options.token}"))
-    register = options.profile.register([])
+    profile = options.profile
+    probe = Probe(
+        type="probe",
+        agent_id=profile.agent_id or None,
+        platform=profile.platform or None,
+        region=profile.region if options.check_region else None,
+    )
     try:
+        sock = await _dial(host, port, options, "upgrade")
         connection = await connect(
             url,
-            lambda protocol: _Probe(protocol, register),
+            lambda protocol: _Probe(protocol, probe),
             headers=headers,
             subprotocols=[AGENT_SUBPROTOCOL],
             ssl_context=options.ssl_context,
             open_timeout=options.timeout,
+            sock=sock,
         )
     except HandshakeRefused as exc:
         status = exc.status
@@ -294,34 +398,30 @@ async def _upgrade(url: str, options: DoctorOptions) -> _Probe:
     return connection
 
 
-async def _credential(probe: _Probe, options: DoctorOptions) -> tuple[str, list[str]]:
+async def _ask(probe: _Probe, options: DoctorOptions) -> tuple[ProbeResult, float]:
     done, _ = await asyncio.wait(
-        {probe.welcome, probe.ended},
+        {probe.answer, probe.ended},
         timeout=options.timeout + 5,
         return_when=asyncio.FIRST_COMPLETED,
     )
     try:
-        if probe.welcome in done:
-            welcome = probe.welcome.result()
-            notes = [
-                "if an agent with this id was connected, the hub replaced it (close 4001); "
-                "it reconnects by itself within about a minute"
-            ]
-            if welcome.agent_key:
-                notes.append(_keep_key(welcome.agent_key, options))
-            detail = (
-                f"welcomed by hub {welcome.hub_id!r}, heartbeat every "
-                f"{welcome.heartbeat_interval:g} s"
-            )
-            return detail, notes
+        if probe.answer in done:
+            return probe.answer.result()
         if probe.ended in done:
             code, reason = probe.ended.result()
+            if code == Close.POLICY and "must be register" in reason:
+                raise _Failed(
+                    "credential",
+                    "the hub accepted the credential at the upgrade, but does not answer probe",
+                    "this hub is older than the agent: upgrade it to check the agent id "
+                    "without registering (the agent itself can still connect)",
+                )
             raise _Failed(
                 "credential", f"closed with {code} {reason!r}".rstrip(), _close_hint(code)
             )
         raise _Failed(
             "credential",
-            f"no welcome within {options.timeout + 5:g} s of register",
+            f"no answer within {options.timeout + 5:g} s of the probe",
             "the hub accepted the upgrade but did not answer; check its logs",
         )
     finally:
@@ -329,32 +429,69 @@ async def _credential(probe: _Probe, options: DoctorOptions) -> tuple[str, list[
         await asyncio.wait({probe.ended}, timeout=probe.close_timeout + 1)
 
 
+def _credential(answer: ProbeResult, options: DoctorOptions) -> tuple[str, list[str]]:
+    """What the hub said about the credential, as a verdict line and notes."""
+    credential = answer.credential
+    agent_id = options.profile.agent_id
+    notes: list[str] = []
+    if credential.kind == "enrollment_key":
+        uses = (
+            "no use limit" if credential.uses_left is None else f"{credential.uses_left} uses left"
+        )
+        admits = f"ids matching {credential.pattern!r}" if credential.pattern else "any id"
+        what = f"enrollment key {credential.id}: admits {admits}, {uses}"
+    elif credential.agent_id:
+        what = f"{credential.kind.replace('_', ' ')} bound to {credential.agent_id!r}"
+    else:
+        what = credential.kind.replace("_", " ")
+    if credential.expires_at:
+        what += f", expires {credential.expires_at}"
+    if answer.accepted is False:
+        hint = _refusal_hint(answer.reason, credential.agent_id, agent_id)
+        raise _Failed(
+            "credential", f"{what}; register as {answer.agent_id!r}: {answer.reason}", hint
+        )
+    if answer.accepted is None:
+        if answer.reason:
+            raise _Failed("credential", f"{what}; {answer.reason}", TOKEN_HINT)
+        notes.append("no agent id configured: pass --agent-id to check the one `run` would use")
+        return f"{what} (hub {answer.hub_id!r})", notes
+    detail = f"{what}; register as {answer.agent_id!r} would be accepted by hub {answer.hub_id!r}"
+    if answer.spends_use:
+        notes.append(
+            f"{answer.agent_id!r} is new to this enrollment key: its first registration "
+            "spends a use and the hub issues it an agent key"
+        )
+    if answer.connected:
+        notes.append(
+            f"{answer.agent_id!r} is connected to the hub now (the running agent?); the doctor "
+            "did not disturb it"
+        )
+    return detail, notes
+
+
+def _refusal_hint(reason: str, bound: str | None, configured: str) -> str:
+    if "another agent id" in reason and bound:
+        return f"this credential belongs to {bound!r}: run the agent as --agent-id {bound}"
+    if "pattern" in reason:
+        return "choose an agent id the enrollment key's pattern admits, or ask for another key"
+    if "exhausted" in reason:
+        return "ask an admin for a new enrollment key (`tether-hub token create --enroll`)"
+    if "region" in reason or "platform" in reason:
+        return "the credential binds region/platform: run the agent with the bound values"
+    if "agent limit" in reason:
+        return "the hub is at --max-agents; raise it or retire agents"
+    return TOKEN_HINT
+
+
 def _close_hint(code: int) -> str:
     if code == Close.POLICY:
-        return (
-            "the hub refused this registration: an agent key bound to another id, an "
-            "enrollment key used up or whose pattern does not match this id, or a JWT whose "
-            "sub/region/platform claims differ; pass the right --agent-id"
-        )
+        return "the hub refused the probe; see its audit log (agent.register_refused)"
     if code == Close.REVOKED:
         return "the credential was revoked; " + TOKEN_HINT
     if code == Close.TRY_AGAIN_LATER:
         return "the hub is overloaded; retry later"
     return "see the hub's logs for this close code"
-
-
-def _keep_key(key: str, options: DoctorOptions) -> str:
-    issued = (
-        "the hub issued a new agent key for this id (enrollment) and revoked the keys it "
-        "issued to it before"
-    )
-    if options.state_dir is None:
-        return f"{issued}; pass --agent-id so the doctor saves it for `tether-agent run`"
-    try:
-        KeyFile(prepare_state_dir(options.state_dir)).save(key)
-    except OSError as exc:
-        return f"{issued}, but saving it failed: {exc}"
-    return f"{issued}; saved in {options.state_dir}, where `tether-agent run` picks it up"
 
 
 def _hex(raw: bytes | None) -> str:
@@ -371,17 +508,6 @@ def jwt_claims(token: str | None) -> dict[str, object]:
     except (binascii.Error, ValueError):
         return {}
     return claims if isinstance(claims, dict) else {}
-
-
-def doctor_agent_id(explicit: str | None, token: str | None) -> str:
-    """The id to register: given, the JWT's ``sub``, or ``doctor-<hostname>``."""
-    if explicit:
-        return explicit
-    sub = jwt_claims(token).get("sub")
-    if isinstance(sub, str) and sub:
-        return sub
-    name = re.sub(r"[^A-Za-z0-9._:-]", "-", socket.gethostname())[:120] or "host"
-    return f"doctor-{name}"
 
 
 async def doctor_all(options: Sequence[DoctorOptions], out: TextIO | None = None) -> bool:

@@ -36,6 +36,7 @@ from hub.protocol.messages import Ack, Command, Output, Result
 from .handlers import CommandContext, HandlerRegistry, HandlerResult, Rejected, Stream
 from .journal import Journal, utc_now
 from .profile import AgentProfile
+from .status import CommandLog
 
 __all__ = ["Executor", "Outbound"]
 
@@ -97,6 +98,7 @@ class Executor:
         "max_concurrency",
         "outbound",
         "registry",
+        "tracker",
     )
 
     def __init__(
@@ -121,6 +123,9 @@ class Executor:
         self.degraded = False
         self._jobs: dict[str, _Job] = {}
         self._slots: asyncio.Semaphore | None = None
+        #: The recent commands ``tether-agent status`` shows (None: not kept, as simulated
+        #: agents do).
+        self.tracker: CommandLog | None = None
 
     @property
     def running(self) -> int:
@@ -143,11 +148,13 @@ class Executor:
             return
         handler = self.registry.lookup(command.name)
         if isinstance(handler, str):
-            self._reject(command_id, handler)
+            self._reject(command_id, handler, command.name)
             return
         if self._expired(command.expires_at):
-            self._reject(command_id, "expired")
+            self._reject(command_id, "expired", command.name)
             return
+        if self.tracker is not None:
+            self.tracker.received(command_id, command.name)
         job = _Job(command)
         self._jobs[command_id] = job
         # The task first, then the ack: a command that finishes in its first step sends its
@@ -179,7 +186,9 @@ class Executor:
         if outbound is not None:
             outbound.send(message)
 
-    def _reject(self, command_id: str, reason: str) -> None:
+    def _reject(self, command_id: str, reason: str, name: str = "") -> None:
+        if self.tracker is not None:
+            self.tracker.finished(command_id, "rejected", name)
         self._send(Result(type="result", command_id=command_id, status="rejected", error=reason))
 
     def _expired(self, expires_at: str) -> bool:
@@ -220,6 +229,8 @@ class Executor:
                 )
         finally:
             self._jobs.pop(command.command_id, None)
+        if self.tracker is not None:
+            self.tracker.finished(command.command_id, stored["status"], command.name)
         self._send(Result(type="result", command_id=command.command_id, **stored))
         log.info(
             "event=command_finished command_id=%s name=%s status=%s",

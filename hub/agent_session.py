@@ -20,6 +20,7 @@ from .channel import Session, SessionHost, error_ref
 from .fleet import Fleet
 from .ledger import Ledger
 from .model import AgentRecord
+from .probe import probe_audit
 from .protocol.codec import encode
 from .protocol.connection import Connection
 from .protocol.constants import Close
@@ -28,6 +29,7 @@ from .protocol.messages import (
     Ack,
     Heartbeat,
     Output,
+    Probe,
     Register,
     Result,
     ValidationError,
@@ -160,6 +162,17 @@ class AgentSession(Session):
         if self.registering:
             # Reading is paused while a registration completes; this is a pipelined extra.
             self.invalid(error_ref(obj), "wait for welcome before sending more")
+            return
+        if obj.get("type") == "probe":  # extension: hub/probe.py, docs/protocol.md §4
+            try:
+                probe = Probe.model_validate(obj)
+            except ValidationError as exc:
+                self._refuse(f"invalid probe: {describe_validation_error(exc)}")
+                return
+            answer = self.host.fleet.probe(self.principal, probe)
+            audit = probe_audit(answer)
+            self.host.auditor.record("agent.probe", actor=self.actor, source=self.peer, **audit)
+            self.close(Close.NORMAL, "probe answered", farewell=encode(answer.model_dump()))
             return
         if obj.get("type") != "register":
             self._refuse("the first message must be register")

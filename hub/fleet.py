@@ -23,8 +23,9 @@ from .config import HubConfig
 from .ledger import Ledger
 from .metrics import Metrics
 from .model import AgentRecord, CredentialRecord
+from .probe import answer_probe, identity_problem
 from .protocol.constants import Close
-from .protocol.messages import Heartbeat, Register
+from .protocol.messages import Heartbeat, Probe, ProbeResult, Register
 from .protocol.states import AgentState
 from .protocol.times import format_time
 from .registry import LiveSession, Registry
@@ -103,20 +104,26 @@ class Fleet:
 
     def identity_problem(self, principal: Principal, message: Register) -> str:
         """Why ``principal`` may not register as ``message`` says ('' when it may)."""
-        if principal.agent_id is not None and principal.agent_id != message.agent_id:
-            return "the credential is bound to another agent id"
-        if principal.region is not None and principal.region != message.region:
-            return "the credential is bound to another region"
-        if principal.platform is not None and principal.platform != message.platform:
-            return "the credential is bound to another platform"
-        if self.credentials.is_revoked(principal.credential_id):
-            return "the credential was revoked"
-        if principal.kind == "enroll":
-            record = self.registry.records.get(message.agent_id)
-            return self.credentials.check_enrollment(
-                principal, message.agent_id, record.enrolled_by if record else None
-            )
-        return ""
+        return identity_problem(
+            principal,
+            message.agent_id,
+            message.region,
+            message.platform,
+            self.credentials,
+            self.registry.records,
+        )
+
+    def probe(self, principal: Principal, probe: Probe) -> ProbeResult:
+        """What a ``register`` would meet, answered without changing anything."""
+        return answer_probe(
+            principal,
+            probe,
+            self.credentials,
+            self.registry,
+            self.config.max_agents,
+            self.hub_id,
+            self.heartbeat_interval_wire,
+        )
 
     def full(self, agent_id: str) -> bool:
         """At the agent limit, for an id that is not already connected (takeovers pass)."""

@@ -21,7 +21,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -297,6 +297,11 @@ class Metrics(Collector):
         self.gc = GcMonitor()
         self.round_trip = _Histogram(RTT_BUCKETS)
         self.registry.register(self)
+        # The figures Prometheus users expect of any service (process_resident_memory_bytes,
+        # process_open_fds, process_max_fds, process_cpu_seconds_total,
+        # process_start_time_seconds), read from /proc at scrape time: alert rules watch
+        # memory and file descriptors against their limits (resources/prometheus/).
+        ProcessCollector(registry=self.registry)
 
     # -- recording -----------------------------------------------------------------------
 

@@ -96,11 +96,30 @@ ensure_venv() {
   fi
 }
 
+# The edge tests (tests/edge, tests/agent/test_proxy.py) run real proxies, network
+# namespaces, nftables, libfaketime and promtool; each test fails loudly without its tool.
+ensure_edge_tools() {
+  local missing=()
+  command -v tinyproxy >/dev/null 2>&1 || missing+=(tinyproxy)
+  command -v danted >/dev/null 2>&1 || [ -x /usr/sbin/danted ] || missing+=(dante-server)
+  command -v faketime >/dev/null 2>&1 || missing+=(faketime)
+  command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing+=(nftables)
+  command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || missing+=(iproute2)
+  command -v tc >/dev/null 2>&1 || [ -x /usr/sbin/tc ] || missing+=(iproute2)
+  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+  command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  # Debian enables the daemons' services on install; nothing here starts them (tests run
+  # their own, in the foreground, on ports of their own).
+  apt_install "${missing[@]}" || say "could not install ${missing[*]}; the edge tests will fail"
+}
+
 bootstrap() {
   ensure_venv
   ensure_qt_libraries
   ensure_redis
   ensure_nginx
+  ensure_edge_tools
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then

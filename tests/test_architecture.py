@@ -34,7 +34,15 @@ LAYERS: list[tuple[str, set[str]]] = [
     ),
     (
         "services",
-        {"hub.ledger", "hub.alerts", "hub.fleet", "hub.gate", "hub.queries", "hub.cluster"},
+        {
+            "hub.ledger",
+            "hub.alerts",
+            "hub.fleet",
+            "hub.gate",
+            "hub.queries",
+            "hub.cluster",
+            "hub.probe",
+        },
     ),
     ("sessions", {"hub.channel", "hub.agent_session", "hub.admin", "hub.server"}),
     ("wiring", {"hub.app", "hub.cluster_hub"}),

@@ -626,8 +626,13 @@ async def connect(
     open_timeout: float = 10.0,
     local_addr: tuple[str, int] | None = None,
     pin_sha256: bytes | None = None,
+    sock: socket.socket | None = None,
 ) -> Connection:
     """Open a client WebSocket and return the connection once the handshake succeeded.
+
+    ``sock``, already connected (a tunnel through a proxy, say), is used instead of dialing
+    ``url``'s host; TLS, when the URL asks for it, still runs end to end over it. It is
+    closed when the handshake fails.
 
     Raises :class:`HandshakeRefused` for an HTTP refusal, ``OSError`` for network errors,
     ``ssl.SSLError`` for TLS failures (a certificate that does not match ``pin_sha256``
@@ -656,10 +661,12 @@ async def connect(
                     "ssl": ssl_context if uri.secure else None,
                     "server_hostname": (server_hostname or uri.host) if uri.secure else None,
                 }
-                if local_addr is None:
+                if local_addr is None and sock is None:
                     await loop.create_connection(lambda: connection, uri.host, uri.port, **tls)
                 else:
-                    sock = await _dial_from(loop, local_addr, uri.host, uri.port)
+                    if sock is None:
+                        assert local_addr is not None
+                        sock = await _dial_from(loop, local_addr, uri.host, uri.port)
                     try:
                         await loop.create_connection(lambda: connection, sock=sock, **tls)
                     except BaseException:

@@ -55,6 +55,9 @@ __all__ = [
     "Output",
     "OutputRequest",
     "PagedRequest",
+    "Probe",
+    "ProbeCredential",
+    "ProbeResult",
     "Reconnect",
     "Register",
     "Reply",
@@ -158,6 +161,17 @@ class Result(_Message):
     finished_at: Timestamp | None = None
 
 
+class Probe(_Message):
+    """Extension (docs/protocol.md §4): instead of ``register``, ask what register would
+    meet, changing nothing. ``agent_id`` None asks what the credential admits; ``platform``
+    and ``region`` None are not checked."""
+
+    type: Literal["probe"]
+    agent_id: AgentId | None = None
+    platform: ShortStr | None = None
+    region: ShortStr | None = None
+
+
 AGENT_MESSAGE: TypeAdapter[Register | Heartbeat | Ack | Output | Result] = TypeAdapter(
     Annotated[Register | Heartbeat | Ack | Output | Result, Field(discriminator="type")]
 )
@@ -202,8 +216,44 @@ class ErrorMessage(_Message):
     message: str = ""
 
 
-HUB_TO_AGENT: TypeAdapter[Welcome | Command | Cancel | Reconnect | ErrorMessage] = TypeAdapter(
-    Annotated[Welcome | Command | Cancel | Reconnect | ErrorMessage, Field(discriminator="type")]
+class ProbeCredential(_Message):
+    """What the hub knows of the credential a probe presented (never its secret)."""
+
+    kind: Literal["agent_key", "enrollment_key", "jwt", "certificate"]
+    id: ShortStr | None = None
+    #: The agent id it is bound to (agent key, JWT ``sub``, certificate).
+    agent_id: ShortStr | None = None
+    region: ShortStr | None = None
+    platform: ShortStr | None = None
+    #: Enrollment key: the ids it admits (a glob; None: any) and the uses left (None: no limit).
+    pattern: ShortStr | None = None
+    uses_left: int | None = None
+    expires_at: Timestamp | None = None
+
+
+class ProbeResult(_Message):
+    """The hub's answer to :class:`Probe`; the hub then closes with 1000."""
+
+    type: Literal["probe_result"]
+    hub_id: ShortStr
+    server_time: Timestamp
+    heartbeat_interval: Annotated[float, Field(gt=0)]
+    credential: ProbeCredential
+    #: The id checked: the probe's, else the one the credential is bound to.
+    agent_id: ShortStr | None = None
+    #: Whether ``register`` with that id would be accepted now (None: no id to check).
+    accepted: bool | None = None
+    #: Why not, in the words the hub's refusal would use ('' when accepted).
+    reason: Text = ""
+    #: Registering would spend a use of the enrollment key (a new id for it).
+    spends_use: bool = False
+    #: The id has a live connection now: a ``register`` would supersede it (4001).
+    connected: bool = False
+
+
+HubToAgent = Welcome | Command | Cancel | Reconnect | ErrorMessage | ProbeResult
+HUB_TO_AGENT: TypeAdapter[HubToAgent] = TypeAdapter(
+    Annotated[HubToAgent, Field(discriminator="type")]
 )
 
 # -- Admin channel: requests --------------------------------------------------------------

@@ -183,3 +183,44 @@ async def test_second_agent_on_the_same_state_dir_is_refused(tmp_path: Path) -> 
         held.close()
     assert proc.returncode == 2
     assert b"another tether-agent is using" in err
+
+
+def test_config_file_is_below_the_environment_and_the_flags(tmp_path: Path) -> None:
+    import argparse
+
+    from agent.cli import UsageError, apply_config
+
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        'hub = "ws://config:1"\nagent_id = "from-config"\nregion = "cfg"\n'
+        'token = "cfg-token"\nproxy = "http://p:3128"\n[labels]\nsite = "cfg"\ntier = "edge"\n'
+    )
+
+    def args(**given: object) -> argparse.Namespace:
+        values: dict[str, object] = {
+            "config": str(config), "hub": None, "agent_id": None, "platform": None,
+            "region": None, "state_dir": None, "ca_file": None, "cert": None, "key": None,
+            "hub_cert_sha256": None, "lat": None, "lon": None, "token": None,
+            "token_file": None, "label": [],
+        }  # fmt: skip
+        values.update(given)
+        return argparse.Namespace(**values)
+
+    filled = args()
+    loaded = apply_config(filled, {})
+    assert filled.hub == ["ws://config:1"] and filled.agent_id == "from-config"
+    assert filled.token == "cfg-token" and loaded["proxy"] == "http://p:3128"
+    assert sorted(filled.label) == ["site=cfg", "tier=edge"]
+    env = {"TETHER_AGENT_ID": "from-env", "TETHER_TOKEN": "env-token"}
+    under_env = args(label=["site=flag"])
+    apply_config(under_env, env)
+    assert under_env.agent_id is None  # the environment's value is used by resolve_agent_id
+    assert under_env.token is None and "site=flag" in under_env.label
+    assert "site=cfg" not in under_env.label
+    flagged = args(region="flag")
+    apply_config(flagged, {})
+    assert flagged.region == "flag"
+
+    config.write_text('hub = "ws://x:1"\nhubs = "typo"\n')
+    with pytest.raises(UsageError, match="unknown key 'hubs'"):
+        apply_config(args(), {})
