@@ -277,16 +277,21 @@ class ClusterHub(Hub):
 
     def _figures(self) -> dict[str, Any]:
         topics = {t for t, n in self.bus._by_topic.items() if n}
+        leading = self.leadership is not None and self.leadership.leading
         return lease_figures(
             self.registry.connected,
             topics,
             self.config.max_agents,
-            self.metrics.refusals_window.total(),
+            self.metrics.stats({self.hub_id: self.registry.connected}),
+            leading,
+            self.metrics.lag.recent_max(10.0) * 1000,
         )
 
     def stats(self) -> dict[str, Any]:
-        return self.metrics.stats(
-            self.cluster.agents_per_hub() or {self.hub_id: self.registry.connected}
+        """The whole cluster's figures, with each hub's state (an additive ``cluster`` field,
+        docs/protocol.md)."""
+        return self.cluster.cluster_stats(
+            self.metrics.stats({self.hub_id: self.registry.connected})
         )
 
     def readiness_warnings(self) -> list[str]:

@@ -46,6 +46,8 @@ class Cluster:
         self.outbox = Outbox(self.link, self.keys)
         #: The hubs whose leases live, as last read (this one included once it renewed).
         self.hubs: dict[str, HubLease] = {}
+        #: Hubs seen live by this hub whose lease lapsed since (until they are back).
+        self.down: set[str] = set()
         self._tasks: list[asyncio.Task[Any]] = []
         # Set by the hub once its parts exist.
         self.mirror: Mirror | None = None
@@ -109,7 +111,10 @@ class Cluster:
             return
         before = set(self.hubs)
         self.hubs = live
+        for hub_id in set(live):
+            self.down.discard(hub_id)
         for hub_id in before - set(live):
+            self.down.add(hub_id)
             log.warning("hub %s stopped renewing its lease", hub_id)
             if self.mirror is not None:
                 self.mirror.hub_down(hub_id)
@@ -131,18 +136,57 @@ class Cluster:
     def agents_per_hub(self) -> dict[str, int]:
         return {hub_id: lease.agents for hub_id, lease in sorted(self.hubs.items())}
 
+    def cluster_stats(self, local: dict[str, Any]) -> dict[str, Any]:
+        """A metrics tick for the whole cluster: rates summed over the live hubs, the round
+        trip and commands in flight as the leader measures them, and each hub's state."""
+        stats = dict(local)
+        figures = [lease.figures for lease in self.hubs.values()] or [{}]
+        for name in ("connects_per_min", "disconnects_per_min", "auth_failures_per_min"):
+            stats[name] = sum(int(f.get(name, 0) or 0) for f in figures)
+        leader = next((f for f in figures if f.get("leader")), None)
+        if leader is not None:
+            for name in ("commands_in_flight", "rtt_p50_ms", "rtt_p99_ms"):
+                stats[name] = leader.get(name)
+        stats["hubs"] = self.agents_per_hub()
+        hubs: dict[str, Any] = {
+            hub_id: {
+                "state": "up",
+                "agents": lease.agents,
+                "leader": bool(lease.figures.get("leader")),
+                "lag_ms": lease.figures.get("lag_ms"),
+                "max_agents": lease.figures.get("max_agents"),
+            }
+            for hub_id, lease in sorted(self.hubs.items())
+        }
+        for hub_id in self.down:
+            hubs.setdefault(hub_id, {"state": "down", "agents": 0, "leader": False})
+        stats["cluster"] = {"redis": "up" if self.link.healthy else "down", "hubs": hubs}
+        return stats
+
     def readiness(self) -> str:
         return "" if self.link.healthy else (self.link.reason or "redis unavailable")
 
 
 def lease_figures(
-    connected: int, topics: frozenset[str] | set[str], max_agents: int, refusals: int
+    connected: int,
+    topics: frozenset[str] | set[str],
+    max_agents: int,
+    stats: dict[str, Any],
+    leader: bool,
+    lag_ms: float,
 ) -> dict[str, Any]:
-    """What a hub says of itself in its lease."""
+    """What a hub says of itself in its lease (read by the others' metrics ticks)."""
     return {
         "agents": connected,
         "topics": sorted(topics),
         "max_agents": max_agents,
-        "refusals_per_min": refusals,
+        "connects_per_min": stats.get("connects_per_min", 0),
+        "disconnects_per_min": stats.get("disconnects_per_min", 0),
+        "auth_failures_per_min": stats.get("auth_failures_per_min", 0),
+        "commands_in_flight": stats.get("commands_in_flight", 0),
+        "rtt_p50_ms": stats.get("rtt_p50_ms"),
+        "rtt_p99_ms": stats.get("rtt_p99_ms"),
+        "leader": leader,
+        "lag_ms": round(lag_ms, 1),
         "at": time.time(),
     }
