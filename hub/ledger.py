@@ -56,6 +56,9 @@ DELIVERY_SLICE = 500
 #: Transitions written (and later announced) per turn of the event loop: 1,000 took 5-15 ms
 #: to write and 5 ms to announce, and shared their turn with reads and deliveries.
 FLUSH_SLICE = 500
+#: A failed write is tried again after this long, doubling up to the maximum (seconds).
+RETRY_FIRST = 0.25
+RETRY_MAX = 5.0
 
 
 class DispatchRefused(Exception):
@@ -208,6 +211,14 @@ class Ledger:
         self._flush_handle: asyncio.Handle | None = None
         self._flush_delayed = False
         self._writes: set[asyncio.Future[Any]] = set()
+        #: Writes that failed (each is retried: see _written), and when the next try is.
+        self.failed_writes = 0
+        self._retry_delay = 0.0
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._closed = False
+        #: Told when a write fails (the cluster's leader gives up its lead: its successor
+        #: starts again from the store, which is the truth).
+        self.on_write_failed: Callable[[BaseException | None], None] = lambda exc: None
 
     # The rules' state, read by the admin queries, metrics and tests.
 
@@ -473,6 +484,8 @@ class Ledger:
 
     def _flush(self) -> None:
         """Write this turn's transitions in one store call; announce them once committed."""
+        if self._closed:
+            return
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -507,13 +520,32 @@ class Ledger:
         # path) but in the same callback, so they show what was written.
         views = [c.view() for c in latest.values()] if self.bus.wanted("commands") else []
         self._writes.add(future)
-        future.add_done_callback(lambda f: self._written(f, views))
+        future.add_done_callback(lambda f: self._written(f, views, pending))
 
-    def _written(self, future: asyncio.Future[None], views: list[dict[str, Any]]) -> None:
+    def _written(
+        self,
+        future: asyncio.Future[None],
+        views: list[dict[str, Any]],
+        pending: list[tuple[CommandRecord | JobRecord, AuditEntry]],
+    ) -> None:
         self._writes.discard(future)
-        if future.cancelled() or future.exception() is not None:
-            log.error("saving command transitions failed: %s", future.exception())
+        failure = future.exception() if not future.cancelled() else None
+        if future.cancelled() or failure is not None:
+            # Nothing of it is stored, so nothing of it is announced. The same records go
+            # again (with whatever state they have reached by then) until a write takes
+            # them: transitions the ledger has made are never dropped.
+            self.failed_writes += 1
+            log.error("saving command transitions failed (%d waiting): %s", len(pending), failure)
+            if self._closed:
+                return
+            self._pending[:0] = pending
+            self._retry_delay = min(RETRY_MAX, max(RETRY_FIRST, self._retry_delay * 2))
+            self._retry_handle = asyncio.get_running_loop().call_later(
+                self._retry_delay, self._flush
+            )
+            self.on_write_failed(failure)
             return
+        self._retry_delay = 0.0
         self._announce_all(views)
 
     def _announce_all(self, views: list[dict[str, Any]]) -> None:
@@ -536,6 +568,16 @@ class Ledger:
 
     def _announce(self, view: dict[str, Any]) -> None:
         self.bus.publish("commands", "state", view["command_id"], command=view)
+
+    def close(self) -> None:
+        """Stop writing (a cluster leader that lost its lead): nothing is retried after."""
+        self._closed = True
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._pending.clear()
 
     async def settled(self) -> bool:
         """Wait until every transition made so far is stored (not those made meanwhile);

@@ -48,6 +48,19 @@ def _worker_argv(argv: list[str], listen: str, hub_id: str) -> list[str]:
     return [*out, "--workers", "1", "--listen", listen, "--hub-id", hub_id]
 
 
+def _die_with_parent() -> None:
+    """In the worker, before exec: a supervisor killed with -9 takes its workers along
+    (SIGTERM: they drain), instead of leaving hubs nobody supervises on the port."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1
+
+
 class _Worker:
     def __init__(self, index: int, argv: list[str]) -> None:
         self.index = index
@@ -59,7 +72,9 @@ class _Worker:
 
     def start(self) -> None:
         env = {**os.environ, "TETHER_REUSE_PORT": "1"}
-        self.process = subprocess.Popen([sys.executable, "-m", "hub", *self.argv], env=env)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "hub", *self.argv], env=env, preexec_fn=_die_with_parent
+        )
         self.started = time.monotonic()
         self.restart_at = None
 

@@ -323,6 +323,9 @@ class Leadership:
     async def _start(self) -> None:
         log.info("hub %s leads the cluster (%s)", self.hub_id, self.token)
         ledger = self.make_ledger(self._send, self.fence)
+        # A write that fails (fenced: another leads; or Redis away) ends this leadership:
+        # a successor, or this hub again, starts over from the store, which is the truth.
+        ledger.on_write_failed = lambda exc: self._stop(f"a ledger write failed: {exc}")
         await ledger.load()
         owners = await self.ownership.all()
         draining = await self.ownership.draining()
@@ -349,6 +352,7 @@ class Leadership:
     def _stop(self, reason: str) -> None:
         if self.ledger is not None:
             log.warning("hub %s no longer leads: %s", self.hub_id, reason)
+            self.ledger.close()
         self.ledger = None
         self.token = None
         if self._consumer is not None:

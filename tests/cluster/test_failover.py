@@ -133,7 +133,9 @@ async def test_a_dead_hub_is_hub_down_once_and_its_agents_unknown_until_back(
         stats = (await admin.request("subscribe", topics=["metrics"]))["metrics"]
         assert stats["cluster"]["hubs"]["hub-a"]["state"] == "down"
         assert stats["cluster"]["hubs"]["hub-b"] == {
-            **stats["cluster"]["hubs"]["hub-b"], "state": "up", "leader": True
+            **stats["cluster"]["hubs"]["hub-b"],
+            "state": "up",
+            "leader": True,
         }
         a = HubProcess(a.data_dir, *a.extra, port=a.port).start()  # back, a new incarnation
         await wait_for(lambda: _all_online_on(admin, ids, "hub-a"), timeout=30, what="back")

@@ -55,3 +55,61 @@ def test_workers_without_redis_is_a_usage_error_that_says_why(tmp_path: Path) ->
     )
     assert done.returncode == 2
     assert "--workers needs --redis" in done.stderr
+
+
+async def test_a_worker_that_dies_is_started_again(redis_factory: Any, tmp_path: Path) -> None:
+    import signal
+
+    import psutil
+
+    redis = redis_factory(appendfsync="everysec")
+    operator = cluster_token(redis, "--admin", "--role", "operator")
+    hub = HubProcess(tmp_path / "w", "--redis", redis.url, "--hub-id", "w", "--workers", "2")
+    hub.start()
+    try:
+        admin = await connect_admin(hub.url, operator)
+        await wait_for(lambda: _hubs(admin, {"w-1", "w-2"}), timeout=20, what="two workers")
+        assert hub.process is not None
+        workers = psutil.Process(hub.process.pid).children()
+        assert len(workers) == 2
+        victim = workers[0]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+
+        def replaced() -> bool:
+            children = psutil.Process(hub.process.pid).children()  # type: ignore[union-attr]
+            return len(children) == 2 and victim.pid not in {c.pid for c in children}
+
+        await wait_for(replaced, timeout=15, what="a new worker")
+        await admin.close()
+        admin = await connect_admin(hub.url, operator)
+        await wait_for(lambda: _hubs(admin, {"w-1", "w-2"}), timeout=20, what="both back")
+        await admin.close()
+        assert hub.terminate(timeout=30) == 0
+    finally:
+        hub.stop()
+
+
+async def test_workers_go_when_their_supervisor_is_killed(
+    redis_factory: Any, tmp_path: Path
+) -> None:
+    import psutil
+
+    redis = redis_factory(appendfsync="everysec")
+    operator = cluster_token(redis, "--admin", "--role", "operator")
+    hub = HubProcess(tmp_path / "w", "--redis", redis.url, "--hub-id", "w", "--workers", "2")
+    hub.start()
+    try:
+        admin = await connect_admin(hub.url, operator)
+        await wait_for(lambda: _hubs(admin, {"w-1", "w-2"}), timeout=20, what="two workers")
+        await admin.close()
+        assert hub.process is not None
+        workers = psutil.Process(hub.process.pid).children()
+        hub.kill()  # -9: no chance to pass anything on
+        await wait_for(
+            lambda: not any(w.is_running() and w.status() != "zombie" for w in workers),
+            timeout=15,
+            what="workers gone with their supervisor",
+        )
+    finally:
+        hub.stop()
