@@ -80,10 +80,10 @@ async def test_a_worker_that_dies_is_started_again(redis_factory: Any, tmp_path:
             children = psutil.Process(hub.process.pid).children()  # type: ignore[union-attr]
             return len(children) == 2 and victim.pid not in {c.pid for c in children}
 
-        await wait_for(replaced, timeout=15, what="a new worker")
+        await wait_for(replaced, timeout=30, what="a new worker")
         await admin.close()
         admin = await connect_admin(hub.url, operator)
-        await wait_for(lambda: _hubs(admin, {"w-1", "w-2"}), timeout=20, what="both back")
+        await wait_for(lambda: _hubs(admin, {"w-1", "w-2"}), timeout=40, what="both back")
         await admin.close()
         assert hub.terminate(timeout=30) == 0
     finally:
