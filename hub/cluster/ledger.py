@@ -133,7 +133,9 @@ class LedgerLink:
     def agent_disconnected(self, agent_id: str, generation: int = 0) -> None:
         self._to_leader(agent_id, {"k": DISCONNECTED, "a": agent_id, "g": generation})
 
-    def set_draining(self, agent_id: str, draining: bool, generation: int = 0) -> None:
+    def set_draining(self, agent_id: str, draining: bool) -> None:
+        record = self.registry.records.get(agent_id)
+        generation = record.generation if record is not None else 0
         self._to_leader(
             agent_id, {"k": DRAINING, "a": agent_id, "v": int(draining), "g": generation}
         )

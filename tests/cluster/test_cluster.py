@@ -10,6 +10,8 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from hub.protocol.client import AdminClient
 from tests.support import RawAgent, job_done, wait_for
 
@@ -150,3 +152,25 @@ async def test_two_consoles_on_different_hubs_see_the_same_events(cluster: Any) 
         await agent.close()
         await console_a.close()
         await console_b.close()
+
+
+async def test_a_draining_agent_on_another_hub_gets_nothing_new_until_ok(cluster: Any) -> None:
+    a, b = await cluster(2)
+    agent = await RawAgent.connect(b.agent_url, await b.agent_token("edge-1"))
+    await agent.register("edge-1")
+    admin = await AdminClient(a.url, await a.admin_token("operator")).open()
+    try:
+        await wait_for(lambda: _view_on(admin, "edge-1", state="online"), timeout=10)
+        await agent.send({"type": "heartbeat", "status": "draining"})
+        leader = a.hub.leadership
+        assert leader is not None and leader.ledger is not None
+        await wait_for(lambda: "edge-1" in leader.ledger.draining, timeout=10, what="draining")
+        data = await admin.request("dispatch", target={"agent_ids": ["edge-1"]}, name="ping")
+        with pytest.raises(TimeoutError):
+            await agent.recv_type("command", timeout=1.0)
+        await agent.send({"type": "heartbeat", "status": "ok"})
+        command = await agent.recv_type("command", timeout=10)
+        assert command["command_id"] == data["command_ids"][0]
+    finally:
+        await admin.close()
+        await agent.close()
