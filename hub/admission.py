@@ -8,6 +8,7 @@ NAT address); the cool-off only turns a failing source's 401 into a 429.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import random
 import time
@@ -18,7 +19,14 @@ from typing import Any, Generic, TypeVar
 
 from .metrics import RateWindow
 
-__all__ = ["FailureTracker", "RefusalFold", "RefusalSpread", "SourceShare", "TokenBucket"]
+__all__ = [
+    "FailureTracker",
+    "RefusalFold",
+    "RefusalSpread",
+    "SourceShare",
+    "TokenBucket",
+    "source_key",
+]
 
 T = TypeVar("T")
 
@@ -90,9 +98,21 @@ class FailureTracker:
             self._failures.popitem(last=False)
 
 
+def source_key(peer: str) -> str:
+    """Who a peer address counts as, for fair shares and folding: an IPv4 address itself,
+    an IPv6 address its /64 — one host or one site's network gets a /64 to itself, and
+    addresses within it cost an attacker nothing."""
+    if ":" not in peer:
+        return peer
+    try:
+        return str(ipaddress.IPv6Network((peer.partition("%")[0], 64), strict=False))
+    except ValueError:
+        return peer
+
+
 class SourceShare(Generic[T]):
-    """Items (half-open connections) by source address: the oldest item, and the oldest item
-    of the source that holds the most, each in O(1).
+    """Items (half-open connections) by source: the oldest item, and the oldest item of the
+    source that holds the most, each in O(1).
 
     Each source's items are kept oldest first; sources are bucketed by how many items they
     hold, and since a count changes by one at a time the largest non-empty bucket moves by at
@@ -104,8 +124,8 @@ class SourceShare(Generic[T]):
     __slots__ = ("_all", "_buckets", "_by_source", "_top")
 
     def __init__(self) -> None:
-        #: Every item and when it arrived, oldest first.
-        self._all: OrderedDict[T, float] = OrderedDict()
+        #: Every item, when it arrived and its source, oldest first.
+        self._all: OrderedDict[T, tuple[float, str]] = OrderedDict()
         self._by_source: dict[str, OrderedDict[T, None]] = {}
         #: Sources by the number of items they hold (the index; 0 is unused).
         self._buckets: list[OrderedDict[str, None]] = [OrderedDict(), OrderedDict()]
@@ -122,7 +142,7 @@ class SourceShare(Generic[T]):
         return len(items) if items is not None else 0
 
     def add(self, item: T, source: str, arrived: float) -> None:
-        self._all[item] = arrived
+        self._all[item] = (arrived, source)
         items = self._by_source.get(source)
         buckets = self._buckets
         if items is None:
@@ -140,10 +160,12 @@ class SourceShare(Generic[T]):
         if held > self._top:
             self._top = held
 
-    def remove(self, item: T, source: str) -> bool:
-        """Forget ``item`` (of ``source``); False if it was not there."""
-        if self._all.pop(item, None) is None:
+    def remove(self, item: T) -> bool:
+        """Forget ``item``; False if it was not there."""
+        entry = self._all.pop(item, None)
+        if entry is None:
             return False
+        source = entry[1]
         items = self._by_source[source]
         del items[item]
         held = len(items)
@@ -160,7 +182,8 @@ class SourceShare(Generic[T]):
 
     def oldest(self) -> tuple[T, float]:
         """The item that arrived first, and when (the share must not be empty)."""
-        return next(iter(self._all.items()))
+        item, (arrived, _) = next(iter(self._all.items()))
+        return item, arrived
 
     def heaviest(self) -> tuple[str, int] | None:
         """A source holding the most items (the first to reach that count), and how many."""
@@ -171,7 +194,7 @@ class SourceShare(Generic[T]):
     def oldest_of(self, source: str) -> tuple[T, float]:
         """The oldest item of ``source`` (which must hold one), and when it arrived."""
         item = next(iter(self._by_source[source]))
-        return item, self._all[item]
+        return item, self._all[item][0]
 
 
 class RefusalFold:

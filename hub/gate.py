@@ -32,7 +32,14 @@ from typing import Any, NamedTuple, Protocol
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from .admission import FailureTracker, RefusalFold, RefusalSpread, SourceShare, TokenBucket
+from .admission import (
+    FailureTracker,
+    RefusalFold,
+    RefusalSpread,
+    SourceShare,
+    TokenBucket,
+    source_key,
+)
 from .audit import Auditor
 from .auth import PREFIXES, AuthFailure, Credentials, Principal
 from .config import HubConfig
@@ -216,9 +223,10 @@ class Gate:
         #: Connections that have not had their request handled yet: the half-open ones and
         #: those whose request waits for the read budget (hub/budget.py).
         self.pending_handshakes = 0
-        #: The pending connections whose request has not arrived yet, by source address.
+        #: The pending connections whose request has not arrived yet, by source (an IPv4
+        #: address, an IPv6 /64: ``source_key``).
         self.half_open: SourceShare[Pending] = SourceShare()
-        #: Pending handshakes by source address, kept only with ``max_pending_per_source``.
+        #: Pending handshakes by source, kept only with ``max_pending_per_source``.
         self.pending_by_source: dict[str, int] = {}
         #: Newcomers refused at arrival whose answer is still being written (bounded too).
         self.refusing = 0
@@ -251,15 +259,16 @@ class Gate:
         """
         config = self.config
         peer = conn.peer
+        source = source_key(peer)
         per_source = config.max_pending_per_source
-        if per_source and self.pending_by_source.get(peer, 0) >= per_source:
+        if per_source and self.pending_by_source.get(source, 0) >= per_source:
             return self._refusing(SHED_SOURCE, peer)
-        if self.pending_handshakes >= config.max_pending_handshakes and not self._make_room(peer):
+        if self.pending_handshakes >= config.max_pending_handshakes and not self._make_room(source):
             return self._refusing(SHED_FULL, peer)
         self.pending_handshakes += 1
         if per_source:
-            self.pending_by_source[peer] = self.pending_by_source.get(peer, 0) + 1
-        self.half_open.add(conn, peer, self.clock())
+            self.pending_by_source[source] = self.pending_by_source.get(source, 0) + 1
+        self.half_open.add(conn, source, self.clock())
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
         return ADMITTED
@@ -267,7 +276,7 @@ class Gate:
     def arrived(self, conn: Pending) -> None:
         """Its request head is in (waiting for the read budget): no longer half-open, so
         neither shed nor timed out, but still pending until the request is handled."""
-        self.half_open.remove(conn, conn.peer)
+        self.half_open.remove(conn)
 
     def depart(self, conn: Pending) -> None:
         """A pending handshake ended: its request was handled, or it closed."""
@@ -316,22 +325,22 @@ class Gate:
         for folds in (self.folds, self.refusal_folds):
             self._write_folded(folds.flush())
 
-    def _make_room(self, peer: str) -> bool:
-        """Shed a half-open connection for a newcomer from ``peer``, if fair (see
+    def _make_room(self, newcomer: str) -> bool:
+        """Shed a half-open connection for a newcomer from source ``newcomer``, if fair (see
         :data:`SWAP_AGE`)."""
         share = self.half_open
         heaviest = share.heaviest()
         if heaviest is None:
             return False  # every pending request is in, waiting to be read: nothing to shed
         source, most = heaviest
-        mine = share.count(peer)
+        mine = share.count(newcomer)
         if mine >= most:
-            source = peer  # the newcomer's own source is a heaviest: it displaces its own
+            source = newcomer  # the newcomer's own source is a heaviest: it displaces its own
         victim, arrived = share.oldest_of(source)
         if most <= 2 * (mine + 1) and self.clock() - arrived < SWAP_AGE:
             return False
         self._forget(victim)
-        self._flood(source, "shed_half_open", 503, f"half-open, its source held {most}")
+        self._flood(victim.peer, "shed_half_open", 503, f"half-open, its source held {most}")
         self._episode[0] += 1
         victim.drop(_OVERLOADED % self.busy_refusals.retry_after())
         return True
@@ -346,15 +355,15 @@ class Gate:
         return kind
 
     def _forget(self, conn: Pending) -> None:
-        peer = conn.peer
-        self.half_open.remove(conn, peer)
+        self.half_open.remove(conn)
         self.pending_handshakes -= 1
         if self.config.max_pending_per_source:
-            left = self.pending_by_source.get(peer, 0) - 1
+            source = source_key(conn.peer)
+            left = self.pending_by_source.get(source, 0) - 1
             if left > 0:
-                self.pending_by_source[peer] = left
+                self.pending_by_source[source] = left
             else:
-                self.pending_by_source.pop(peer, None)
+                self.pending_by_source.pop(source, None)
 
     def _sweep(self) -> None:
         """Drop the half-open connections older than the open timeout of the moment."""
@@ -397,7 +406,7 @@ class Gate:
         reason: str,
         path: str | None,
     ) -> None:
-        folded = folds.note(source, error)
+        folded = folds.note(source_key(source), error)
         if folds.evicted:
             self._write_folded(folds.take_evicted())
         if folded is not None:
@@ -431,6 +440,7 @@ class Gate:
         self._arm_folds()
 
     def _write_folded(self, folded: list[tuple[str, dict[str, int]]]) -> None:
+        """Counts of a source (an address, or an IPv6 /64) not written one by one."""
         for source, counts in folded:
             self.auditor.record("connection.folded", source=source, folded=counts)
 

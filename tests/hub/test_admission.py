@@ -8,7 +8,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hub.admission import FailureTracker, RefusalFold, RefusalSpread, SourceShare
+from hub.admission import FailureTracker, RefusalFold, RefusalSpread, SourceShare, source_key
 from tests.support import FakeClock
 
 
@@ -74,14 +74,14 @@ def test_the_heaviest_source_and_its_oldest_item() -> None:
     assert share.oldest_of("a") == ("a0", 0.0)
     assert share.oldest() == ("a0", 0.0)
     assert (share.count("b"), share.count("z")) == (2, 0)
-    share.remove("a0", "a")
-    share.remove("a2", "a")
+    share.remove("a0")
+    share.remove("a2")
     # a and b hold two each now: b reached two first.
     assert share.heaviest() == ("b", 2)
     assert share.oldest_of("a") == ("a4", 4.0)
-    assert not share.remove("a0", "a")
-    for item, source in (("b1", "b"), ("b5", "b"), ("a4", "a"), ("c3", "c")):
-        share.remove(item, source)
+    assert not share.remove("a0")
+    for item in ("b1", "b5", "a4", "c3"):
+        share.remove(item)
     assert share.heaviest() is None and len(share) == 0
     assert share._by_source == {} and not any(share._buckets)
 
@@ -105,7 +105,8 @@ def test_the_share_agrees_with_counting_everything(steps: list[tuple[bool, int, 
             share.add(item, source, clock)
             model[item] = (source, clock)
         elif not add and item in model:
-            assert share.remove(item, model.pop(item)[0])
+            model.pop(item)
+            assert share.remove(item)
         counts: dict[str, int] = {}
         for owner, _ in model.values():
             counts[owner] = counts.get(owner, 0) + 1
@@ -122,6 +123,18 @@ def test_the_share_agrees_with_counting_everything(steps: list[tuple[bool, int, 
         assert share.oldest()[1] == min(at for _, at in model.values())
     assert share._top == max(counts.values(), default=0)
     assert not any(share._buckets[share._top + 1 :])
+
+
+def test_an_ipv6_source_is_its_64() -> None:
+    # One host (or one site) gets a /64: its addresses are one source for the fair share and
+    # for folding. IPv4 addresses are themselves.
+    assert source_key("203.0.113.7") == "203.0.113.7"
+    assert source_key("2001:db8:1:2:aaaa::1") == "2001:db8:1:2::/64"
+    assert source_key("2001:db8:1:2:ffff:ffff:ffff:ffff") == "2001:db8:1:2::/64"
+    assert source_key("2001:db8:1:3::1") == "2001:db8:1:3::/64"
+    assert source_key("fe80::1%eth0") == "fe80::/64"
+    assert source_key("::1") == "::/64"
+    assert source_key("not:an:address") == "not:an:address"
 
 
 # -- folding refusals in the audit -----------------------------------------------------------
