@@ -185,6 +185,9 @@ class SourceShare(Generic[T]):
         item, (arrived, _) = next(iter(self._all.items()))
         return item, arrived
 
+    def source_of(self, item: T) -> str:
+        return self._all[item][1]
+
     def heaviest(self) -> tuple[str, int] | None:
         """A source holding the most items (the first to reach that count), and how many."""
         if not self._top:
@@ -348,9 +351,13 @@ class RefusalSpread:
         """Count one upgrade accepted."""
         self._admitted.add()
 
-    def retry_after(self) -> int:
-        """Count one refusal and draw its ``Retry-After`` (whole seconds, at least 1)."""
-        self._refused.add()
+    def retry_after(self, count: bool = True) -> int:
+        """Count one refusal and draw its ``Retry-After`` (whole seconds, at least 1).
+        ``count=False`` draws without counting: for a connection shed at the pending cap,
+        most likely a flood's, which must not send the agents refused meanwhile away for
+        longer."""
+        if count:
+            self._refused.add()
         refused = self._refused.total()
         admitted = self._admitted.total()
         rate = self.rate

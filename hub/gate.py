@@ -24,6 +24,7 @@ import logging
 import random
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -64,15 +65,19 @@ __all__ = [
 #: What :meth:`Gate.arrive` says of a new connection: pending (0); refused, to be answered
 #: 503 from its first bytes, because the hub's pending handshakes are at their cap and none
 #: could make room (1) or because its own address holds ``max_pending_per_source`` (2); or
-#: to be closed at once, unanswered, because as many refusals are still being answered (3).
+#: to be closed at once, unanswered, because as many refusals are still waiting for their
+#: first bytes (3): refusals in flight are bounded by the cap too, the oldest answered one
+#: closed to make room.
 ADMITTED, SHED_FULL, SHED_SOURCE, SHED_NOW = 0, 1, 2, 3
 
-#: At the cap, a newcomer takes the place of the oldest half-open connection of the source
-#: holding the most. When that source holds more than twice what the newcomer's would, at
-#: once, whatever its age (fair share: a heavy source pays for the others). Otherwise — the
-#: newcomer's own source is (nearly) the heaviest, as in a reconnect storm from a few NATs —
-#: only if that connection has been half-open this long: younger ones are most likely
-#: agents whose request is on its way, and the newcomer is refused (503 + Retry-After).
+#: At the cap, a newcomer takes the place of a half-open connection. When the source (an
+#: IPv4 address, an IPv6 /64) holding the most holds more than twice what the newcomer's
+#: would, its oldest, whatever its age (fair share: a heavy source pays for the others).
+#: Otherwise — no source stands out, or the newcomer's own is among the heaviest, as in a
+#: reconnect storm from a few NATs — the oldest half-open connection of all, if it has been
+#: half-open this long and its source holds more than two (else the heaviest source's
+#: oldest, if that is this old): younger ones are most likely agents whose request is on
+#: its way, and then the newcomer is refused (503 + Retry-After) instead.
 SWAP_AGE = 1.0
 #: How often half-open connections are checked against the open timeout.
 SWEEP_INTERVAL = 0.25
@@ -228,8 +233,10 @@ class Gate:
         self.half_open: SourceShare[Pending] = SourceShare()
         #: Pending handshakes by source, kept only with ``max_pending_per_source``.
         self.pending_by_source: dict[str, int] = {}
-        #: Newcomers refused at arrival whose answer is still being written (bounded too).
+        #: Newcomers refused at arrival whose answer is still being written (bounded too)...
         self.refusing = 0
+        #: ...and of those, the ones answered already, oldest first.
+        self._answered: OrderedDict[Pending, None] = OrderedDict()
         self.clock: Callable[[], float] = time.monotonic
         self._sweeper: asyncio.TimerHandle | None = None
         self.folds = RefusalFold(FOLD_WINDOW)
@@ -282,9 +289,10 @@ class Gate:
         """A pending handshake ended: its request was handled, or it closed."""
         self._forget(conn)
 
-    def refusal_ended(self) -> None:
+    def refusal_ended(self, conn: Pending) -> None:
         """A newcomer refused by :meth:`arrive` is gone."""
         self.refusing -= 1
+        self._answered.pop(conn, None)
 
     def open_timeout(self) -> float:
         """How long a connection may take to send its request, now: ``open_timeout`` while at
@@ -299,13 +307,14 @@ class Gate:
             return full
         return max(floor, full - (full - floor) * (load - 0.5) * 2)
 
-    def shed_answer(self, kind: int, peer: str) -> bytes:
+    def shed_answer(self, kind: int, conn: Pending) -> bytes:
         """The 503 a refused newcomer gets, with a Retry-After that spreads the retries."""
         if kind == SHED_SOURCE:
-            self._flood(peer, "source_overloaded", 503, "pending handshakes of this source")
+            self._flood(conn.peer, "source_overloaded", 503, "pending handshakes of this source")
         else:
-            self._flood(peer, "overloaded", 503, "pending handshakes at their cap")
+            self._flood(conn.peer, "overloaded", 503, "pending handshakes at their cap")
         self._episode[1] += 1
+        self._answered[conn] = None
         return _OVERLOADED % self.busy_refusals.retry_after()
 
     def shedding(self) -> Shedding | None:
@@ -327,25 +336,38 @@ class Gate:
 
     def _make_room(self, newcomer: str) -> bool:
         """Shed a half-open connection for a newcomer from source ``newcomer``, if fair (see
-        :data:`SWAP_AGE`)."""
+        :data:`SWAP_AGE`): a source holding one or two is never shed while another holds
+        more."""
         share = self.half_open
         heaviest = share.heaviest()
         if heaviest is None:
             return False  # every pending request is in, waiting to be read: nothing to shed
         source, most = heaviest
-        mine = share.count(newcomer)
-        if mine >= most:
-            source = newcomer  # the newcomer's own source is a heaviest: it displaces its own
-        victim, arrived = share.oldest_of(source)
-        if most <= 2 * (mine + 1) and self.clock() - arrived < SWAP_AGE:
-            return False
+        if most > 2 * (share.count(newcomer) + 1):
+            victim, _ = share.oldest_of(source)
+        else:
+            now = self.clock()
+            victim, arrived = share.oldest()
+            if now - arrived < SWAP_AGE:
+                return False
+            if share.count(share.source_of(victim)) <= 2 < most:
+                victim, arrived = share.oldest_of(source)
+                if now - arrived < SWAP_AGE:
+                    return False
         self._forget(victim)
-        self._flood(victim.peer, "shed_half_open", 503, f"half-open, its source held {most}")
+        self._flood(
+            victim.peer, "shed_half_open", 503, f"half-open; the most from a source: {most}"
+        )
         self._episode[0] += 1
-        victim.drop(_OVERLOADED % self.busy_refusals.retry_after())
+        victim.drop(_OVERLOADED % self.busy_refusals.retry_after(count=False))
         return True
 
     def _refusing(self, kind: int, peer: str) -> int:
+        if self.refusing >= self.config.max_pending_handshakes and self._answered:
+            # The oldest refusal already answered makes room: its 503 is on its way.
+            answered, _ = self._answered.popitem(last=False)
+            self.refusing -= 1
+            answered.drop(None)
         if self.refusing >= self.config.max_pending_handshakes:
             result = "source_overloaded" if kind == SHED_SOURCE else "overloaded"
             self._flood(peer, result, None, "too many refusals in flight: closed unanswered")
@@ -366,18 +388,25 @@ class Gate:
                 self.pending_by_source.pop(source, None)
 
     def _sweep(self) -> None:
-        """Drop the half-open connections older than the open timeout of the moment."""
+        """Drop the half-open connections older than the open timeout of the moment: without
+        a word at the full ``open_timeout`` (a slowloris deserves none), with 503 +
+        Retry-After under pressure — a request not in after 2 s may be an agent's on a slow
+        link, or one its own busy host had not sent yet, and it should come back later
+        rather than back off as from a broken hub."""
         self._sweeper = None
         share = self.half_open
         now = self.clock()
         limit = self.open_timeout()
+        pressed = limit < self.config.open_timeout
         while share:
             conn, arrived = share.oldest()
             if now - arrived < limit:
                 break
             self._forget(conn)
-            self._flood(conn.peer, "handshake_timeout", None, f"no request within {limit:.3g} s")
-            conn.drop(None)
+            reason = f"no request within {limit:.3g} s"
+            self._flood(conn.peer, "handshake_timeout", 503 if pressed else None, reason)
+            answer = _OVERLOADED % self.busy_refusals.retry_after(count=False) if pressed else None
+            conn.drop(answer)
         if share:
             self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
 

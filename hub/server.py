@@ -200,7 +200,7 @@ class HubConnection(Connection):
                 response = Response(response.status_code, response.reason_phrase, response.headers)
             transport.write(response.serialize())  # type: ignore[attr-defined]
         else:
-            transport.write(self.host.gate.shed_answer(shed, self.peer))  # type: ignore[attr-defined]
+            transport.write(self.host.gate.shed_answer(shed, self))  # type: ignore[attr-defined]
         # Half-close and read the request to its end, so that the client gets the answer
         # rather than a reset; a client that never finishes is cut at 2 s.
         if transport.can_write_eof():  # type: ignore[attr-defined]
@@ -208,10 +208,10 @@ class HubConnection(Connection):
         asyncio.get_running_loop().call_later(2.0, self.abort)
 
     def drop(self, answer: bytes | None) -> None:
-        """The gate gave up on this half-open connection (shed, or timed out): ``answer``
-        in one write if the socket takes it at once, then close — nothing lingers, so a
-        flood of sheds costs the hub no file descriptors. Else (or without an answer) the
-        connection is reset."""
+        """The gate gave up on this connection (half-open and shed or timed out, or a
+        refusal already answered): ``answer`` in one write if the socket takes it at once,
+        then close — nothing lingers, so a flood of sheds costs the hub no file descriptors.
+        Else (or without an answer) the connection is reset."""
         self._pending = False
         self._shed = _DROPPED
         self._parked_data = None
@@ -234,7 +234,7 @@ class HubConnection(Connection):
         self._handle_parked()  # bytes that arrived before the close go before it
         self._handshake_done()
         if self._shed in _REFUSING:
-            self.host.gate.refusal_ended()
+            self.host.gate.refusal_ended(self)
         if self._shed:
             self._shed = _DROPPED  # a refusal's timers find nothing left to do
         super().connection_lost(exc)
