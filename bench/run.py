@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py            # the full run (about 25 minutes)
     .venv/bin/python bench/run.py --quick    # smaller counts and a 60 s hold (about 8 min)
     .venv/bin/python bench/run.py --only memory,rtt
+    .venv/bin/python bench/run.py --only flood   # a half-open flood; not in the full run
 
 The hub runs as its own process (`tether-hub serve`, uvloop), the load in other processes
 (`tether-agent simulate`, `bench/blaster.py`), and the floor — a bare `websockets` server
@@ -37,6 +38,7 @@ import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.flood import scenario as flood
 from bench.harness import (
     ROOT,
     Floor,
@@ -538,6 +540,7 @@ def main() -> None:
         "latency": bench.latency,
         "throughput": bench.throughput,
         "hold": bench.hold,
+        "flood": lambda: flood(bench),
     }
     try:
         for name in args.only.split(","):

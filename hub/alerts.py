@@ -16,7 +16,8 @@ import logging
 import secrets
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .audit import Auditor
 from .bus import Bus
@@ -25,6 +26,9 @@ from .metrics import Metrics
 from .model import AgentRecord, AlertRecord
 from .registry import Registry
 from .store.base import Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    from .gate import Shedding
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,8 @@ class Alerts:
         self.scope = "all"
         #: Cluster mode: hubs whose lease lapsed, and since when (for ``hub_down``).
         self.hubs_down: dict[str, float] = {}
+        #: The gate's shedding at its pending cap (wired by the hub), for handshake_flood.
+        self.shedding: Callable[[], Shedding | None] = lambda: None
 
     async def load(self) -> None:
         for alert in await self.store.open_alerts():
@@ -123,6 +129,24 @@ class Alerts:
             )
         elif refused <= config.alert_connection_failures_per_min // 2:
             self._resolve("connection_failures", hub_id)
+
+        # handshake_flood: shedding at the pending cap for longer than a minute
+        shedding = self.shedding()
+        if shedding is None:
+            self._resolve("handshake_flood", hub_id)
+        elif shedding.seconds >= config.alert_handshake_flood_after:
+            heaviest = (
+                f"; {shedding.heaviest[0]} holds the most half-open ({shedding.heaviest[1]})"
+                if shedding.heaviest is not None
+                else ""
+            )
+            self._raise(
+                "handshake_flood",
+                "warning",
+                hub_id,
+                f"shedding handshakes for {shedding.seconds:.0f} s: {shedding.shed} half-open "
+                f"connections shed, {shedding.refused} newcomers refused{heaviest}",
+            )
 
         # capacity
         if config.max_agents:

@@ -112,6 +112,7 @@ class Hub:
         self.gate = Gate(
             config, self.credentials, self.registry, self.admins, self.metrics, self.auditor
         )
+        self.alerts.shedding = self.gate.shedding
         self.credentials.on_revoked = self._revoked
         self.queries = AdminQueries(
             self.registry,
@@ -187,6 +188,9 @@ class Hub:
                     sock=sock,
                     ssl=self.gate.tls,
                     backlog=LISTEN_BACKLOG,
+                    # Not asyncio's 60 s: a TLS handshake in progress is held before the gate
+                    # counts it (docs/security.md).
+                    ssl_handshake_timeout=config.open_timeout if self.gate.tls else None,
                 )
                 self.servers.append(server)
         except BaseException:
@@ -269,6 +273,7 @@ class Hub:
             for task in stuck:
                 log.error("periodic task %s did not stop when cancelled", task.get_name())
         self.fleet.flush_heartbeats(force=True)
+        self.gate.close()
         self.auditor.record("hub.stop", subject=self.hub_id)
         for task in list(self.tasks):
             task.cancel()

@@ -52,10 +52,17 @@ class HubConfig(BaseModel):
     # Admission control
     max_agents: int = Field(default=50_000, ge=0)
     max_handshakes_per_second: float = Field(default=2_000.0, gt=0)
+    #: Connections that have not had their HTTP request handled. At the cap a newcomer takes
+    #: the place of the oldest half-open connection of the source holding the most (hub/gate.py).
     max_pending_handshakes: int = Field(default=2_000, ge=1)
-    #: Of those, how many one source address may hold; 0: no limit of its own.
+    #: Of those, how many one source address may hold; 0: no limit of its own (the fair
+    #: share at the cap already keeps a few addresses from holding the door).
     max_pending_per_source: int = Field(default=0, ge=0)
+    #: Time to send the HTTP request while at most half the pending places are taken (and
+    #: the bound of a TLS handshake, which asyncio completes before the gate sees it)...
     open_timeout: float = Field(default=10.0, gt=0)
+    #: ...shrinking to this at the cap.
+    open_timeout_min: float = Field(default=2.0, gt=0)
     auth_failure_limit: int = Field(default=10, ge=1)
     auth_failure_window: float = Field(default=60.0, gt=0)
     auth_cooloff: float = Field(default=60.0, gt=0)
@@ -121,6 +128,8 @@ class HubConfig(BaseModel):
     alert_mass_disconnect_window: float = Field(default=60.0, gt=0)
     alert_capacity_share: float = Field(default=0.9, gt=0, le=1)
     alert_hub_down_after: float = Field(default=30.0, gt=0)
+    #: ``handshake_flood``: the gate has been shedding at its pending cap this long.
+    alert_handshake_flood_after: float = Field(default=60.0, gt=0)
 
     #: Time one turn of the event loop spends on incoming bytes before the rest waits for
     #: the next turn (0: no bound). Keeps timers on time when thousands answer at once.

@@ -8,9 +8,11 @@ rate, admin connection limits), subprotocol. Every check reads memory only, so a
 never waits on the store (an unknown but well-formed token id raises
 :class:`~hub.auth.NotCached`: :meth:`Gate.look_up` it, then check again).
 
-The gate also owns what a peer can hold before it has proved anything (the pending
-handshakes and their counters, :meth:`Gate.arrive`), the server's TLS context and client
-CRL, and closing live connections whose credential or certificate was revoked.
+The gate also owns what a peer can hold before it has proved anything — the pending
+handshakes (:meth:`Gate.arrive`), shed by source address at their cap and timed out sooner
+under pressure, and the refusals written to the audit, folded per source — the server's TLS
+context and client CRL, and closing live connections whose credential or certificate was
+revoked.
 """
 
 from __future__ import annotations
@@ -21,15 +23,24 @@ import http
 import logging
 import random
 import ssl
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from .admission import FailureTracker, RefusalSpread, TokenBucket
+from .admission import (
+    FailureTracker,
+    RefusalFold,
+    RefusalSpread,
+    SourceShare,
+    TokenBucket,
+    source_key,
+)
 from .audit import Auditor
 from .auth import PREFIXES, AuthFailure, Credentials, Principal
 from .config import HubConfig
@@ -41,11 +52,43 @@ from .registry import Registry
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Gate", "Guest", "json_response", "offered_subprotocols", "plain_response"]
+__all__ = [
+    "Gate",
+    "Guest",
+    "Pending",
+    "Shedding",
+    "json_response",
+    "offered_subprotocols",
+    "plain_response",
+]
 
-#: A connection is not shed (0), or shed because the hub's pending handshakes are at their
-#: cap (1) or because its own address holds its share (2).
-ADMITTED, SHED_FULL, SHED_SOURCE = 0, 1, 2
+#: What :meth:`Gate.arrive` says of a new connection: pending (0); refused, to be answered
+#: 503 from its first bytes, because the hub's pending handshakes are at their cap and none
+#: could make room (1) or because its own address holds ``max_pending_per_source`` (2); or
+#: to be closed at once, unanswered, because as many refusals are still waiting for their
+#: first bytes (3): refusals in flight are bounded by the cap too, the oldest answered one
+#: closed to make room.
+ADMITTED, SHED_FULL, SHED_SOURCE, SHED_NOW = 0, 1, 2, 3
+
+#: At the cap, a newcomer takes the place of a half-open connection. When the source (an
+#: IPv4 address, an IPv6 /64) holding the most holds more than twice what the newcomer's
+#: would, its oldest, whatever its age (fair share: a heavy source pays for the others).
+#: Otherwise — no source stands out, or the newcomer's own is among the heaviest, as in a
+#: reconnect storm from a few NATs — the oldest half-open connection of all, if it has been
+#: half-open this long and its source holds more than two (else the heaviest source's
+#: oldest, if that is this old): younger ones are most likely agents whose request is on
+#: its way, and then the newcomer is refused (503 + Retry-After) instead.
+SWAP_AGE = 1.0
+#: How often half-open connections are checked against the open timeout.
+SWEEP_INTERVAL = 0.25
+#: A shedding episode (for the ``handshake_flood`` alert) ends after this long without a shed.
+SHED_QUIET = 10.0
+#: One audit entry per source address and this many seconds for the refusals of a flood
+#: (shed, timed out, refused at the pending cap, in a failed-authentication cool-off)...
+FOLD_WINDOW = 60.0
+#: ...and at most this many in that time for any other refusal before the upgrade (a flood
+#: of complete bad requests must not become an audit-log flood either).
+REFUSALS_PER_WINDOW = 60
 
 
 class Guest(Protocol):
@@ -56,6 +99,25 @@ class Guest(Protocol):
 
     @property
     def transport(self) -> asyncio.BaseTransport | None: ...
+
+
+class Pending(Guest, Protocol):
+    """A connection the gate counts among the pending handshakes until its request arrives."""
+
+    def drop(self, answer: bytes | None) -> None:
+        """The gate gave up on it (shed, or timed out): write ``answer`` if the socket takes
+        it at once, and close. It is no longer pending."""
+        ...
+
+
+class Shedding(NamedTuple):
+    """An episode of shedding at the pending cap, for the ``handshake_flood`` alert."""
+
+    seconds: float
+    shed: int
+    refused: int
+    #: The source holding the most half-open handshakes now, and how many.
+    heaviest: tuple[str, int] | None
 
 
 class Closable(Protocol):
@@ -163,9 +225,28 @@ class Gate:
         self.busy_refusals = RefusalSpread(
             config.max_handshakes_per_second, 2 * config.overload_retry_after
         )
+        #: Connections that have not had their request handled yet: the half-open ones and
+        #: those whose request waits for the read budget (hub/budget.py).
         self.pending_handshakes = 0
-        #: Pending handshakes by source address, kept only with ``max_pending_per_source``.
+        #: The pending connections whose request has not arrived yet, by source (an IPv4
+        #: address, an IPv6 /64: ``source_key``).
+        self.half_open: SourceShare[Pending] = SourceShare()
+        #: Pending handshakes by source, kept only with ``max_pending_per_source``.
         self.pending_by_source: dict[str, int] = {}
+        #: Newcomers refused at arrival whose answer is still being written (bounded too)...
+        self.refusing = 0
+        #: ...and of those, the ones answered already, oldest first.
+        self._answered: OrderedDict[Pending, None] = OrderedDict()
+        self.clock: Callable[[], float] = time.monotonic
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.folds = RefusalFold(FOLD_WINDOW)
+        self.refusal_folds = RefusalFold(FOLD_WINDOW, burst=REFUSALS_PER_WINDOW)
+        self._fold_timer: asyncio.TimerHandle | None = None
+        self._shedding_since = 0.0
+        self._last_shed = float("-inf")
+        self._episode = [0, 0]  # shed, refused
+        metrics.extra_gauges["tether_pending_handshakes"] = lambda: self.pending_handshakes
+        metrics.extra_gauges["tether_half_open_handshakes"] = lambda: len(self.half_open)
         # The CRL's time is read before it is loaded, so that a change meanwhile is seen.
         crl = config.client_crl if config.client_ca is not None else None
         self._crl_mtime = crl.stat().st_mtime_ns if crl is not None else 0
@@ -173,35 +254,224 @@ class Gate:
 
     # -- before the request: pending handshakes ------------------------------------------
 
-    def arrive(self, peer: str) -> int:
-        """A new connection: counted as pending (``ADMITTED``), or to be shed (answered 503
-        from its first bytes, or its probe answered) because the hub, or its address, holds
-        as many handshakes as it may."""
+    def arrive(self, conn: Pending) -> int:
+        """A new connection: counted as pending and half-open (``ADMITTED``), or refused.
+
+        At ``max_pending_handshakes`` a newcomer is admitted in the place of a half-open
+        connection shed by fair share (:data:`SWAP_AGE`): a flood from a few addresses never
+        keeps out an agent dialing from another, and a source holding one or two handshakes
+        is never shed while another holds many. Refused newcomers are answered 503 from
+        their first bytes (health probes get their usual answer), at most as many at once as
+        the cap; past that they are closed unanswered.
+        """
         config = self.config
+        peer = conn.peer
+        source = source_key(peer)
         per_source = config.max_pending_per_source
-        if per_source and self.pending_by_source.get(peer, 0) >= per_source:
-            return SHED_SOURCE
-        if self.pending_handshakes >= config.max_pending_handshakes:
-            return SHED_FULL
+        if per_source and self.pending_by_source.get(source, 0) >= per_source:
+            return self._refusing(SHED_SOURCE, peer)
+        if self.pending_handshakes >= config.max_pending_handshakes and not self._make_room(source):
+            return self._refusing(SHED_FULL, peer)
         self.pending_handshakes += 1
         if per_source:
-            self.pending_by_source[peer] = self.pending_by_source.get(peer, 0) + 1
+            self.pending_by_source[source] = self.pending_by_source.get(source, 0) + 1
+        self.half_open.add(conn, source, self.clock())
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
         return ADMITTED
 
-    def depart(self, peer: str) -> None:
-        """A pending handshake ended (its request arrived, or it timed out or closed)."""
+    def arrived(self, conn: Pending) -> None:
+        """Its request head is in (waiting for the read budget): no longer half-open, so
+        neither shed nor timed out, but still pending until the request is handled."""
+        self.half_open.remove(conn)
+
+    def depart(self, conn: Pending) -> None:
+        """A pending handshake ended: its request was handled, or it closed."""
+        self._forget(conn)
+
+    def refusal_ended(self, conn: Pending) -> None:
+        """A newcomer refused by :meth:`arrive` is gone."""
+        self.refusing -= 1
+        self._answered.pop(conn, None)
+
+    def open_timeout(self) -> float:
+        """How long a connection may take to send its request, now: ``open_timeout`` while at
+        most half the pending places are taken, then shorter as they fill, down to
+        ``open_timeout_min`` at the cap — a slow request costs an attacker more than it
+        costs the hub."""
+        config = self.config
+        full = config.open_timeout
+        floor = min(config.open_timeout_min, full)
+        load = self.pending_handshakes / config.max_pending_handshakes
+        if load <= 0.5:
+            return full
+        return max(floor, full - (full - floor) * (load - 0.5) * 2)
+
+    def shed_answer(self, kind: int, conn: Pending) -> bytes:
+        """The 503 a refused newcomer gets, with a Retry-After that spreads the retries."""
+        if kind == SHED_SOURCE:
+            self._flood(conn.peer, "source_overloaded", 503, "pending handshakes of this source")
+        else:
+            self._flood(conn.peer, "overloaded", 503, "pending handshakes at their cap")
+        self._episode[1] += 1
+        self._answered[conn] = None
+        return _OVERLOADED % self.busy_refusals.retry_after()
+
+    def shedding(self) -> Shedding | None:
+        """The shedding going on (None when nothing was shed for :data:`SHED_QUIET`)."""
+        now = self.clock()
+        if now - self._last_shed > SHED_QUIET:
+            return None
+        shed, refused = self._episode
+        return Shedding(now - self._shedding_since, shed, refused, self.half_open.heaviest())
+
+    def close(self) -> None:
+        """The hub stops: timers off, and what the audit folded written out."""
+        for timer in (self._sweeper, self._fold_timer):
+            if timer is not None:
+                timer.cancel()
+        self._sweeper = self._fold_timer = None
+        for folds in (self.folds, self.refusal_folds):
+            self._write_folded(folds.flush())
+
+    def _make_room(self, newcomer: str) -> bool:
+        """Shed a half-open connection for a newcomer from source ``newcomer``, if fair (see
+        :data:`SWAP_AGE`): a source holding one or two is never shed while another holds
+        more."""
+        share = self.half_open
+        heaviest = share.heaviest()
+        if heaviest is None:
+            return False  # every pending request is in, waiting to be read: nothing to shed
+        source, most = heaviest
+        if most > 2 * (share.count(newcomer) + 1):
+            victim, _ = share.oldest_of(source)
+        else:
+            now = self.clock()
+            victim, arrived = share.oldest()
+            if now - arrived < SWAP_AGE:
+                return False
+            if share.count(share.source_of(victim)) <= 2 < most:
+                victim, arrived = share.oldest_of(source)
+                if now - arrived < SWAP_AGE:
+                    return False
+        self._forget(victim)
+        self._flood(
+            victim.peer, "shed_half_open", 503, f"half-open; the most from a source: {most}"
+        )
+        self._episode[0] += 1
+        victim.drop(_OVERLOADED % self.busy_refusals.retry_after(count=False))
+        return True
+
+    def _refusing(self, kind: int, peer: str) -> int:
+        if self.refusing >= self.config.max_pending_handshakes and self._answered:
+            # The oldest refusal already answered makes room: its 503 is on its way.
+            answered, _ = self._answered.popitem(last=False)
+            self.refusing -= 1
+            answered.drop(None)
+        if self.refusing >= self.config.max_pending_handshakes:
+            result = "source_overloaded" if kind == SHED_SOURCE else "overloaded"
+            self._flood(peer, result, None, "too many refusals in flight: closed unanswered")
+            self._episode[1] += 1
+            return SHED_NOW
+        self.refusing += 1
+        return kind
+
+    def _forget(self, conn: Pending) -> None:
+        self.half_open.remove(conn)
         self.pending_handshakes -= 1
         if self.config.max_pending_per_source:
-            left = self.pending_by_source.get(peer, 0) - 1
+            source = source_key(conn.peer)
+            left = self.pending_by_source.get(source, 0) - 1
             if left > 0:
-                self.pending_by_source[peer] = left
+                self.pending_by_source[source] = left
             else:
-                self.pending_by_source.pop(peer, None)
+                self.pending_by_source.pop(source, None)
 
-    def shed_answer(self, kind: int) -> bytes:
-        """The 503 a shed connection gets, with a Retry-After that spreads the retries."""
-        self.metrics.connection("source_overloaded" if kind == SHED_SOURCE else "overloaded")
-        return _OVERLOADED % self.busy_refusals.retry_after()
+    def _sweep(self) -> None:
+        """Drop the half-open connections older than the open timeout of the moment: without
+        a word at the full ``open_timeout`` (a slowloris deserves none), with 503 +
+        Retry-After under pressure — a request not in after 2 s may be an agent's on a slow
+        link, or one its own busy host had not sent yet, and it should come back later
+        rather than back off as from a broken hub."""
+        self._sweeper = None
+        share = self.half_open
+        now = self.clock()
+        limit = self.open_timeout()
+        pressed = limit < self.config.open_timeout
+        while share:
+            conn, arrived = share.oldest()
+            if now - arrived < limit:
+                break
+            self._forget(conn)
+            reason = f"no request within {limit:.3g} s"
+            self._flood(conn.peer, "handshake_timeout", 503 if pressed else None, reason)
+            answer = _OVERLOADED % self.busy_refusals.retry_after(count=False) if pressed else None
+            conn.drop(answer)
+        if share:
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
+
+    # -- counted, and audited folded -----------------------------------------------------
+
+    def _flood(
+        self, source: str, result: str, status: int | None, reason: str, path: str | None = None
+    ) -> None:
+        """Count a refusal (or a shed, or a timeout) and audit it folded: the first of a
+        minute per source is written, the others counted into that source's next entry."""
+        self.metrics.connection(result)
+        if result != "handshake_timeout" and result != "rate_limited":
+            now = self.clock()
+            if now - self._last_shed > SHED_QUIET:
+                self._shedding_since = now
+                self._episode = [0, 0]
+            self._last_shed = now
+        self._audit_folded(self.folds, source, status, result, reason, path)
+
+    def _audit_folded(
+        self,
+        folds: RefusalFold,
+        source: str,
+        status: int | None,
+        error: str,
+        reason: str,
+        path: str | None,
+    ) -> None:
+        folded = folds.note(source_key(source), error)
+        if folds.evicted:
+            self._write_folded(folds.take_evicted())
+        if folded is not None:
+            extra = {"folded": folded} if folded else {}
+            self.auditor.record(
+                "connection.refused",
+                source=source,
+                status=status,
+                error=error,
+                reason=reason,
+                path=path[:200] if path is not None else None,
+                **extra,
+            )
+        if self._fold_timer is None:
+            self._arm_folds()
+
+    def _arm_folds(self) -> None:
+        delays = [
+            due - folds.clock()
+            for folds in (self.folds, self.refusal_folds)
+            if (due := folds.next_due()) is not None
+        ]
+        if delays:
+            loop = asyncio.get_running_loop()
+            self._fold_timer = loop.call_later(max(0.0, min(delays)), self._folds_due)
+
+    def _folds_due(self) -> None:
+        self._fold_timer = None
+        for folds in (self.folds, self.refusal_folds):
+            self._write_folded(folds.due())
+        self._arm_folds()
+
+    def _write_folded(self, folded: list[tuple[str, dict[str, int]]]) -> None:
+        """Counts of a source (an address, or an IPv6 /64) not written one by one."""
+        for source, counts in folded:
+            self.auditor.record("connection.folded", source=source, folded=counts)
 
     # -- the request ---------------------------------------------------------------------
 
@@ -245,10 +515,10 @@ class Gate:
             retry = self.failures.cooling_down(conn.peer)
             self.failures.failed(conn.peer)
             if retry:
-                return self.refuse(
-                    conn, 429, "rate_limited", failure.reason, path,
-                    [("Retry-After", str(retry))],
-                )  # fmt: skip
+                # A source in its cool-off is audited folded, one entry a minute: a
+                # credential-guessing flood must not become an audit-log flood.
+                self._flood(conn.peer, "rate_limited", 429, failure.reason, path)
+                return json_response(429, {"error": "rate_limited"}, [("Retry-After", str(retry))])
             return self.refuse(
                 conn, 401, "unauthorized", failure.reason, path,
                 [("WWW-Authenticate", "Bearer")],
@@ -309,16 +579,10 @@ class Gate:
     def record_refusal(
         self, conn: Guest, status: int | None, error: str, reason: str, path: str | None
     ) -> None:
-        """Count and audit a refusal; ``status`` is None for a request dropped unanswered."""
+        """Count and audit a refusal; ``status`` is None for a request dropped unanswered.
+        Past :data:`REFUSALS_PER_WINDOW` from one source in a minute, audited folded."""
         self.metrics.connection(error)
-        self.auditor.record(
-            "connection.refused",
-            source=conn.peer,
-            status=status,
-            error=error,
-            reason=reason,
-            path=path[:200] if path is not None else None,
-        )
+        self._audit_folded(self.refusal_folds, conn.peer, status, error, reason, path)
 
     def _refuse_full(self, conn: Guest, reason: str, path: str) -> Response:
         """503 at a connection limit. Full, not busy: the Retry-After is drawn from 1 s up to

@@ -32,7 +32,16 @@ from .auth import NotCached, Principal
 from .budget import ReadBudget
 from .channel import Session
 from .config import HubConfig
-from .gate import ADMITTED, Gate, json_response, offered_subprotocols, plain_response
+from .gate import (
+    ADMITTED,
+    SHED_FULL,
+    SHED_NOW,
+    SHED_SOURCE,
+    Gate,
+    json_response,
+    offered_subprotocols,
+    plain_response,
+)
 from .metrics import Metrics
 from .protocol.connection import WIRE_LOGGER, Connection
 from .protocol.constants import (
@@ -65,8 +74,19 @@ _CHANNELS = {AGENT_PATH: AGENT_SUBPROTOCOL, ADMIN_PATH: ADMIN_SUBPROTOCOL}
 _PROBES = (b"GET /healthz ", b"HEAD /healthz ", b"GET /readyz ", b"HEAD /readyz ")
 #: How long a connection past the cap may take to send its request before it gets the 503.
 SHED_WAIT = 1.0
-#: A shed connection that was answered already.
+#: A refused newcomer that was answered already (its close is under way).
 _SHED_ANSWERED = -1
+#: A half-open connection the gate shed or timed out: answered if it could be, and closed.
+_DROPPED = -2
+#: A request head (request line and headers) longer than this is refused 431 while it is
+#: still coming: websockets bounds each line (8 KiB) and the header count (128), which
+#: still lets one half-open connection hold a megabyte. Real upgrades carry well under
+#: 4 KiB, a JWT included.
+MAX_REQUEST_HEAD = 16 * 1024
+#: The states of a newcomer the gate refused and counts among the refusals in flight.
+_REFUSING = (SHED_FULL, SHED_SOURCE, _SHED_ANSWERED)
+#: Where a request head ends.
+_HEAD_END = b"\r\n\r\n"
 
 
 class ServerHost(Protocol):
@@ -133,17 +153,19 @@ class _ServerProtocol(ServerProtocol):
 class HubConnection(Connection):
     """A connection to the hub, from the first byte to the close."""
 
-    __slots__ = ("_open_timer", "_parked_data", "_pending", "_shed", "host", "session")
+    __slots__ = ("_head_bytes", "_parked_data", "_pending", "_shed", "host", "session")
 
     def __init__(self, host: ServerHost) -> None:
         protocol = _ServerProtocol(max_size=MAX_MESSAGE_BYTES, logger=WIRE_LOGGER)
         super().__init__(protocol, max_buffer=host.config.agent_write_buffer)
         self.host = host
         self.session: Session | None = None
-        self._open_timer: asyncio.TimerHandle | None = None
-        #: Counted among the gate's pending handshakes until the request arrives.
+        #: Counted among the gate's pending handshakes until the request is handled.
         self._pending = False
-        #: Past the gate's pending cap: why (``SHED_*``) until answered, then answered.
+        #: Bytes of a request head still coming (bounded by MAX_REQUEST_HEAD); -1 once it
+        #: is complete and waits for the read budget.
+        self._head_bytes = 0
+        #: Refused at arrival: why (``SHED_*``) until answered, then answered; or dropped.
         self._shed = ADMITTED
         #: Bytes read past this turn's read budget, handled in a later turn (hub.budget).
         self._parked_data: bytes | None = None
@@ -153,23 +175,23 @@ class HubConnection(Connection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        shed = self.host.gate.arrive(self.peer)
-        if shed != ADMITTED:
-            # Shed: answered from the request's first bytes, without parsing it — a 503
-            # with a Retry-After drawn per refusal (it spreads a reconnect storm out, where
-            # a reset would send every agent into ever longer backoff), or the answer to a
-            # health probe. A client silent for SHED_WAIT gets the 503 all the same.
-            self._shed = shed
-            asyncio.get_running_loop().call_later(SHED_WAIT, self._answer_shed, b"")
+        shed = self.host.gate.arrive(self)
+        if shed == ADMITTED:
+            self._pending = True  # the gate times it out (Gate.open_timeout) or sheds it
             return
-        self._pending = True
-        self._open_timer = asyncio.get_running_loop().call_later(
-            self.host.config.open_timeout, self._handshake_timeout
-        )
+        self._shed = shed
+        if shed == SHED_NOW:
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        # Refused: answered from the request's first bytes, without parsing it — a 503
+        # with a Retry-After drawn per refusal (it spreads a reconnect storm out, where a
+        # reset would send every agent into ever longer backoff), or the answer to a
+        # health probe. A client silent for SHED_WAIT gets the 503 all the same.
+        asyncio.get_running_loop().call_later(SHED_WAIT, self._answer_shed, b"")
 
     def _answer_shed(self, first: bytes) -> None:
         shed = self._shed
-        if shed in (ADMITTED, _SHED_ANSWERED):
+        if shed <= ADMITTED or shed == SHED_NOW:
             return
         self._shed = _SHED_ANSWERED
         transport = self.transport
@@ -182,34 +204,62 @@ class HubConnection(Connection):
                 response = Response(response.status_code, response.reason_phrase, response.headers)
             transport.write(response.serialize())  # type: ignore[attr-defined]
         else:
-            transport.write(self.host.gate.shed_answer(shed))  # type: ignore[attr-defined]
+            transport.write(self.host.gate.shed_answer(shed, self))  # type: ignore[attr-defined]
         # Half-close and read the request to its end, so that the client gets the answer
         # rather than a reset; a client that never finishes is cut at 2 s.
         if transport.can_write_eof():  # type: ignore[attr-defined]
             transport.write_eof()  # type: ignore[attr-defined]
         asyncio.get_running_loop().call_later(2.0, self.abort)
 
-    def _handshake_timeout(self) -> None:
-        self._open_timer = None
-        self._not_pending()
-        self.host.metrics.connection("handshake_timeout")
-        self.abort()
+    def drop(self, answer: bytes | None) -> None:
+        """The gate gave up on this connection (half-open and shed or timed out, or a
+        refusal already answered): ``answer`` in one write if the socket takes it at once,
+        then close — nothing lingers, so a flood of sheds costs the hub no file descriptors.
+        Else (or without an answer) the connection is reset."""
+        self._pending = False
+        self._shed = _DROPPED
+        self._parked_data = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if answer is not None and not transport.get_write_buffer_size():
+            transport.write(answer)
+            if not transport.get_write_buffer_size():
+                transport.close()
+                return
+        transport.abort()
 
     def _handshake_done(self) -> None:
-        if self._open_timer is not None:
-            self._open_timer.cancel()
-            self._open_timer = None
-        self._not_pending()
-
-    def _not_pending(self) -> None:
         if self._pending:
             self._pending = False
-            self.host.gate.depart(self.peer)
+            self.host.gate.depart(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._handle_parked()  # bytes that arrived before the close go before it
         self._handshake_done()
+        if self._shed in _REFUSING:
+            self.host.gate.refusal_ended(self)
+        if self._shed:
+            self._shed = _DROPPED  # a refusal's timers find nothing left to do
         super().connection_lost(exc)
+        self._break_cycles()
+
+    def _break_cycles(self) -> None:
+        """Leave nothing for the cyclic garbage collector: free the protocol by reference
+        counting the moment the connection goes.
+
+        websockets' parser is a generator that references its protocol, and an error it
+        raised (the EOF of a connection closed mid-request, a request it could not read)
+        keeps a traceback through the generator's frame. Such a cycle waits for a
+        collection, and the hub freezes every survivor once a second (``gc_freeze_interval``):
+        a connection that lived past a freeze (every shed or timed-out half-open one) then
+        stayed in memory until the hourly full collection — 4.5 KB each, 9 MB a second under
+        a flood of 2,000 connections a second (measured).
+        """
+        protocol = self.protocol
+        protocol.parser.close()
+        protocol.handshake_exc = None
+        protocol.parser_exc = None
 
     def data_received(self, data: bytes) -> None:
         if self._shed:
@@ -217,6 +267,8 @@ class HubConnection(Connection):
             return
         if self._parked_data is not None:
             self._parked_data += data
+            if self._pending:
+                self._head_arriving(data, self._parked_data)
         elif (
             self.host.read_budget.spent()
             and self.transport is not None
@@ -227,8 +279,32 @@ class HubConnection(Connection):
             self._parked_data = data
             self.transport.pause_reading()
             self.host.read_budget.park(self)
+            if self._pending:
+                self._head_arriving(data, data)
         else:
             self._handle(data)
+            if self._pending and not self.closed:
+                self._head_arriving(data, b"")
+
+    def _head_arriving(self, data: bytes, parked: bytes) -> None:
+        """Bytes of a request not handled yet: a head that is complete (parked, waiting for
+        the read budget) is no longer half-open; one growing past MAX_REQUEST_HEAD is 431."""
+        if self._head_bytes < 0:
+            return  # complete already
+        if parked and _HEAD_END in parked[-len(data) - 3 :]:
+            self._head_bytes = -1
+            self.host.gate.arrived(self)
+            return
+        self._head_bytes += len(data)
+        if self._head_bytes > MAX_REQUEST_HEAD:
+            self._parked_data = None
+            self._handshake_done()
+            self.respond(
+                self.host.gate.refuse(
+                    self, 431, "headers_too_large", f"request head over {MAX_REQUEST_HEAD} bytes",
+                    None,
+                )
+            )  # fmt: skip
 
     def unpark(self) -> None:
         self._handle_parked()
@@ -245,7 +321,7 @@ class HubConnection(Connection):
     def _handle(self, data: bytes) -> None:
         super().data_received(data)
         exc = self.protocol.handshake_exc
-        if exc is not None and self._open_timer is not None:
+        if exc is not None and self._pending:
             # websockets refused the request before it became a Request: a request line
             # or header block too large (it answered 414 or 431), or bytes it could not
             # read as HTTP at all (it hung up without an answer).

@@ -45,7 +45,7 @@ from tests.hub.wire import (
     text,
     upgrade_request,
 )
-from tests.support import wait_for
+from tests.support import FakeClock, wait_for
 
 FRIENDLY = {"auth_failure_limit": 1000}
 
@@ -457,8 +457,12 @@ async def test_one_address_cannot_hold_every_pending_place(hub_factory) -> None:
     await assert_healthy(hub)
 
 
-async def test_half_open_handshakes_beyond_the_limit_are_shed(hub_factory) -> None:
+async def test_newcomers_refused_at_the_cap_get_503_or_their_probe(hub_factory) -> None:
+    # The gate's clock stands still: the held handshakes stay younger than SWAP_AGE, so a
+    # newcomer from their own address takes none of their places and is refused (the fair
+    # share that sheds them for other addresses: test_handshake_flood.py).
     hub = await hub_factory(max_pending_handshakes=3, open_timeout=3.0)
+    clock = hub.hub.gate.clock = FakeClock()
     held = []
     for _ in range(3):
         wire = await Wire.open(hub.hub.port)
@@ -492,8 +496,12 @@ async def test_half_open_handshakes_beyond_the_limit_are_shed(hub_factory) -> No
     response = await silent.read_response()
     assert response.status == 503
     assert hub.hub.metrics.connections["overloaded"] == before + 4
+    await wait_for(lambda: hub.hub.gate.refusing == 0, what="refusals closed")
+    # The held ones time out (at the cap: open_timeout_min, 2 s), asked back later.
+    clock.now += 2.0
     for wire in held:
-        assert await wire.eof(timeout=6) == b""
+        assert (await wire.read_response()).status == 503
+        assert await wire.eof() == b""
     await wait_for(lambda: hub.hub.gate.pending_handshakes == 0)
     await assert_healthy(hub)
 
