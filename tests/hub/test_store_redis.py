@@ -16,7 +16,7 @@ import pytest
 from hub.model import AgentRecord, CommandRecord, CredentialRecord, JobRecord
 from hub.store.base import AuditEntry, StoreUnavailable
 from hub.store.redis import SCAN_WINDOW, RedisStore
-from tests.hub.test_store_contract import T0, credential, finish, job_with
+from tests.hub.test_store_conformance import T0, credential, finish, job_with
 from tests.redis_server import RedisServer
 from tests.support import wait_for
 
