@@ -140,7 +140,6 @@ class Writer:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._failing_since: float | None = None
-        connection.register_connect_callback(self._load_scripts)
 
     # -- submitting --------------------------------------------------------------------
 
@@ -200,7 +199,12 @@ class Writer:
                 return
 
     async def _round_trip(self, ops: list[Op], taken: Pending) -> bool:
-        batch = self._build(taken) if taken else []
+        try:
+            batch = self._build(taken) if taken else []
+        except Exception:  # a bug in encoding must not stop every later write
+            log.exception("Redis store: a batch of %d rows could not be encoded", taken.size())
+            self.dropped += taken.size()
+            batch = []
         commands = batch + [command for op in ops for command in op.commands]
         if not commands:
             for op in ops:
@@ -275,7 +279,8 @@ class Writer:
 
     async def _send(self, commands: list[Command]) -> list[Any]:
         conn = self.connection
-        await ensure_connected(conn)
+        if await ensure_connected(conn):
+            await self._load_scripts(conn)
         await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
         results: list[Any] = []
         for _ in commands:
@@ -286,18 +291,19 @@ class Writer:
         return results
 
     async def _load_scripts(self, conn: AbstractConnection) -> None:
-        """On every (re)connection: a restarted Redis has an empty script cache."""
+        """On every new connection: a restarted Redis has an empty script cache."""
         for script in SCRIPTS.values():
             await conn.send_command("SCRIPT", "LOAD", script.source, check_health=False)
             await conn.read_response()
 
 
-async def ensure_connected(conn: AbstractConnection) -> None:
+async def ensure_connected(conn: AbstractConnection) -> bool:
     """Connect, or reconnect a connection the server closed while it was idle (as the
-    pool does before lending one): a restarted Redis must not cost the first write."""
+    pool does before lending one): a restarted Redis must not cost the first write.
+    True when this made a new connection."""
     if not conn.is_connected:
         await conn.connect()
-        return
+        return True
     can_read = getattr(conn, "can_read", None) or conn.can_read_destructive
     try:
         stale = await can_read()
@@ -306,3 +312,4 @@ async def ensure_connected(conn: AbstractConnection) -> None:
     if stale:
         await conn.disconnect()
         await conn.connect()
+    return stale
