@@ -137,6 +137,8 @@ class Writer:
         self._build = build
         self._ops: list[Op] = []
         self._wake = asyncio.Event()
+        #: Set by durable writes: they are tried at once, whatever the backoff.
+        self._durable = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._failing_since: float | None = None
@@ -149,9 +151,12 @@ class Writer:
     def submit(self, op: Op) -> None:
         self._ops.append(op)
         self._wake.set()
+        self._durable.set()
 
     def batched(self) -> Pending:
-        """The batch to add to; the writer sends it with its next round trip."""
+        """The batch to add to; the writer sends it with its next round trip (after the
+        backoff, while Redis is failing: a storm of batched writes must not turn into a
+        storm of attempts)."""
         self._wake.set()
         return self.pending
 
@@ -159,6 +164,7 @@ class Writer:
         """Send what is pending (once more, if Redis answers), then stop."""
         self._closing = True
         self._wake.set()
+        self._durable.set()
         task = self._task
         if task is not None:
             try:
@@ -185,18 +191,19 @@ class Writer:
             if backoff and not self._ops and not self._closing:
                 try:
                     async with asyncio.timeout(backoff):
-                        await self._wake.wait()
+                        await self._durable.wait()
                 except TimeoutError:
                     pass
             else:
                 await self._wake.wait()
             self._wake.clear()
+            self._durable.clear()
             ops, self._ops = self._ops, []
             taken, self.pending = self.pending, Pending()
             ok = await self._round_trip(ops, taken)
             backoff = 0.0 if ok else min(max(2 * backoff, 0.2), MAX_BACKOFF)
-            if self._closing and not self._ops:
-                return
+            if self._closing and not self._ops and (not ok or not self.pending):
+                return  # all sent, or Redis away: close() counts what is left
 
     async def _round_trip(self, ops: list[Op], taken: Pending) -> bool:
         try:

@@ -124,6 +124,28 @@ async def test_redis_stopped_gives_store_unavailable_and_writes_resume(
     assert store.writes_dropped == 0
 
 
+async def test_batched_writes_during_an_outage_wait_for_the_backoff(
+    redis_factory: Factory, stores: Callable[..., Any]
+) -> None:
+    """A registration storm while Redis is down is not a storm of attempts: batched writes
+    wait for the writer's backoff; only durable writes are tried at once."""
+    server = redis_factory()
+    store = await stores(server.url, timeout=1.0)
+    server.stop()
+    store.save_agent(AgentRecord(agent_id="edge-0"))
+    await wait_for(lambda: store.write_failures >= 1, what="the first attempt failing")
+    failures = store.write_failures
+    for n in range(1, 1001):
+        store.save_agent(AgentRecord(agent_id=f"edge-{n}"))
+        await asyncio.sleep(0)  # a turn of the event loop per registration
+    assert store.write_failures <= failures + 1, "batched writes woke the writer each turn"
+    with pytest.raises(StoreUnavailable):
+        await store.add_credential(credential())  # tried at once, not after the backoff
+    server.start()
+    await wait_for(lambda: _agent_ids(store), timeout=15, what="the storm's rows sent")
+    assert len(await store.load_agents()) == 1001
+
+
 async def _agent_ids(store: RedisStore) -> list[str]:
     try:
         return [a.agent_id for a in await store.load_agents()]
