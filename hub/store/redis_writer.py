@@ -289,10 +289,13 @@ class Writer:
         if await ensure_connected(conn):
             await self._load_scripts(conn)
         await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        # The whole round trip is bounded by _execute's deadline, which allows big writes
+        # (a job to the fleet) more than the client's socket timeout might.
+        timeout = self._deadline(commands)
         results: list[Any] = []
         for _ in commands:
             try:
-                results.append(await conn.read_response(disable_decoding=True))
+                results.append(await conn.read_response(disable_decoding=True, timeout=timeout))
             except ResponseError as exc:
                 results.append(exc)
         return results

@@ -188,6 +188,25 @@ async def test_a_script_killed_mid_way_leaves_all_or_nothing(
         assert len(unfinished) == len(agents) and top == commands[-1].seq
 
 
+async def test_a_big_write_gets_more_than_the_clients_socket_timeout(
+    redis_server: RedisServer,
+) -> None:
+    """A client made for short calls (the cluster's, 1 s) still writes a job to the whole
+    fleet: the writer's deadline grows with the write."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=0.02)
+    store = RedisStore(client, prefix="bigwrite", timeout=1.0)
+    await store.open()
+    try:
+        job, commands = job_with([f"sim-{n:05d}" for n in range(30_000)])
+        await store.add_job(job, commands)
+        assert await store.command(commands[-1].command_id) == commands[-1].view()
+    finally:
+        await store.close()
+        await client.aclose()
+
+
 async def test_what_redis_answered_survives_kill_9_with_appendfsync_always(
     redis_factory: Factory, stores: Callable[..., Any]
 ) -> None:
