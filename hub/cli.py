@@ -321,16 +321,19 @@ async def _token(args: argparse.Namespace) -> int:
     from .config import load_config
     from .store.base import Store, StoreUnavailable
 
-    redis_url, data_dir = args.redis, args.data_dir
-    if redis_url is None and data_dir is None and args.config:
+    redis_url, data_dir, prefix = args.redis, args.data_dir, "tether"
+    if args.config:
         config = load_config(args.config)
-        redis_url, data_dir = config.redis_url, str(config.data_dir)
+        prefix = config.redis_prefix
+        if redis_url is None and data_dir is None:
+            redis_url, data_dir = config.redis_url, str(config.data_dir)
     store: Store
     if redis_url:
         # Cluster mode: the credentials every hub syncs from, each within a second.
         from .store.redis import RedisStore
 
-        store, where = RedisStore.from_url(redis_url), f"Redis at {_redacted(redis_url)}"
+        store = RedisStore.from_url(redis_url, prefix=prefix)
+        where = f"Redis at {_redacted(redis_url)}"
     elif data_dir is not None:
         from .store.sqlite import SQLiteStore
 

@@ -1,4 +1,4 @@
-"""The lowest websockets that pyproject.toml allows is tested, not assumed.
+"""The lowest websockets (and redis-py) that pyproject.toml allows is tested, not assumed.
 
 The lean connection drives websockets' sans-I/O protocol objects directly and reads
 names that appeared in 17.0 (``max_message_size``, ``HeaderLineTooLong``…); pyproject
@@ -52,6 +52,36 @@ def test_the_wire_tests_pass_on_the_lowest_websockets_allowed(tmp_path: Path) ->
     assert probe.stdout.strip().split(".")[:2] == [*version.split("."), "0"][:2]
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *WIRE_TESTS],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+#: The tests of the Redis store: it drives redis-py's asyncio connection directly (its own
+#: writer connection, cancellation on timeouts). Below 5.2.1 a cancelled read could hang.
+REDIS_TESTS = ["tests/hub/test_store_redis.py", "tests/hub/test_store_conformance.py"]
+
+
+@pytest.mark.slow
+def test_the_redis_store_passes_on_the_lowest_redis_py_allowed(tmp_path: Path) -> None:
+    found = re.search(r'"redis\[hiredis\]>=([\d.]+)', (ROOT / "pyproject.toml").read_text())
+    assert found, "pyproject.toml names no lower bound for redis"
+    version = found.group(1)
+    target = tmp_path / "floor"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+         f"redis=={version}"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert install.returncode == 0, f"cannot install redis=={version}: {install.stderr}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT)])}
+    probe = subprocess.run(
+        [sys.executable, "-c", "import redis; print(redis.__version__)"],
+        capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    assert probe.stdout.strip() == version
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *REDIS_TESTS],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]

@@ -230,8 +230,9 @@ class RedisStore(Store):
         self.profiles = Dictionary(PROFILES)
         self._owns_client = owns_client
         self._writer: Writer | None = None
+        #: The writer of the last time the store was open: its counters stay readable.
+        self._last_writer: Writer | None = None
         self._closed = False
-        self._commits_before = 0
         self._last_trim = 0.0
         #: Sessions this store opened and did not close: close_session names only the
         #: session, and its line lives under its agent.
@@ -265,19 +266,21 @@ class RedisStore(Store):
 
     @property
     def commits(self) -> int:
-        writer = self._writer
-        return self._commits_before + (writer.commits if writer is not None else 0)
+        writer = self._writer or self._last_writer
+        return writer.commits if writer is not None else 0
 
     @property
     def write_failures(self) -> int:
         """Write round trips that failed (Redis unreachable, slow or refusing)."""
-        return self._writer.failures if self._writer is not None else 0
+        writer = self._writer or self._last_writer
+        return writer.failures if writer is not None else 0
 
     @property
     def writes_dropped(self) -> int:
         """Batched rows given up: refused by Redis, past the pending bound, or unsent at
         close with Redis away. Each is logged."""
-        return self._writer.dropped if self._writer is not None else 0
+        writer = self._writer or self._last_writer
+        return writer.dropped if writer is not None else 0
 
     async def open(self) -> None:
         self._closed = False
@@ -297,8 +300,8 @@ class RedisStore(Store):
         self._closed = True
         writer, self._writer = self._writer, None
         if writer is not None:
+            self._last_writer = writer
             await writer.close(self.timeout)
-            self._commits_before += writer.commits
         if self._owns_client:
             try:
                 await self.client.aclose()
@@ -506,6 +509,10 @@ class RedisStore(Store):
         return [record for record, _ in decoded]
 
     async def credentials_since(self, rev: int) -> tuple[int, list[CredentialRecord]]:
+        # Every hub asks every second and nothing changed almost always: one GET says so.
+        current = await self._read(lambda: self.client.get(self.keys.cred_rev))
+        if int(current or 0) == rev:
+            return rev, []
         answer = await self._eval("credentials_since", rev)
         if int(answer[0]) == 0:
             # Changes older than the log keeps, or a Redis that lost its data: all of them.

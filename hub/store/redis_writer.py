@@ -137,10 +137,11 @@ class Writer:
         self._build = build
         self._ops: list[Op] = []
         self._wake = asyncio.Event()
+        #: Set by durable writes: they are tried at once, whatever the backoff.
+        self._durable = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._failing_since: float | None = None
-        connection.register_connect_callback(self._load_scripts)
 
     # -- submitting --------------------------------------------------------------------
 
@@ -150,9 +151,12 @@ class Writer:
     def submit(self, op: Op) -> None:
         self._ops.append(op)
         self._wake.set()
+        self._durable.set()
 
     def batched(self) -> Pending:
-        """The batch to add to; the writer sends it with its next round trip."""
+        """The batch to add to; the writer sends it with its next round trip (after the
+        backoff, while Redis is failing: a storm of batched writes must not turn into a
+        storm of attempts)."""
         self._wake.set()
         return self.pending
 
@@ -160,6 +164,7 @@ class Writer:
         """Send what is pending (once more, if Redis answers), then stop."""
         self._closing = True
         self._wake.set()
+        self._durable.set()
         task = self._task
         if task is not None:
             try:
@@ -186,21 +191,27 @@ class Writer:
             if backoff and not self._ops and not self._closing:
                 try:
                     async with asyncio.timeout(backoff):
-                        await self._wake.wait()
+                        await self._durable.wait()
                 except TimeoutError:
                     pass
             else:
                 await self._wake.wait()
             self._wake.clear()
+            self._durable.clear()
             ops, self._ops = self._ops, []
             taken, self.pending = self.pending, Pending()
             ok = await self._round_trip(ops, taken)
             backoff = 0.0 if ok else min(max(2 * backoff, 0.2), MAX_BACKOFF)
-            if self._closing and not self._ops:
-                return
+            if self._closing and not self._ops and (not ok or not self.pending):
+                return  # all sent, or Redis away: close() counts what is left
 
     async def _round_trip(self, ops: list[Op], taken: Pending) -> bool:
-        batch = self._build(taken) if taken else []
+        try:
+            batch = self._build(taken) if taken else []
+        except Exception:  # a bug in encoding must not stop every later write
+            log.exception("Redis store: a batch of %d rows could not be encoded", taken.size())
+            self.dropped += taken.size()
+            batch = []
         commands = batch + [command for op in ops for command in op.commands]
         if not commands:
             for op in ops:
@@ -275,29 +286,34 @@ class Writer:
 
     async def _send(self, commands: list[Command]) -> list[Any]:
         conn = self.connection
-        await ensure_connected(conn)
+        if await ensure_connected(conn):
+            await self._load_scripts(conn)
         await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        # The whole round trip is bounded by _execute's deadline, which allows big writes
+        # (a job to the fleet) more than the client's socket timeout might.
+        timeout = self._deadline(commands)
         results: list[Any] = []
         for _ in commands:
             try:
-                results.append(await conn.read_response(disable_decoding=True))
+                results.append(await conn.read_response(disable_decoding=True, timeout=timeout))
             except ResponseError as exc:
                 results.append(exc)
         return results
 
     async def _load_scripts(self, conn: AbstractConnection) -> None:
-        """On every (re)connection: a restarted Redis has an empty script cache."""
+        """On every new connection: a restarted Redis has an empty script cache."""
         for script in SCRIPTS.values():
             await conn.send_command("SCRIPT", "LOAD", script.source, check_health=False)
             await conn.read_response()
 
 
-async def ensure_connected(conn: AbstractConnection) -> None:
+async def ensure_connected(conn: AbstractConnection) -> bool:
     """Connect, or reconnect a connection the server closed while it was idle (as the
-    pool does before lending one): a restarted Redis must not cost the first write."""
+    pool does before lending one): a restarted Redis must not cost the first write.
+    True when this made a new connection."""
     if not conn.is_connected:
         await conn.connect()
-        return
+        return True
     can_read = getattr(conn, "can_read", None) or conn.can_read_destructive
     try:
         stale = await can_read()
@@ -306,3 +322,4 @@ async def ensure_connected(conn: AbstractConnection) -> None:
     if stale:
         await conn.disconnect()
         await conn.connect()
+    return stale

@@ -51,7 +51,7 @@ def test_token_create_list_revoke(tmp_path: Path) -> None:
 
 
 async def test_token_commands_on_redis_reach_every_hub(
-    redis_factory: Callable[..., RedisServer],
+    redis_factory: Callable[..., RedisServer], tmp_path: Path
 ) -> None:
     """``--redis`` (cluster mode): the credential is where every hub syncs from."""
     from hub.store.redis import RedisStore
@@ -79,6 +79,18 @@ async def test_token_commands_on_redis_reach_every_hub(
         assert actions == ["credential.revoked", "credential.created"]
     finally:
         await hub.close()
+    # The configuration file's Redis and key prefix (several clusters on one Redis).
+    config = tmp_path / "hub.toml"
+    config.write_text(f'[hub]\nredis_url = "{url}"\nredis_prefix = "other"\n')
+    made = await run_cli_async("token", "create", "--config", str(config), "--admin", "--role",
+                               "viewer", "--json")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    other = RedisStore.from_url(url, prefix="other")
+    await other.open()
+    try:
+        assert [c.id for c in await other.credentials()] == [json.loads(made.stdout)["id"]]
+    finally:
+        await other.close()
     # Nothing answering there: a usage error of one line, the password not shown.
     down = await run_cli_async("token", "list", "--redis", "redis://:hunter2@127.0.0.1:1/0")
     assert down.returncode == 2 and down.stderr.count("\n") == 1, down.stderr

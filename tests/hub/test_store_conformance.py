@@ -549,3 +549,129 @@ async def test_alerts_update_in_place_and_list_by_state(store: Store) -> None:
     assert [a["alert_id"] for a in resolved.items] == [second.alert_id]
     critical = await store.alerts({"severity": "critical", "rule": "agent_offline"}, 10, None)
     assert [a["subject"] for a in critical.items] == ["edge-3"]
+
+
+# -- more of the contract: what a second backend showed needed saying ------------------
+
+
+async def test_credentials_are_listed_by_creation_time(store: Store) -> None:
+    await store.add_credential(credential(id="agt_late", created_at=T0 + 1))
+    await store.add_credential(credential(id="agt_early", created_at=T0 - 1))
+    await store.add_credential(credential(id="agt_same", created_at=T0 + 1))
+    assert [c.id for c in await store.credentials()] == ["agt_early", "agt_late", "agt_same"]
+
+
+async def test_enrollment_before_the_expiry_is_accepted(store: Store) -> None:
+    await store.add_credential(credential("enroll", id="enr_soon", expires_at=T0 + 10.5))
+    issued = credential(id="agt_in_time", agent_id="edge-1", created_at=T0 + 10.25)
+    assert await store.enroll("enr_soon", "edge-1", issued, [])
+    assert issued.rev > 0
+    rev, changed = await store.credentials_since(issued.rev - 1)
+    assert [c.id for c in changed] == ["agt_in_time"] and rev == issued.rev
+
+
+async def test_an_agent_saved_again_is_replaced(store: Store) -> None:
+    record = AgentRecord(agent_id="edge-1", region="eu", hub_id="hub-a", connected_at=T0 + 1.5)
+    store.save_agent(record)
+    await store.flush()
+    record.connected_at, record.hub_id, record.labels = None, "hub-b", {"tier": "edge"}
+    store.save_agent(record)
+    await store.flush()
+    (loaded,) = await store.load_agents()
+    assert (loaded.connected_at, loaded.hub_id, loaded.labels) == (None, "hub-b", {"tier": "edge"})
+
+
+async def test_heartbeats_of_many_agents_in_one_batch(store: Store) -> None:
+    records = [
+        AgentRecord(agent_id=f"sim-{n:04d}", first_seen=T0, last_seen=T0 + n, status="ok",
+                    metrics={"cpu_percent": float(n), "mem_percent": 50.0})
+        for n in range(1500)
+    ]  # fmt: skip
+    for record in records:
+        store.save_agent(record)
+    store.save_heartbeats(records, samples=True)
+    await store.flush()
+    loaded = {a.agent_id: a for a in await store.load_agents()}
+    assert len(loaded) == 1500
+    assert (loaded["sim-1499"].last_seen, loaded["sim-1499"].metrics) == (
+        T0 + 1499, {"cpu_percent": 1499.0, "mem_percent": 50.0},
+    )  # fmt: skip
+    assert (await store.agent_history("sim-0042"))["heartbeats"] == [
+        {"time": format_time(T0 + 42), "status": "ok",
+         "metrics": {"cpu_percent": 42.0, "mem_percent": 50.0}}
+    ]  # fmt: skip
+
+
+async def test_a_session_is_closed_by_a_later_batch(store: Store) -> None:
+    store.open_session("s1", "edge-1", "hub-a", "10.0.0.1:5000", None, T0)
+    store.open_session("s2", "edge-1", "hub-a", "10.0.0.1:5001", None, T0 + 10)
+    await store.flush()
+    store.close_session("s1", T0 + 5, 1000, "bye")
+    await store.flush()
+    sessions = (await store.agent_history("edge-1"))["sessions"]
+    assert [(s["session_id"], s["ended_at"], s["close_code"]) for s in sessions] == [
+        ("s2", None, None), ("s1", format_time(T0 + 5), 1000),
+    ]  # fmt: skip
+    assert len((await store.agent_history("edge-1", limit=1))["sessions"]) == 1
+
+
+async def test_a_running_jobs_counts_are_its_commands_as_stored(store: Store) -> None:
+    job, commands = job_with(["a1", "a2", "a3"])
+    await store.add_job(job, commands)
+    commands[0].state = "sent"
+    finish(commands[1], "failed")
+    await store.save_commands(commands[:2])
+    jobs, unfinished, _ = await store.unfinished()
+    assert jobs[0].counts == {"sent": 1, "failed": 1, "queued": 1}
+    assert [(c.command_id, c.state) for c in unfinished] == [
+        (commands[0].command_id, "sent"), (commands[2].command_id, "queued"),
+    ]  # fmt: skip
+
+
+async def test_saving_a_command_never_stored_changes_nothing(store: Store) -> None:
+    _, (ghost,) = job_with(["a1"])
+    await store.save_commands([ghost])
+    assert await store.command(ghost.command_id) is None
+    assert (await store.commands({}, 10, None)).items == []
+
+
+async def test_filtered_listings_page_too(store: Store) -> None:
+    job, commands = job_with(["a1", "a2", "a3"])
+    other, others = job_with(["a1", "a2"], seq=10)
+    await store.add_job(job, commands)
+    await store.add_job(other, others)
+
+    async def ids(filter: dict[str, Any], limit: int = 2) -> list[str]:
+        listed = await all_pages(lambda n, b: store.commands(filter, n, b), limit)
+        return [c["command_id"] for c in listed]
+
+    assert await ids({"agent_id": "a2"}, 1) == [others[1].command_id, commands[1].command_id]
+    assert await ids({"job_id": [job.job_id, other.job_id], "agent_id": "a1"}) == [
+        others[0].command_id, commands[0].command_id
+    ]  # fmt: skip
+    assert await ids({"state": "queued"}) == [
+        c.command_id for c in [*reversed(others), *reversed(commands)]
+    ]
+    wanted = [commands[0].command_id, commands[2].command_id, others[1].command_id, "nope"]
+    assert await ids({"command_id": wanted}, 1) == [wanted[2], wanted[1], wanted[0]]
+    assert [j["job_id"] for j in await all_pages(
+        lambda n, b: store.jobs({"job_id": [job.job_id, other.job_id]}, n, b), 1
+    )] == [other.job_id, job.job_id]  # fmt: skip
+
+
+async def test_alerts_filtered_by_id_and_by_unresolved_states(store: Store) -> None:
+    first, second, third = alert("edge-1"), alert("edge-2", "acknowledged"), alert("edge-3")
+    for record in (first, second, third):
+        await store.save_alert(record)
+    third.state, third.resolved_at = "resolved", T0 + 60
+    await store.save_alert(third)
+    unresolved = await store.alerts({"state": ["firing", "acknowledged"]}, 10, None)
+    assert [a["alert_id"] for a in unresolved.items] == [second.alert_id, first.alert_id]
+    assert (await store.alerts({"alert_id": second.alert_id}, 10, None)).items == [second.view()]
+
+
+async def test_audit_filters_with_many_values_page(store: Store) -> None:
+    await store.audit([AuditEntry(T0 + n, f"a{n}") for n in range(25)])
+    odd = [f"a{n}" for n in range(1, 25, 2)]
+    listed = await all_pages(lambda n, b: store.audit_entries({"action": odd}, n, b), 5)
+    assert [e["action"] for e in listed] == list(reversed(odd))

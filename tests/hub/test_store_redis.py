@@ -16,7 +16,7 @@ import pytest
 from hub.model import AgentRecord, CommandRecord, CredentialRecord, JobRecord
 from hub.store.base import AuditEntry, StoreUnavailable
 from hub.store.redis import SCAN_WINDOW, RedisStore
-from tests.hub.test_store_contract import T0, credential, finish, job_with
+from tests.hub.test_store_conformance import T0, credential, finish, job_with
 from tests.redis_server import RedisServer
 from tests.support import wait_for
 
@@ -124,6 +124,28 @@ async def test_redis_stopped_gives_store_unavailable_and_writes_resume(
     assert store.writes_dropped == 0
 
 
+async def test_batched_writes_during_an_outage_wait_for_the_backoff(
+    redis_factory: Factory, stores: Callable[..., Any]
+) -> None:
+    """A registration storm while Redis is down is not a storm of attempts: batched writes
+    wait for the writer's backoff; only durable writes are tried at once."""
+    server = redis_factory()
+    store = await stores(server.url, timeout=1.0)
+    server.stop()
+    store.save_agent(AgentRecord(agent_id="edge-0"))
+    await wait_for(lambda: store.write_failures >= 1, what="the first attempt failing")
+    failures = store.write_failures
+    for n in range(1, 1001):
+        store.save_agent(AgentRecord(agent_id=f"edge-{n}"))
+        await asyncio.sleep(0)  # a turn of the event loop per registration
+    assert store.write_failures <= failures + 1, "batched writes woke the writer each turn"
+    with pytest.raises(StoreUnavailable):
+        await store.add_credential(credential())  # tried at once, not after the backoff
+    server.start()
+    await wait_for(lambda: _agent_ids(store), timeout=15, what="the storm's rows sent")
+    assert len(await store.load_agents()) == 1001
+
+
 async def _agent_ids(store: RedisStore) -> list[str]:
     try:
         return [a.agent_id for a in await store.load_agents()]
@@ -164,6 +186,25 @@ async def test_a_script_killed_mid_way_leaves_all_or_nothing(
         assert len((await store.audit_entries({}, 10, None)).items) == 1
         _, unfinished, top = await store.unfinished()
         assert len(unfinished) == len(agents) and top == commands[-1].seq
+
+
+async def test_a_big_write_gets_more_than_the_clients_socket_timeout(
+    redis_server: RedisServer,
+) -> None:
+    """A client made for short calls (the cluster's, 1 s) still writes a job to the whole
+    fleet: the writer's deadline grows with the write."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=0.02)
+    store = RedisStore(client, prefix="bigwrite", timeout=1.0)
+    await store.open()
+    try:
+        job, commands = job_with([f"sim-{n:05d}" for n in range(30_000)])
+        await store.add_job(job, commands)
+        assert await store.command(commands[-1].command_id) == commands[-1].view()
+    finally:
+        await store.close()
+        await client.aclose()
 
 
 async def test_what_redis_answered_survives_kill_9_with_appendfsync_always(
