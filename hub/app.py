@@ -145,7 +145,7 @@ class Hub:
     def _make_bus(self) -> Bus:
         return Bus()
 
-    def _make_ledger(self) -> Any:
+    def _make_ledger(self, send: Callable[[str, bytes], bool] | None = None) -> Any:
         return Ledger(
             self.config,
             self.store,
@@ -153,7 +153,7 @@ class Hub:
             self.bus,
             self.metrics,
             self.auditor,
-            self._send,
+            send or self._send,
         )
 
     def _make_fleet(self) -> Fleet:

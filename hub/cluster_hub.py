@@ -120,9 +120,9 @@ class ClusterHub(Hub):
         )
 
     def _leader_ledger(self, send: Any, fence: Any) -> Ledger:
-        return Ledger(
-            self.config, self.store, self.registry, self.bus, self.metrics, self.auditor, send
-        )
+        """The real ledger, while this hub leads (``send`` routes to the agents' hubs)."""
+        ledger: Ledger = Hub._make_ledger(self, send)
+        return ledger
 
     # -- start and stop ------------------------------------------------------------------
 

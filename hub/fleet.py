@@ -246,11 +246,18 @@ class Fleet:
             reason=reason,
         )
         if self.registry.remove(member):
-            record.connected_at = None
-            self.registry.set_state(record, OFFLINE)
-            self.ledger.agent_disconnected(member.agent_id)
-            self.store.save_agent(record)
-            self.events.agent(record, "disconnected", code=code)
+            self._gone(member, code)
+
+    def _gone(self, member: Member, code: int) -> None:
+        """The agent's live connection ended: it is offline (in cluster mode, once its
+        claim is given back)."""
+        record = member.record
+        assert record is not None
+        record.connected_at = None
+        self.registry.set_state(record, OFFLINE)
+        self.ledger.agent_disconnected(member.agent_id)
+        self.store.save_agent(record)
+        self.events.agent(record, "disconnected", code=code)
 
     def _takeover(self, agent_id: str, peer: str) -> None:
         now = time.monotonic()
@@ -296,13 +303,9 @@ class Fleet:
             self._last_sample = now
         self.store.save_heartbeats(dirty, samples)
 
-    def sweep(self) -> None:
-        """Stale after two silent heartbeat intervals, closed (1001) after three; agents
-        whose hub vanished (``unknown`` since a crash) go ``offline`` after a grace."""
-        now = self.clock()
-        interval = self.config.heartbeat_interval
-        registry = self.registry
-        for member in list(registry.live.values()):
+    def _sweep_connections(self, now: float, interval: float) -> None:
+        """This hub's connections: stale after two silent intervals, closed after three."""
+        for member in list(self.registry.live.values()):
             record = member.record  # type: ignore[attr-defined]
             if record is None or record.last_seen is None:
                 continue
@@ -310,8 +313,16 @@ class Fleet:
             if silence > 3 * interval:
                 member.close(Close.GOING_AWAY, "heartbeat timeout")
             elif silence > 2 * interval and record.state == ONLINE:
-                registry.set_state(record, STALE)
+                self.registry.set_state(record, STALE)
                 self.events.agent(record, "updated")
+
+    def sweep(self) -> None:
+        """Stale after two silent heartbeat intervals, closed (1001) after three; agents
+        whose hub vanished (``unknown`` since a crash) go ``offline`` after a grace."""
+        now = self.clock()
+        interval = self.config.heartbeat_interval
+        registry = self.registry
+        self._sweep_connections(now, interval)
         grace = max(60.0, 3 * interval + self.config.reconnect_spread_ms / 1000)
         if now - self.started_at > grace and registry.counts[UNKNOWN]:
             for record in registry.records.values():

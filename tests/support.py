@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -178,6 +179,7 @@ class HubProcess:
         self.port = port
         self.process: subprocess.Popen[str] | None = None
         self.log: list[str] = []
+        self._reader: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -203,8 +205,18 @@ class HubProcess:
             found = re.search(r"listening on [\d.]+:(\d+)", line)
             if found:
                 self.port = int(found.group(1))
+                # Keep reading: a hub (or its workers) writing to a pipe nobody reads
+                # blocks once the pipe is full, and then cannot even stop.
+                self._reader = threading.Thread(target=self._drain, daemon=True)
+                self._reader.start()
                 return self
         raise AssertionError("hub did not start in time")
+
+    def _drain(self) -> None:
+        process = self.process
+        assert process is not None and process.stdout is not None
+        for line in process.stdout:
+            self.log.append(line)
 
     def kill(self) -> None:
         assert self.process is not None
@@ -215,8 +227,8 @@ class HubProcess:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
         code = self.process.wait(timeout)
-        assert self.process.stdout is not None
-        self.log.extend(self.process.stdout.readlines())
+        if self._reader is not None:
+            self._reader.join(5)
         return code
 
     def stop(self) -> None:

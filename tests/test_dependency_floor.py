@@ -27,34 +27,41 @@ WIRE_TESTS = [
 ]
 
 
-def lowest_allowed() -> str:
+def lowest_allowed(requirement: str) -> str:
+    """The lower bound pyproject.toml gives ``requirement`` (``websockets``, ``redis[hiredis]``)."""
     text = (ROOT / "pyproject.toml").read_text()
-    found = re.search(r'"websockets>=([\d.]+)', text)
-    assert found, "pyproject.toml names no lower bound for websockets"
+    found = re.search(rf'"{re.escape(requirement)}>=([\d.]+)', text)
+    assert found, f"pyproject.toml names no lower bound for {requirement}"
     return found.group(1)
+
+
+def run_tests_on(tmp_path: Path, package: str, version: str, tests: list[str]) -> None:
+    """Install exactly ``package==version`` beside the suite and run ``tests`` against it."""
+    target = tmp_path / "floor"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+         f"{package}=={version}"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert install.returncode == 0, f"cannot install {package}=={version}: {install.stderr}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT)])}
+    probe = subprocess.run(
+        [sys.executable, "-c", f"import importlib.metadata as m; print(m.version({package!r}))"],
+        capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    assert probe.stdout.strip().split(".")[:3] == [*version.split("."), "0", "0"][:3] or (
+        probe.stdout.strip() == version
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
 
 
 @pytest.mark.slow
 def test_the_wire_tests_pass_on_the_lowest_websockets_allowed(tmp_path: Path) -> None:
-    version = lowest_allowed()
-    target = tmp_path / "floor"
-    install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-         f"websockets=={version}"],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert install.returncode == 0, f"cannot install websockets=={version}: {install.stderr}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT)])}
-    probe = subprocess.run(
-        [sys.executable, "-c", "import websockets; print(websockets.version.version)"],
-        capture_output=True, text=True, env=env, check=True,
-    )  # fmt: skip
-    assert probe.stdout.strip().split(".")[:2] == [*version.split("."), "0"][:2]
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *WIRE_TESTS],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    run_tests_on(tmp_path, "websockets", lowest_allowed("websockets"), WIRE_TESTS)
 
 
 #: The tests of the Redis store: it drives redis-py's asyncio connection directly (its own
@@ -64,24 +71,4 @@ REDIS_TESTS = ["tests/hub/test_store_redis.py", "tests/hub/test_store_conformanc
 
 @pytest.mark.slow
 def test_the_redis_store_passes_on_the_lowest_redis_py_allowed(tmp_path: Path) -> None:
-    found = re.search(r'"redis\[hiredis\]>=([\d.]+)', (ROOT / "pyproject.toml").read_text())
-    assert found, "pyproject.toml names no lower bound for redis"
-    version = found.group(1)
-    target = tmp_path / "floor"
-    install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-         f"redis=={version}"],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert install.returncode == 0, f"cannot install redis=={version}: {install.stderr}"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT)])}
-    probe = subprocess.run(
-        [sys.executable, "-c", "import redis; print(redis.__version__)"],
-        capture_output=True, text=True, env=env, check=True,
-    )  # fmt: skip
-    assert probe.stdout.strip() == version
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *REDIS_TESTS],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    run_tests_on(tmp_path, "redis", lowest_allowed("redis[hiredis]"), REDIS_TESTS)

@@ -109,20 +109,8 @@ class ClusterFleet(Fleet):
 
     # -- leaving -------------------------------------------------------------------------
 
-    def leave(self, member: Member, code: int, reason: str) -> None:
-        record = member.record
-        assert record is not None
-        self.store.close_session(member.session_id, self.clock(), code, reason)
-        self.auditor.record(
-            "agent.disconnect",
-            actor=f"agent:{member.agent_id}",
-            subject=member.agent_id,
-            source=member.peer,
-            code=code,
-            reason=reason,
-        )
-        if not self.registry.remove(member):
-            return  # superseded on this hub: the newer connection owns the record
+    def _gone(self, member: Member, code: int) -> None:
+        """Offline only once the claim is given back (and is still this connection's)."""
         claim = self.claims.get(member.agent_id)
         if claim is not None and claim[0] is member:
             del self.claims[member.agent_id]
@@ -165,20 +153,9 @@ class ClusterFleet(Fleet):
             pass
 
     def sweep(self) -> None:
-        """Local connections only: an ``unknown`` agent stays so until it registers on some
-        hub (its own hub vanished, and may come back)."""
-        now = self.clock()
-        interval = self.config.heartbeat_interval
-        for member in list(self.registry.live.values()):
-            record = member.record  # type: ignore[attr-defined]
-            if record is None or record.last_seen is None:
-                continue
-            silence = now - record.last_seen
-            if silence > 3 * interval:
-                member.close(Close.GOING_AWAY, "heartbeat timeout")
-            elif silence > 2 * interval and record.state == "online":
-                self.registry.set_state(record, "stale")
-                self.events.agent(record, "updated")
+        """This hub's connections only: an ``unknown`` agent stays so until it registers on
+        some hub (its own hub vanished, and may come back)."""
+        self._sweep_connections(self.clock(), self.config.heartbeat_interval)
 
     # -- after an outage -----------------------------------------------------------------
 

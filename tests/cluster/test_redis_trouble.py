@@ -20,14 +20,20 @@ async def readiness(port: int) -> tuple[int, dict[str, Any]]:
     return status, orjson.loads(body)
 
 
-async def test_redis_down_then_back_hubs_keep_their_agents_and_recover(cluster: Any) -> None:
-    a, b = await cluster(2)
-    redis = cluster.state["redis"]
+async def one_agent_on_each(a: Any, b: Any) -> tuple[str, RawAgent, RawAgent]:
+    """An enrollment key, ``edge-a`` registered on hub a and ``edge-b`` on hub b."""
     enroll = await a.token("enroll")
     on_a = await RawAgent.connect(a.agent_url, enroll)
     await on_a.register("edge-a")
     on_b = await RawAgent.connect(b.agent_url, enroll)
     await on_b.register("edge-b")
+    return enroll, on_a, on_b
+
+
+async def test_redis_down_then_back_hubs_keep_their_agents_and_recover(cluster: Any) -> None:
+    a, b = await cluster(2)
+    redis = cluster.state["redis"]
+    _enroll, on_a, on_b = await one_agent_on_each(a, b)
     admin = await AdminClient(a.url, await a.admin_token("operator")).open()
     try:
         await wait_for(lambda: _online(admin, {"edge-a", "edge-b"}), timeout=10)
@@ -67,11 +73,7 @@ async def test_redis_down_then_back_hubs_keep_their_agents_and_recover(cluster: 
 async def test_redis_restarted_without_its_data_hubs_write_back_and_raise_it(cluster: Any) -> None:
     a, b = await cluster(2)
     redis = cluster.state["redis"]
-    enroll = await a.token("enroll")
-    on_a = await RawAgent.connect(a.agent_url, enroll)
-    await on_a.register("edge-a")
-    on_b = await RawAgent.connect(b.agent_url, enroll)
-    await on_b.register("edge-b")
+    enroll, on_a, on_b = await one_agent_on_each(a, b)
     admin = await AdminClient(b.url, await a.admin_token("operator")).open()
     try:
         await wait_for(lambda: _online(admin, {"edge-a", "edge-b"}), timeout=10)

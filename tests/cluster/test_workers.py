@@ -38,6 +38,17 @@ async def test_two_workers_serve_agents_on_one_port_and_drain_on_sigterm(
         hub.stop()
 
 
+async def two_workers(redis_factory: Any, tmp_path: Path) -> tuple[HubProcess, str, Any]:
+    """``serve --workers 2`` on a Redis of its own, both workers up (their leases say so)."""
+    redis = redis_factory(appendfsync="everysec")
+    operator = cluster_token(redis, "--admin", "--role", "operator")
+    hub = HubProcess(tmp_path / "w", "--redis", redis.url, "--hub-id", "w", "--workers", "2")
+    hub.start()
+    admin = await connect_admin(hub.url, operator)
+    await wait_for(lambda: _hubs(admin, {"w-1", "w-2"}), timeout=20, what="two workers")
+    return hub, operator, admin
+
+
 async def _hubs(admin: Any, expected: set[str]) -> bool:
     stats = (await admin.request("subscribe", topics=["metrics"]))["metrics"]
     return set(stats["hubs"]) == expected
@@ -62,13 +73,8 @@ async def test_a_worker_that_dies_is_started_again(redis_factory: Any, tmp_path:
 
     import psutil
 
-    redis = redis_factory(appendfsync="everysec")
-    operator = cluster_token(redis, "--admin", "--role", "operator")
-    hub = HubProcess(tmp_path / "w", "--redis", redis.url, "--hub-id", "w", "--workers", "2")
-    hub.start()
+    hub, operator, admin = await two_workers(redis_factory, tmp_path)
     try:
-        admin = await connect_admin(hub.url, operator)
-        await wait_for(lambda: _hubs(admin, {"w-1", "w-2"}), timeout=20, what="two workers")
         assert hub.process is not None
         workers = psutil.Process(hub.process.pid).children()
         assert len(workers) == 2
@@ -95,13 +101,8 @@ async def test_workers_go_when_their_supervisor_is_killed(
 ) -> None:
     import psutil
 
-    redis = redis_factory(appendfsync="everysec")
-    operator = cluster_token(redis, "--admin", "--role", "operator")
-    hub = HubProcess(tmp_path / "w", "--redis", redis.url, "--hub-id", "w", "--workers", "2")
-    hub.start()
+    hub, _operator, admin = await two_workers(redis_factory, tmp_path)
     try:
-        admin = await connect_admin(hub.url, operator)
-        await wait_for(lambda: _hubs(admin, {"w-1", "w-2"}), timeout=20, what="two workers")
         await admin.close()
         assert hub.process is not None
         workers = psutil.Process(hub.process.pid).children()
