@@ -146,6 +146,10 @@ class LedgerLink:
         self, request: Dispatch, actor: str, audit: Sequence[AuditEntry] = ()
     ) -> dict[str, Any]:
         """Accept the job here (stored: accepted) and hand it to the leader to run."""
+        if self.outbox.waiting > self.outbox.limit // 2:
+            # Whatever is accepted must reach the leader: not while the queue to it is this
+            # long (Redis was away; the hub is catching up).
+            raise StoreUnavailable("this hub is still catching up with the ledger")
         chosen, refused = select_targets(self.registry, request)
         first = await self.link.run(
             self.link.client.incrby(f"{self.keys.prefix}:cl:seq", max(1, len(chosen)))
