@@ -312,8 +312,13 @@ async def test_hub_drain_sends_agents_to_the_restarted_hub(
     # Nothing listens until the second hub starts: refused dials retry within a second
     # and do not grow the wait.
     attempts = client.attempts
-    await eventually(lambda: client.attempts >= attempts + 3, 20, "refused three times")
-    assert client.last_error == "connect: ConnectionRefusedError"
+    # An attempt clears last_error when it starts: wait for one that has ended.
+    await eventually(
+        lambda: client.attempts >= attempts + 3
+        and client.last_error == "connect: ConnectionRefusedError",
+        20,
+        "refused three times",
+    )
     assert client.backoff.attempt == 0
     assert client.last_delay is not None and client.last_delay <= 1.0
     second = await hub_factory(data_dir=data_dir, listen=f"127.0.0.1:{port}")
