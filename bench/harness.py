@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -111,6 +111,8 @@ class Hub:
     proc: Proc | None = None
     #: Every hub of a run on this CPU (``bench/run.py --hub-cpu``), its threads included.
     cpu: ClassVar[int | None] = None
+    #: Called with each hub process's pid as soon as it is spawned (a profiler attaches).
+    spawned: ClassVar[Callable[[int], None] | None] = None
 
     @property
     def data(self) -> Path:
@@ -139,6 +141,8 @@ class Hub:
             self.workdir / f"{self.name}.log",
             append=True,
         ).start()  # fmt: skip
+        if Hub.spawned is not None:
+            Hub.spawned(self.proc.pid)
         # The listening line is logged at INFO; find the port from the process instead.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -448,8 +448,11 @@ def fdatasync_us(directory: Path, samples: int = 200) -> float:
     return round(percentile(times, 0.5) * 1e6, 1)
 
 
-async def hub_latency(url: str, token: str, size: int, samples: int) -> tuple[list[float], float]:
-    """Console → hub → agent → hub → console, through the ledger; then one job to all."""
+async def hub_latency(
+    url: str, token: str, size: int, samples: int, listing: bool = True
+) -> tuple[list[float], float]:
+    """Console → hub → agent → hub → console, through the ledger; then one job to all
+    (``listing``: the agents are listed first, to pick round trips' targets)."""
     done: dict[str, asyncio.Future[None]] = {}
     states: dict[str, str] = {}
 
@@ -464,7 +467,10 @@ async def hub_latency(url: str, token: str, size: int, samples: int) -> tuple[li
     client = AdminClient(url, token, on_event=on_event)
     await client.open()
     await client.request("subscribe", topics=["commands"])
-    agents = [a["agent_id"] for a in (await client.request("agents", limit=100_000))["agents"]]
+    agents = []
+    if listing:
+        listed = await client.request("agents", limit=100_000)
+        agents = [agent["agent_id"] for agent in listed["agents"]]
     loop = asyncio.get_running_loop()
     rtts = []
     for n in range(samples):
