@@ -70,6 +70,7 @@ class ClusterHub(Hub):
         cluster.on_hub_down = self._hub_down
         cluster.on_hub_up = self._hub_up
         cluster.on_recovered = self._recovered
+        cluster.on_lapsed = self._lapsed
         cluster.figures = self._figures
         # Only the leader judges the whole fleet; every hub judges itself.
         self.alerts.scope = "hub"
@@ -263,6 +264,13 @@ class ClusterHub(Hub):
                 "and credential changes not yet persisted may be lost; this hub wrote back its "
                 "credentials, agents and (if it led) the unfinished jobs"
             )
+
+    async def _lapsed(self) -> None:
+        """This hub's lease lapsed while it held its agents (a stall past the TTL): the
+        others marked them unknown and the leader took them for disconnected. Say again
+        that they are here (claiming anew those whose claim is gone)."""
+        owners = await self.cluster.ownership.all()
+        await self.fleet.reconcile(owners, announce=True)
 
     async def _write_back(self) -> None:
         """What a Redis that lost its data needs from this hub's memory."""
