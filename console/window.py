@@ -581,6 +581,7 @@ class MainWindow(QMainWindow):
         self.setStyleSheet(qss)
         self.map.set_theme(name)
         self.graphs.set_theme(name)
+        self.topology.set_theme(name)
         self.light_action.setChecked(light)
         self.light = light
 
