@@ -99,6 +99,17 @@ def states(window: Any, ids: set[str], hub_id: str) -> set[str]:
     return {a.condition for a in agents if a is not None}
 
 
+def hub_column(window: Any) -> dict[str, str]:
+    """What the agent table's Hub column shows, per agent id."""
+    from console.views.agents import COL_HUB, COLUMNS
+
+    model = window.agent_model
+    window.fleet.flush()
+    model.rebuild()
+    assert COLUMNS[COL_HUB][0] == "Hub"
+    return {model.agent_at(row): model.index(row, COL_HUB).data() for row in range(len(model.rows))}
+
+
 def hub_node(window: Any, hub_id: str) -> Any:
     window.fleet.flush()
     window.topology.refresh()
@@ -132,6 +143,13 @@ async def test_the_topology_draws_both_hubs_and_a_killed_one_turns_red(
         assert graph.counts["hub-a"]["online"] == PER_HUB
         assert graph.counts["hub-b"]["online"] == PER_HUB + 2
         assert set(graph.hub_rects) == {"hub-a", "hub-b"}
+        # The agent table's hub column, and the agent's detail, name each agent's hub.
+        assert hub_column(window) == {
+            **dict.fromkeys(on_a, "hub-a"),
+            **dict.fromkeys(on_b, "hub-b"),
+        }
+        detail = window.open_detail(sorted(on_a)[0])
+        assert detail.fields["hub_id"].text().startswith("hub-a — up")
         # The tree beside it: one row per hub with its agents.
         assert window.topology.hub_items["hub-a"].text(1) == str(PER_HUB)
         assert window.topology.hub_items["hub-b"].text(1) == str(PER_HUB + 2)
@@ -148,6 +166,8 @@ async def test_the_topology_draws_both_hubs_and_a_killed_one_turns_red(
         assert getattr(hub_node(window, "hub-b"), "state", "") == "up"
         assert states(window, on_b, "hub-b") == {"online"}
         assert "DOWN" in window.topology.hub_items["hub-a"].text(0)
+        await wait_for(lambda: "DOWN" in detail.fields["hub_id"].text(), 5, what="detail")
+        assert hub_column(window)[sorted(on_a)[0]] == "hub-a"
         # A click on the red node lists its agents below.
         qtbot.mouseClick(graph, _left(), pos=graph.hub_rects["hub-a"].center().toPoint())
         assert set(window.topology.drill_model.rows) == on_a
