@@ -135,10 +135,11 @@ def _number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def parse_cluster(raw: Any) -> tuple[str | None, dict[str, HubInfo]]:
-    """``stats.cluster`` into (Redis state, hubs by id); hostile or missing parts dropped."""
+def parse_cluster(raw: Any) -> tuple[str | None, dict[str, HubInfo], str | None]:
+    """``stats.cluster`` into (Redis state, hubs by id, the hub that sent it); hostile or
+    missing parts dropped."""
     if not isinstance(raw, dict):
-        return None, {}
+        return None, {}, None
     redis = raw.get("redis")
     hubs: dict[str, HubInfo] = {}
     entries = raw.get("hubs")
@@ -157,7 +158,9 @@ def parse_cluster(raw: Any) -> tuple[str | None, dict[str, HubInfo]]:
             _number(entry.get("lag_ms")),
             int(limit) if limit is not None and limit > 0 else None,
         )
-    return (redis if redis in ("up", "down") else "unknown"), hubs
+    sender = raw.get("hub_id")
+    sender = sender if isinstance(sender, str) and 0 < len(sender) <= 128 else None
+    return (redis if redis in ("up", "down") else "unknown"), hubs, sender
 
 
 @dataclass
@@ -296,6 +299,8 @@ class FleetModel(QObject):
         #: Cluster mode only (``stats.cluster``): Redis's state and each hub's lease.
         self.redis_state: str | None = None
         self.cluster: dict[str, HubInfo] = {}
+        #: The hub this console is on, when its ticks say (cluster mode).
+        self.this_hub: str | None = None
         self.snapshot_count = 0
         self.events_total = 0
         self.invalid_total = 0
@@ -562,7 +567,7 @@ class FleetModel(QObject):
         hubs = stats.get("hubs")
         if isinstance(hubs, dict):
             self.hubs = {str(k): v for k, v in hubs.items() if isinstance(v, int)}
-        self.redis_state, self.cluster = parse_cluster(stats.get("cluster"))
+        self.redis_state, self.cluster, self.this_hub = parse_cluster(stats.get("cluster"))
         if append or len(self.history) == 0:
             self.history.append(time.time(), stats)
         self._pending.metrics = True

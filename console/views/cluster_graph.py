@@ -67,6 +67,7 @@ class ClusterGraph(QWidget):
         self.setMouseTracking(False)
         self.theme = THEMES["dark"]
         self.redis_state: str | None = None
+        self.this_hub: str | None = None
         self.hubs: list[HubInfo] = []
         #: Per hub: agents per condition, and per region (largest first).
         self.counts: dict[str, dict[str, int]] = {}
@@ -83,9 +84,12 @@ class ClusterGraph(QWidget):
         redis_state: str | None,
         hubs: list[HubInfo],
         counts: dict[tuple[str, str], dict[str, int]],
+        this_hub: str | None = None,
     ) -> None:
-        """Redis's state, the hubs, and the topology's counts per (hub, region)."""
+        """Redis's state, the hubs, the topology's counts per (hub, region), and the hub
+        this console is on (its node says so)."""
         self.redis_state = redis_state
+        self.this_hub = this_hub
         self.hubs = hubs
         per_hub: dict[str, dict[str, int]] = {}
         regions: dict[str, list[tuple[str, dict[str, int]]]] = {}
@@ -187,6 +191,8 @@ class ClusterGraph(QWidget):
         counts = self.counts.get(hub.hub_id, {})
         known = sum(counts.values())
         title = f"{'★ ' if hub.leader else ''}{hub.hub_id}"
+        if hub.hub_id == self.this_hub:
+            title += "  · this console"
         self._text(painter, rows[0], title, bold=True)
         if down:
             self._text(painter, rows[1], "✖ DOWN — lease lapsed", colour=DOWN, bold=True)

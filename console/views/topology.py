@@ -235,7 +235,8 @@ class TopologyView(QWidget):
             if shown:
                 self.graph.hide()
             return
-        self.graph.set_data(self.fleet.redis_state, list(infos.values()), counts)
+        fleet = self.fleet
+        self.graph.set_data(fleet.redis_state, list(infos.values()), counts, fleet.this_hub)
         if not shown:
             self.graph.show()
             sizes = self.splitter.sizes()

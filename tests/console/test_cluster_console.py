@@ -86,7 +86,7 @@ async def open_console(tmp_path: Path, urls: list[str], token: str) -> Any:
     window = MainWindow(settings, TokenStore(settings))
     window.resize(1600, 1000)
     window.show()
-    window.connect_to(ConnectionParams(urls[0], token))
+    window.connect_to(ConnectionParams(urls[0], token, fallback_hubs=tuple(urls[1:])))
     await wait_for(lambda: window.fleet.snapshot_count > 0, 20, what="the first snapshot")
     return window
 
@@ -171,6 +171,44 @@ async def test_the_topology_draws_both_hubs_and_a_killed_one_turns_red(
         # A click on the red node lists its agents below.
         qtbot.mouseClick(graph, _left(), pos=graph.hub_rects["hub-a"].center().toPoint())
         assert set(window.topology.drill_model.rows) == on_a
+    finally:
+        await window.shutdown()
+        window.close()
+
+
+async def test_the_console_fails_over_to_the_next_url_when_its_hub_is_killed(
+    two_hubs: Cluster, tmp_path: Path
+) -> None:
+    a, b = two_hubs.hubs["hub-a"], two_hubs.hubs["hub-b"]
+    on_a = two_hubs.agents(a, "on-a-")
+    on_b = two_hubs.agents(b, "on-b-")
+    window = await open_console(tmp_path, [a.url, b.url], two_hubs.viewer)
+    session = window.session
+    try:
+        await wait_for(lambda: states(window, on_b, "hub-b") == {"online"}, 30, what="on-b")
+        await wait_for(lambda: states(window, on_a, "hub-a") == {"online"}, 30, what="on-a")
+        assert session.hub_url == a.url and session.connections == 1
+        await wait_for(lambda: window.fleet.this_hub == "hub-a", 5, what="the hub's own name")
+        window._set_indicator(session.state, session.detail)
+        assert f"connected  {a.url}  (hub-a)" in window.indicator.text()
+        assert "hub 1 of 2" in window.windowTitle()
+        snapshots = window.fleet.snapshot_count
+
+        a.kill()
+        # The console moves to the next URL by itself and resyncs from that hub's snapshot.
+        await wait_for(
+            lambda: session.is_connected and session.hub_url == b.url, 15, what="on hub-b"
+        )
+        assert session.failovers == 1 and session.connections == 2
+        assert window.fleet.snapshot_count > snapshots
+        await wait_for(lambda: window.fleet.this_hub == "hub-b", 5, what="hub-b's ticks")
+        window._set_indicator(session.state, session.detail)
+        assert f"connected  {b.url}  (hub-b)" in window.indicator.text()
+        assert "hub 2 of 2" in window.windowTitle()
+        assert f"failed over from {a.url}" in window.status_text.text()
+        # The fleet is whole from hub B: its own agents online, hub A's unknown.
+        await wait_for(lambda: states(window, on_a, "hub-a") == {"unknown"}, 15, what="unknown")
+        assert states(window, on_b, "hub-b") == {"online"}
     finally:
         await window.shutdown()
         window.close()
