@@ -197,8 +197,13 @@ class ClusterGraph(QWidget):
         if down:
             self._text(painter, rows[1], "✖ DOWN — lease lapsed", colour=DOWN, bold=True)
             unknown = counts.get("unknown", 0)
-            self._text(painter, rows[2], f"{unknown:,} agents unknown")
-            self._text(painter, rows[3], "until they register elsewhere", colour=theme["muted"])
+            if unknown:
+                self._text(painter, rows[2], f"{unknown:,} agents unknown")
+                self._text(painter, rows[3], "until they register elsewhere",
+                           colour=theme["muted"])  # fmt: skip
+            else:
+                self._text(painter, rows[2], "no agent left behind")
+                self._text(painter, rows[3], "(they registered elsewhere)", colour=theme["muted"])
             return
         lag = "" if hub.lag_ms is None else f" · lag {hub.lag_ms:.1f} ms"
         self._text(painter, rows[1], f"● lease ok{' · leader' if hub.leader else ''}{lag}",
