@@ -36,7 +36,7 @@ from hub.protocol.constants import Close
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AdminError", "Backoff", "ConnState", "HubSession"]
+__all__ = ["AdminError", "Backoff", "ConnState", "HubSession", "Rotation"]
 
 #: The console's cap: an operator waits for a hub that is back, not a minute more.
 BACKOFF_CAP = 30.0
@@ -53,6 +53,40 @@ class ConnState(enum.StrEnum):
     RECONNECTING = "reconnecting"
     FAILED = "failed"  # credential refused or revoked: no automatic retry
     CLOSED = "closed"
+
+
+class Rotation:
+    """Which of several hub URLs to dial next, and when a round of them has failed. Pure.
+
+    Each failure moves to the next URL; a connection ends the round. Only when every URL
+    failed since the last connection does :meth:`failed` say so (the caller then waits its
+    backoff), and the next round starts from the URL after the last one tried.
+    """
+
+    __slots__ = ("index", "misses", "urls")
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        if not urls:
+            raise ValueError("at least one hub URL is needed")
+        self.urls = list(urls)
+        self.index = 0  # the URL tried now, or connected to
+        self.misses = 0  # failures since the last connection
+
+    @property
+    def current(self) -> str:
+        return self.urls[self.index]
+
+    def connected(self) -> None:
+        self.misses = 0
+
+    def failed(self) -> bool:
+        """The current URL failed: move on; True when that ended a round of failures."""
+        self.misses += 1
+        self.index = (self.index + 1) % len(self.urls)
+        if self.misses < len(self.urls):
+            return False
+        self.misses = 0
+        return True
 
 
 class HubSession(QObject):
@@ -77,11 +111,8 @@ class HubSession(QObject):
         parent: QObject | None = None,
     ) -> None:
         super().__init__(parent)
-        self.hub_urls = [hub_url] if isinstance(hub_url, str) else list(hub_url)
-        if not self.hub_urls:
-            raise ValueError("HubSession needs at least one hub URL")
-        self._index = 0  # the URL tried now, or connected to
-        self._misses = 0  # failed attempts since the last connection (a round = every URL)
+        self.rotation = Rotation([hub_url] if isinstance(hub_url, str) else hub_url)
+        self.hub_urls = self.rotation.urls
         #: The URL of the last connection that subscribed, and how often the session
         #: came back on another URL than the one before (a failover).
         self.connected_url: str | None = None
@@ -139,7 +170,7 @@ class HubSession(QObject):
     @property
     def hub_url(self) -> str:
         """The hub URL connected to, or tried now."""
-        return self.hub_urls[self._index]
+        return self.rotation.current
 
     @property
     def url(self) -> str:
@@ -170,7 +201,7 @@ class HubSession(QObject):
 
     async def _run(self) -> None:
         while not self._stopping:
-            first = self.connections == 0 and self.backoff.attempt == 0 and self._misses == 0
+            first = not (self.connections or self.backoff.attempt or self.rotation.misses)
             self._set_state(
                 ConnState.CONNECTING if first else ConnState.RECONNECTING,
                 f"connecting to {self.hub_url}",
@@ -199,12 +230,7 @@ class HubSession(QObject):
 
         Another URL is tried at once until every one failed since the last connection;
         then the backoff decides, and a new round starts from the next URL."""
-        self._misses += 1
-        self._index = (self._index + 1) % len(self.hub_urls)
-        if self._misses < len(self.hub_urls):
-            return 0.0
-        self._misses = 0
-        return self.backoff.next_delay(hint)
+        return self.backoff.next_delay(hint) if self.rotation.failed() else 0.0
 
     async def _connect_once(self) -> Hint | None:
         """One connection from open to close; what it taught (for the backoff), None to stop."""
@@ -245,7 +271,7 @@ class HubSession(QObject):
             self.client = None
             return Hint()
         self.connections += 1
-        self._misses = 0
+        self.rotation.connected()
         self.last_error = ""
         self._connected_since = time.monotonic()
         previous, self.connected_url = self.connected_url, url

@@ -218,3 +218,21 @@ def _left() -> Any:
     from PySide6.QtCore import Qt
 
     return Qt.MouseButton.LeftButton
+
+
+async def test_on_a_single_hub_the_topology_is_as_before(hub: Any, window_factory: Any) -> None:
+    from .helpers import online_agent
+
+    agent = await online_agent(hub, "edge-1", region="eu-central")
+    window = await window_factory(hub, "viewer")
+    try:
+        await wait_for(lambda: "edge-1" in window.fleet.agents, 5, what="edge-1")
+        window.fleet.flush()
+        window.topology.refresh()
+        assert not window.fleet.is_cluster and window.fleet.hub_infos() == {}
+        assert not window.topology.graph.isVisibleTo(window.topology)
+        assert window.topology.hub_items["hub-test-0"].text(0) == "hub-test-0"
+        assert hub_column(window) == {"edge-1": "hub-test-0"}
+        assert window.windowTitle() == f"Tether console — {hub.url}"
+    finally:
+        await agent.close()

@@ -6,9 +6,13 @@ from __future__ import annotations
 import socket
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from console.app import ConnectionParams, parse_args, parse_hub_urls
-from console.client import ConnState, HubSession
+from console.client import ConnState, HubSession, Rotation
+from console.fleet import FleetModel
 
 from .helpers import wait_for
 
@@ -54,3 +58,76 @@ async def test_a_dead_first_url_is_passed_over_at_once(hub_factory) -> None:
         assert dead in session.last_error or hub.url in session.last_error
     finally:
         await session.stop()
+
+
+class RotationMachine(RuleBasedStateMachine):
+    """Failover over n URLs: every URL is tried once per round, in order, and the backoff is
+    asked for exactly once per round of n failures in a row, never after a success."""
+
+    @initialize(n=st.integers(min_value=1, max_value=5))
+    def start(self, n: int) -> None:
+        self.urls = [f"ws://hub-{k}:8765" for k in range(n)]
+        self.rotation = Rotation(self.urls)
+        self.streak = 0  # failures since the last connection
+        self.waits = 0  # backoff waits since the last connection
+        self.tried: list[str] = []  # URLs tried in the current round
+        self.expected = 0  # the index the next dial must use
+
+    @rule()
+    def connect(self) -> None:
+        assert self.rotation.current == self.urls[self.expected]
+        self.rotation.connected()
+        self.streak = self.waits = 0
+        self.tried = []
+
+    @rule()
+    def fail(self) -> None:
+        url = self.rotation.current
+        assert url == self.urls[self.expected]
+        assert url not in self.tried  # no URL twice in one round
+        self.tried.append(url)
+        self.streak += 1
+        self.expected = (self.expected + 1) % len(self.urls)
+        if self.rotation.failed():
+            self.waits += 1
+            assert sorted(self.tried) == sorted(self.urls)  # the round covered every URL
+            self.tried = []
+        assert self.rotation.current == self.urls[self.expected]
+
+    @invariant()
+    def one_wait_per_round(self) -> None:
+        if hasattr(self, "rotation"):
+            assert self.waits == self.streak // len(self.urls)
+            assert 0 <= self.rotation.misses < len(self.urls)
+
+
+RotationMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40,
+                                             deadline=None)  # fmt: skip
+test_rotation_over_hub_urls = RotationMachine.TestCase
+
+
+def test_hostile_cluster_stats_are_dropped_not_shown(qtbot) -> None:
+    fleet = FleetModel()
+    fleet.apply_snapshot({"metrics": {"cluster": {
+        "redis": "sideways",
+        "hub_id": "x" * 500,
+        "hubs": {
+            "hub-a": {"state": "up", "agents": 5, "leader": 1, "lag_ms": float("nan"),
+                      "max_agents": True},
+            "hub-b": {"state": "exploded", "agents": -3, "max_agents": 10},
+            "": {"state": "down"},
+            "x" * 200: {"state": "down"},
+            "hub-c": "not an object",
+            "hub-d": {"state": "down", "agents": "many", "lag_ms": 1e400},
+        },
+    }}})  # fmt: skip
+    assert fleet.is_cluster and fleet.redis_state == "unknown" and fleet.this_hub is None
+    infos = fleet.hub_infos()
+    assert list(infos) == ["hub-a", "hub-b", "hub-d"]
+    a, b, d = infos["hub-a"], infos["hub-b"], infos["hub-d"]
+    assert (a.state, a.agents, a.leader, a.lag_ms, a.max_agents, a.load) == (
+        "up", 5, False, None, None, None)  # fmt: skip
+    assert (b.state, b.agents, b.load) == ("up", 0, 0.0)
+    assert (d.state, d.agents, d.lag_ms) == ("down", 0, None)
+    fleet.apply_snapshot({"metrics": {"agents": {}}})  # a single hub again
+    assert not fleet.is_cluster and fleet.hub_infos() == {}
