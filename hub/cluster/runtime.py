@@ -170,7 +170,11 @@ class Cluster:
         }
         for hub_id in self.down:
             hubs.setdefault(hub_id, {"state": "down", "agents": 0, "leader": False})
-        stats["cluster"] = {"redis": "up" if self.link.healthy else "down", "hubs": hubs}
+        stats["cluster"] = {
+            "redis": "up" if self.link.healthy else "down",
+            "hubs": hubs,
+            "hub_id": self.hub_id,  # the hub that sent this tick (ticks never cross hubs)
+        }
         return stats
 
     def readiness(self) -> str:
