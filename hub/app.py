@@ -381,6 +381,8 @@ class Hub:
             return "draining"
         if not self.store_ready:
             return "store unavailable"
+        if cannot_write := self.store.health.reason:
+            return f"store: {cannot_write}"
         return ""
 
     def readiness_warnings(self) -> list[str]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..model import AgentRecord, AlertRecord, CommandRecord, CredentialRecord, JobRecord
+from .health import StoreHealth
 
 __all__ = ["AuditEntry", "Page", "Store", "StoreUnavailable"]
 
@@ -51,6 +52,10 @@ class Store(abc.ABC):
         """Write transactions committed so far (each one fsync when the store is durable):
         the figure that tells whether grouping writes works, exported as a metric."""
         return 0
+
+    #: Whether the store can write (a store that cannot tell is always healthy; Redis's
+    #: outages are the cluster link's to report).
+    health: StoreHealth = StoreHealth()
 
     # -- lifecycle -------------------------------------------------------------------
 

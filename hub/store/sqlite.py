@@ -20,6 +20,7 @@ from typing import Any
 from ..model import JWT_PREFIX, AgentRecord, AlertRecord, CommandRecord, CredentialRecord, JobRecord
 from ..protocol.times import format_time
 from .base import AuditEntry, Page, Store, StoreUnavailable
+from .health import StoreHealth, write_error
 from .rows import (
     AGENTS,
     ALERT_LIST,
@@ -53,7 +54,9 @@ class SQLiteStore(Store):
         self.path = self.data_dir / "tether.db"
         #: Reader threads (and connections): reads running at once.
         self.readers = readers
-        self._threads = Threads(self.path, self.synchronous, readers, migrate)
+        #: Whether writes reach the disk (the writer and the checkpoint report here).
+        self.health = StoreHealth()
+        self._threads = Threads(self.path, self.synchronous, readers, migrate, self.health)
         self._submit = self._threads.submit
         self._write = self._threads.write
         self._read = self._threads.read
@@ -89,10 +92,22 @@ class SQLiteStore(Store):
     async def checkpoint(self) -> tuple[int, int]:
         """Copy committed pages from the WAL into the database, from a reader: a PASSIVE
         checkpoint waits for nobody and the writer never waits for it. Returns (pages in
-        the WAL, pages copied)."""
+        the WAL, pages copied; (-1, -1) when the disk cannot take them).
+
+        A checkpoint that fails for the disk's sake (the database file cannot grow) tells
+        :attr:`health`, which logs it at its own pace, rather than raising every second."""
+        health = self.health
 
         def op(conn: sqlite3.Connection) -> tuple[int, int]:
-            row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            try:
+                row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as exc:
+                reason = write_error(exc)
+                if reason is None:
+                    raise
+                health.failed("checkpoint", reason)
+                return -1, -1
+            health.recovered("checkpoint")
             return int(row["log"]), int(row["checkpointed"])
 
         return await self._read(op)
