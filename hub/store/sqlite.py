@@ -21,6 +21,7 @@ from ..model import JWT_PREFIX, AgentRecord, AlertRecord, CommandRecord, Credent
 from ..protocol.times import format_time
 from .base import AuditEntry, Page, Store, StoreUnavailable
 from .health import StoreHealth, write_error
+from .retention import PRUNE_BATCH, Retention, prune_steps, vacuum_step
 from .rows import (
     AGENTS,
     ALERT_LIST,
@@ -323,6 +324,28 @@ class SQLiteStore(Store):
 
     def prune(self, before: float) -> None:
         self._submit(lambda conn: conn.execute("DELETE FROM heartbeats WHERE ts < ?", (before,)))
+
+    async def prune_expired(
+        self,
+        retention: Retention,
+        now: float,
+        export: Path | None = None,
+        batch: int = PRUNE_BATCH,
+    ) -> dict[str, int]:
+        """Each kind in steps of at most ``batch`` rows, one writer operation each (live
+        writes share the commits in between), then the file shrinks by incremental vacuum."""
+        pruned: dict[str, int] = {}
+        for kind, step in prune_steps(retention, now, batch, export):
+            total = 0
+            while True:
+                deleted = await self._write(step)
+                total += deleted
+                if deleted < batch:
+                    break
+            pruned[kind] = total
+        while await self._write(vacuum_step):
+            pass
+        return pruned
 
     # -- ledger ------------------------------------------------------------------------
 
