@@ -51,10 +51,11 @@ from .protocol.constants import (
     AGENT_SUBPROTOCOL,
     MAX_MESSAGE_BYTES,
 )
+from .protocol.tls_layer import TlsLayer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HubConnection", "ServerHost", "listen_now"]
+__all__ = ["HubConnection", "ServerHost", "accept", "listen_now"]
 
 #: The error code of each refusal that websockets' own parser or checks make.
 _WEBSOCKETS_ERRORS = {
@@ -465,6 +466,14 @@ class HubConnection(Connection):
         if warnings:
             body["warnings"] = warnings
         return json_response(503 if reason else 200, body)
+
+
+def accept(host: ServerHost) -> asyncio.BaseProtocol:
+    """A new TCP connection: the hub's connection, inside TLS when the hub serves wss://
+    (the context is read per connection: a reloaded CRL swaps it, hub.gate)."""
+    conn = HubConnection(host)
+    context = host.gate.tls
+    return conn if context is None else TlsLayer(conn, context, server_side=True)
 
 
 def listen_now(host: str, port: int, backlog: int, reuse_port: bool = False) -> list[socket.socket]:
