@@ -33,6 +33,7 @@ from .ledger import Ledger
 from .metrics import Metrics, StallReporter
 from .protocol.codec import encode
 from .protocol.constants import Close
+from .protocol.listening import LISTEN_BACKLOG
 from .queries import AdminQueries
 from .registry import Registry
 from .server import HubConnection, accept, listen_now
@@ -44,8 +45,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Hub"]
 
-#: Connections the kernel queues until the hub accepts them (capped by net.core.somaxconn).
-LISTEN_BACKLOG = 4096
 #: How often the client CRL file is checked for a newer version (seconds).
 CRL_RELOAD_INTERVAL = 30.0
 

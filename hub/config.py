@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .protocol.listening import parse_listen as parse_listen
+
 __all__ = ["ENVIRONMENT", "HubConfig", "load_config", "parse_listen"]
 
 
@@ -199,12 +201,3 @@ def load_config(
         if value is not None and value != []:
             values[name] = value
     return HubConfig(**values)
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) into a host and a port."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"--listen needs HOST:PORT, got {listen!r}")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
