@@ -474,4 +474,3 @@ def accept(host: ServerHost) -> asyncio.BaseProtocol:
     conn = HubConnection(host)
     context = host.gate.tls
     return conn if context is None else TlsLayer(conn, context, server_side=True)
-
