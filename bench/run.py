@@ -81,6 +81,10 @@ class Bench:
         self.started: list[Proc] = []
         self.hold_agents = 0
         self.hold_seconds = 0
+        #: Agent counts for memory, registrations and latency instead of the defaults, and
+        #: the storm's size (0: no storm): a full run split into runs of a few minutes.
+        self.counts: list[int] = []
+        self.storm_agents: int | None = None
 
     def note(self, key: str, value: Any) -> None:
         self.results[key] = value
@@ -138,7 +142,7 @@ class Bench:
     # -- memory and idle CPU ----------------------------------------------------------
 
     def memory(self) -> None:
-        counts = [1_000, 5_000] if self.quick else [1_000, 5_000, 10_000, 19_000]
+        counts = self.counts or ([1_000, 5_000] if self.quick else [1_000, 5_000, 10_000, 19_000])
         for kind in ("floor", "hub"):
             for count in counts:
                 print(f"memory: {kind} with {count} agents", flush=True)
@@ -176,7 +180,7 @@ class Bench:
         or more (bench/leanfleet.py, 200 handshakes in flight each): first with an
         enrollment key (the hub issues a key: one durable write each), then again with each
         agent's issued key; then the reconnect storms (SIGTERM, then kill -9)."""
-        counts = [1_000, 5_000] if self.quick else [1_000, 5_000, 10_000]
+        counts = self.counts or ([1_000, 5_000] if self.quick else [1_000, 5_000, 10_000])
         for count in counts:
             for kind in ("floor", "hub"):
                 print(f"registrations: {kind}, {count} agents", flush=True)
@@ -215,8 +219,12 @@ class Bench:
                               1),
                     )  # fmt: skip
                 server.proc.stop()
-        storm = 5_000 if self.quick else 19_000
-        for kind in ("floor", "hub"):
+        storm = (
+            self.storm_agents
+            if self.storm_agents is not None
+            else (5_000 if self.quick else 19_000)
+        )
+        for kind in ("floor", "hub") if storm else ():
             print(f"storm: {storm} lean agents, the {kind} restarted", flush=True)
             server, token = self.server(kind, "storm")
             fleet, _ = self.connect_fleet(server, storm, "r", token)
@@ -296,7 +304,7 @@ class Bench:
     # -- round trips and a big job -----------------------------------------------------------
 
     def latency(self) -> None:
-        sizes = [1_000, 5_000] if self.quick else [1_000, 10_000]
+        sizes = self.counts or ([1_000, 5_000] if self.quick else [1_000, 10_000])
         samples = 200 if self.quick else 500
         # What the disk allows: with FULL, a round trip holds two fdatasyncs of the WAL.
         self.note("disk.fdatasync_us", fdatasync_us(self.workdir))
@@ -557,6 +565,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     parser.add_argument("--hold-agents", type=int, default=0, help="agents held (hold scenario)")
     parser.add_argument("--hold-seconds", type=int, default=0, help="how long (hold scenario)")
+    parser.add_argument("--counts", default="", help="agent counts, e.g. 1000,10000")
+    parser.add_argument("--storm", type=int, default=None, help="storm size (0: none)")
     parser.add_argument(
         "--hub-cpu", type=int, default=None, help="run every hub on this CPU only (taskset)"
     )
@@ -565,6 +575,8 @@ def main() -> None:
     bench = Bench(args.quick, workdir)
     bench.hold_agents = args.hold_agents
     bench.hold_seconds = args.hold_seconds
+    bench.counts = [int(n) for n in args.counts.split(",") if n]
+    bench.storm_agents = args.storm
     Hub.cpu = args.hub_cpu
     started = time.time()
     scenarios: dict[str, Callable[[], None]] = {
