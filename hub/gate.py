@@ -177,10 +177,14 @@ def server_ssl_context(config: HubConfig) -> ssl.SSLContext | None:
         # /ws and /admin enforce --require-client-cert after the handshake.
         context.verify_mode = ssl.CERT_OPTIONAL
         if config.client_crl is not None:
-            # A presented certificate that the CRL revokes fails the handshake. OpenSSL
-            # keeps every CRL loaded and uses the newest: reloading one adds it.
+            # A presented certificate that the CRL revokes fails the handshake (a changed
+            # CRL is loaded into a fresh context: Gate.reload_crl).
             context.load_verify_locations(config.client_crl)
             context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    # TLS 1.3 session tickets (stateless: the hub keeps nothing per ticket) let a returning
+    # agent skip the certificate exchange and signature. One per handshake: an agent holds
+    # one connection, and every resumed handshake brings a fresh ticket.
+    context.num_tickets = 1
     return context
 
 
@@ -655,17 +659,21 @@ class Gate:
         """Pick up a renewed CRL (and with it newly revoked certificates) without a restart,
         and close the connections whose certificate it now revokes: TLS checks a
         certificate only at the handshake."""
-        path, context = self.config.client_crl, self.tls
-        if path is None or context is None or self.config.client_ca is None:
+        path = self.config.client_crl
+        if path is None or self.tls is None or self.config.client_ca is None:
             return
         try:
             mtime = (await asyncio.to_thread(path.stat)).st_mtime_ns
             if mtime == self._crl_mtime:
                 return
-            await asyncio.to_thread(context.load_verify_locations, path)
+            # A fresh context, not the CRL added to this one: its new session-ticket keys
+            # make every agent's ticket void, so that no session resumed from a ticket
+            # skips the new CRL (a resumed TLS session checks no certificate).
+            fresh = await asyncio.to_thread(server_ssl_context, self.config)
         except (OSError, ssl.SSLError) as exc:
             log.error("cannot reload the client CRL %s: %s", path, exc)
             return
+        self.tls = fresh
         self._crl_mtime = mtime
         self.auditor.record("tls.crl_reloaded", subject=str(path))
         log.info("client CRL %s reloaded", path)
