@@ -145,6 +145,11 @@ def redis_commands(server: RedisServer) -> int:
     return int(server.info("stats")["total_commands_processed"])
 
 
+def redis_net(server: RedisServer) -> tuple[int, int]:
+    fields = server.info("stats")
+    return int(fields["total_net_input_bytes"]), int(fields["total_net_output_bytes"])
+
+
 def redis_cpu(server: RedisServer) -> float:
     fields = server.info("cpu")
     return float(fields["used_cpu_sys"]) + float(fields["used_cpu_user"])
@@ -170,9 +175,20 @@ def idle(run_: Run, agents: int) -> None:
     run_.note(f"  {agents} agents online on the two hubs in {time.monotonic() - started:.0f} s")
     time.sleep(20)  # a heartbeat round and its flush, then measure
     commands0, cpu0, t0 = redis_commands(redis), redis_cpu(redis), time.monotonic()
+    net0 = redis_net(redis)
+    hub_cpu0 = {hub.name: hub.proc.cpu() for hub in (a, b) if hub.proc is not None}
     time.sleep(30)
     elapsed = time.monotonic() - t0
     per_s = (redis_commands(redis) - commands0) / elapsed
+    net = [
+        (after - before) / elapsed / 1024
+        for before, after in zip(net0, redis_net(redis), strict=True)
+    ]
+    run_.note(f"  Redis network: {net[0]:.1f} KB/s in, {net[1]:.1f} KB/s out")
+    for hub in (a, b):
+        if hub.proc is not None:
+            share = (hub.proc.cpu() - hub_cpu0[hub.name]) / elapsed
+            run_.note(f"  {hub.name} CPU while idle: {share * 100:.1f} % of one core")
     redis_share = (redis_cpu(redis) - cpu0) / elapsed
     per_agent = (redis_memory(redis) - memory0) / agents
     run_.target("Redis memory per agent", round(per_agent), 1024, "B")
@@ -197,6 +213,11 @@ def idle(run_: Run, agents: int) -> None:
     run_.fleet(single.url, token, half, "is")
     wait_until(lambda: single.online() >= half, timeout=120, interval=0.5, what="single online")
     time.sleep(20)
+    assert single.proc is not None
+    cpu0, t0 = single.proc.cpu(), time.monotonic()
+    time.sleep(15)
+    share = (single.proc.cpu() - cpu0) / (time.monotonic() - t0)
+    run_.note(f"  single hub CPU while idle ({half} held): {share * 100:.1f} % of one core")
     kb = (rss_mb(single.proc) - base) * 1024 / half
     run_.note(f"  single hub (SQLite) memory per agent ({half} held): {kb:.2f} KB")
     run_.stop()
