@@ -23,7 +23,15 @@ import orjson
 
 from ..protocol.times import format_time
 
-__all__ = ["DAY", "PRUNE_BATCH", "VACUUM_PAGES", "Retention", "prune_steps", "vacuum_step"]
+__all__ = [
+    "DAY",
+    "PRUNE_BATCH",
+    "VACUUM_PAGES",
+    "Retention",
+    "append_synced",
+    "prune_steps",
+    "vacuum_step",
+]
 
 DAY = 86_400.0
 #: Rows one step deletes (one writer operation; ~5-20 ms of the writer thread).
@@ -136,6 +144,19 @@ def _rows(table: str, where: str, cutoff: float, batch: int) -> Step:
     return step
 
 
+def append_synced(path: Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` and sync it: an audit entry is deleted only once it is on
+    disk elsewhere. A failed export (a full disk) raises, and nothing is deleted."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _audit(cutoff: float, batch: int, export: Path | None) -> Step:
     """The oldest audit entries (by id, the order they were written) older than ``cutoff``;
     appended to ``export`` as JSON lines, and synced, before they are deleted."""
@@ -170,16 +191,7 @@ def _audit(cutoff: float, batch: int, export: Path | None) -> Step:
                 + b"\n"
                 for row in old
             )
-            # An entry is deleted only once it is on disk elsewhere; a failed export
-            # (a full disk) raises, and nothing of the step is deleted.
-            fd = os.open(export, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                view = memoryview(lines)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            append_synced(export, lines)
         return conn.execute("DELETE FROM audit WHERE id <= ?", (old[-1]["id"],)).rowcount
 
     return step
