@@ -29,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -188,19 +189,29 @@ async def lifecycle(directory: Path, agents: int, days: int, sample_hours: float
     await store.checkpoint()
     size_before = (data_dir / "tether.db").stat().st_size
     pages_before = stats(data_dir)["pages"]
-    stop, lags = asyncio.Event(), []
-    watcher = asyncio.ensure_future(_watch(stop, lags))
     # The oldest day of every kind is past its retention, the next day is not; the samples
-    # (one hour's, what one hourly pruning deletes at steady state) all are.
+    # (one hour's, what one hourly pruning deletes at steady state) all are. One kind after
+    # the other, as one pruning runs them, each watched on its own (the last call, with every
+    # kind kept, is the vacuum alone: each call vacuums what it freed).
     now = t0 + retention.audit + 0.5 * DAY
     keep = retention.audit
-    oldest_day = Retention(outputs=keep, commands=keep, sessions=keep, alerts=keep, audit=keep,
-                        heartbeats=keep)  # fmt: skip
+    pruned: dict[str, int] = {}
+    by_kind: dict[str, dict[str, float]] = {}
+    lags: list[float] = []
     began = time.perf_counter()
-    pruned = await store.prune_expired(oldest_day, now, export=directory / "audit.jsonl")
+    for kind in ("outputs", "commands", "sessions", "audit", "heartbeats", "vacuum"):
+        only = Retention(outputs=0, commands=0, sessions=0, alerts=0, audit=0, heartbeats=0)
+        if kind != "vacuum":
+            only = replace(only, **{kind: keep})
+        stop, kind_lags = asyncio.Event(), []
+        watcher = asyncio.ensure_future(_watch(stop, kind_lags))
+        started = time.perf_counter()
+        pruned.update(await store.prune_expired(only, now, export=directory / "audit.jsonl"))
+        stop.set()
+        await watcher
+        by_kind[kind] = {**_stalls(kind_lags), "seconds": round(time.perf_counter() - started, 2)}
+        lags += kind_lags
     prune_seconds = time.perf_counter() - began
-    stop.set()
-    await watcher
     idle = await _idle(min(prune_seconds, 20.0))
     await store.checkpoint()
     await store.close()
@@ -218,6 +229,7 @@ async def lifecycle(directory: Path, agents: int, days: int, sample_hours: float
             "rows": pruned,
             "seconds": round(prune_seconds, 2),
             "stalls": _stalls(lags),
+            "by_kind": by_kind,
             "idle_loop_stalls": idle,
             "file_bytes_before": size_before,
             "file_bytes_after": after_prune["file_bytes"],
