@@ -247,3 +247,15 @@ def test_retention_is_set_in_the_config_file(tmp_path: Path) -> None:
     assert config.output_retention == DAY and config.command_retention == 0
     assert config.audit_export == Path("/var/log/a.jsonl")
     assert load_config().session_retention == 30 * DAY
+
+
+async def test_the_lifecycle_bench_runs_on_a_small_fleet(tmp_path: Path) -> None:
+    """The benchmark's own pieces still run (its figures are the benchmark's to judge)."""
+    from bench.lifecycle import lifecycle
+
+    result = await lifecycle(tmp_path, agents=40, days=2, sample_hours=0.05)
+    assert set(result["bytes_per_agent_per_day"]) >= {"commands", "audit", "sessions"}
+    prune = result["prune"]
+    assert prune["rows"]["jobs"] == 41 and prune["rows"]["sessions"] == 40
+    assert prune["rows"]["heartbeats"] == 40 * 3
+    assert prune["pages_after"] < prune["pages_before"]
