@@ -41,6 +41,10 @@ MAX_MISSES = 10_000
 REVOKED_RETENTION = 30 * 86400.0
 #: Revocations are forgotten a bucket at a time: this many buckets span the retention.
 REVOKED_BUCKETS = 30
+#: At most this many revocations are kept (about 19 MB), whatever the retention: a hundred
+#: re-enrollment storms of a big fleet within it would otherwise hold millions. Past it the
+#: oldest bucket goes early (its keys answered 401 from then on: still refused).
+REVOKED_MAX = 200_000
 #: The bytes of a revoked key's secret hash kept to tell its holder (403) from a guesser (401):
 #: finding a secret that matches them takes 2^64 hashes, and earns a 403 instead of a 401.
 REVOKED_DIGEST = 8
@@ -375,21 +379,27 @@ class Revocations:
     buckets by when the hub learned of it, dropped a bucket at a time after the retention,
     so that re-enrollment storms cost memory for the retention only, not forever."""
 
-    __slots__ = ("_buckets", "_clock", "_span", "retention")
+    __slots__ = ("_buckets", "_clock", "_count", "_dropped", "_span", "limit", "retention")
 
-    def __init__(self, retention: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, retention: float, clock: Callable[[], float], limit: int = REVOKED_MAX
+    ) -> None:
         self.retention = retention
+        self.limit = limit
         self._clock = clock
         self._span = retention / REVOKED_BUCKETS
         #: (start of the bucket, entries), oldest first.
         self._buckets: deque[tuple[float, set[bytes]]] = deque()
+        self._count = 0
+        #: Entries dropped early (past ``limit``), handed out by the next :meth:`expire`.
+        self._dropped: list[bytes] = []
 
     @staticmethod
     def _entry(credential_id: str, secret_hash: bytes) -> bytes:
         return credential_id.encode() + secret_hash[:REVOKED_DIGEST]
 
     def __len__(self) -> int:
-        return sum(len(entries) for _, entries in self._buckets)
+        return self._count
 
     def __bool__(self) -> bool:
         return bool(self._buckets)
@@ -399,7 +409,14 @@ class Revocations:
         buckets = self._buckets
         if not buckets or now >= buckets[-1][0] + self._span:
             buckets.append((now, set()))
-        buckets[-1][1].add(self._entry(credential_id, secret_hash))
+        entries = buckets[-1][1]
+        before = len(entries)
+        entries.add(self._entry(credential_id, secret_hash))
+        self._count += len(entries) - before
+        while self._count > self.limit and len(buckets) > 1:
+            dropped = buckets.popleft()[1]
+            self._count -= len(dropped)
+            self._dropped.extend(dropped)
 
     def holds(self, credential_id: str, secret_hash: bytes) -> bool:
         """Whether the key with this id and secret hash was revoked (a set lookup per
@@ -410,26 +427,35 @@ class Revocations:
     def discard(self, credential_id: str, secret_hash: bytes) -> None:
         entry = self._entry(credential_id, secret_hash)
         for _, entries in self._buckets:
-            entries.discard(entry)
+            if entry in entries:
+                entries.discard(entry)
+                self._count -= 1
 
     def forget(self, credential_ids: set[str]) -> None:
         """Drop every revocation of these ids (a scan: only for purges made elsewhere)."""
         cut = -REVOKED_DIGEST
         for _, entries in self._buckets:
-            entries.difference_update(
-                [entry for entry in entries if entry[:cut].decode() in credential_ids]
-            )
+            gone = [entry for entry in entries if entry[:cut].decode() in credential_ids]
+            entries.difference_update(gone)
+            self._count -= len(gone)
 
     def due(self) -> bool:
         buckets = self._buckets
-        return bool(buckets) and buckets[0][0] + self._span <= self._clock() - self.retention
+        return bool(self._dropped) or (
+            bool(buckets) and buckets[0][0] + self._span <= self._clock() - self.retention
+        )
 
     def expire(self) -> list[str]:
-        """Drop the buckets older than the retention; the ids dropped."""
-        expired: list[str] = []
+        """Drop the buckets older than the retention; the ids dropped (with those dropped
+        early since the last call)."""
         cut = -REVOKED_DIGEST
-        while self.due():
-            expired.extend(entry[:cut].decode() for entry in self._buckets.popleft()[1])
+        expired = [entry[:cut].decode() for entry in self._dropped]
+        self._dropped = []
+        buckets = self._buckets
+        while buckets and buckets[0][0] + self._span <= self._clock() - self.retention:
+            entries = buckets.popleft()[1]
+            self._count -= len(entries)
+            expired.extend(entry[:cut].decode() for entry in entries)
         return expired
 
     def ids(self) -> set[str]:

@@ -224,6 +224,7 @@ class CredentialsMachine(RuleBasedStateMachine):
         assert set(self.creds.records) == expected
         revoked = {i for i, r in self.view.items() if r.revoked and r.kind != "jwt"}
         assert self.creds.revoked.ids() <= revoked
+        assert len(self.creds.revoked) == len(self.creds.revoked.ids())
 
     @invariant()
     def every_token_gets_its_answer(self) -> None:
@@ -381,3 +382,27 @@ async def test_revocations_past_the_retention_leave_memory_and_the_store(tmp_pat
         assert hub.authenticate(tokens[1]).agent_id == "a0"
     finally:
         await store.close()
+
+
+def test_revocations_are_bounded_whatever_the_retention() -> None:
+    """A hundred storms within the retention: past the limit the oldest bucket goes early,
+    and its ids are handed to the next expiry (to be deleted from the store)."""
+    from hub.auth import Revocations
+
+    clock = FakeClock(0.0)
+    revocations = Revocations(RETENTION, clock, limit=250)
+    ids = []
+    for storm in range(10):
+        clock.now = storm * SPAN  # one bucket per storm
+        for n in range(100):
+            credential_id = f"{storm:02d}{n:010d}"
+            ids.append(credential_id)
+            revocations.add(credential_id, bytes([n]) * 32)
+    assert len(revocations) <= 250 and len(revocations) == len(revocations.ids())
+    kept = revocations.ids()
+    assert kept == set(ids[-len(kept) :])  # the newest
+    assert revocations.holds(ids[-1], bytes([99]) * 32)
+    assert not revocations.holds(ids[0], bytes([0]) * 32)
+    assert revocations.due()
+    assert sorted(revocations.expire()) == sorted(set(ids) - kept)
+    assert not revocations.due() and len(revocations) == len(kept)
