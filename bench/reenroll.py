@@ -448,7 +448,16 @@ def part_storm(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             results[f"hub_{mode}"] = storm(
                 hub, workdir, token, count, mode, f"h{mode[0]}", args.storm_timeout
             )
-            metrics = hub.metrics()
+            metrics: dict[str, float] = {}
+
+            def scraped(hub: Hub = hub, metrics: dict[str, float] = metrics) -> bool:
+                metrics.update(hub.metrics())  # raises (and is asked again) while refusing
+                return True
+
+            try:
+                wait_until(scraped, timeout=30, what="metrics")
+            except TimeoutError:
+                pass
             results[f"hub_{mode}"]["hub_refusals"] = {
                 name.split('"')[1]: int(value)
                 for name, value in metrics.items()
