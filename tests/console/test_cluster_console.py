@@ -99,6 +99,15 @@ def states(window: Any, ids: set[str], hub_id: str) -> set[str]:
     return {a.condition for a in agents if a is not None}
 
 
+def seen(window: Any, ids: set[str]) -> dict[str, tuple[str, str | None] | None]:
+    """What the console shows of these agents: (condition, hub), for failure messages."""
+    return {
+        agent_id: (a.condition, a.view.hub_id) if a is not None else None
+        for agent_id in sorted(ids)
+        for a in [window.fleet.agents.get(agent_id)]
+    }
+
+
 def hub_column(window: Any) -> dict[str, str]:
     """What the agent table's Hub column shows, per agent id."""
     from console.views.agents import COL_HUB, COLUMNS
@@ -207,7 +216,10 @@ async def test_the_console_fails_over_to_the_next_url_when_its_hub_is_killed(
         assert "hub 2 of 2" in window.windowTitle()
         assert f"failed over from {a.url}" in window.status_text.text()
         # The fleet is whole from hub B: its own agents online, hub A's unknown.
-        await wait_for(lambda: states(window, on_a, "hub-a") == {"unknown"}, 40, what="unknown")
+        try:
+            await wait_for(lambda: states(window, on_a, "hub-a") == {"unknown"}, 40)
+        except AssertionError as exc:
+            raise AssertionError(f"hub-a's agents not unknown: {seen(window, on_a)}") from exc
         assert states(window, on_b, "hub-b") == {"online"}
     finally:
         await window.shutdown()
