@@ -245,10 +245,23 @@ class LeanFleet:
     rate: float = 1_000
     procs: list[Proc] = field(default_factory=list)
 
+    def sizes(self) -> list[int]:
+        """Agents per process: at least two processes, at most PER_PROCESS agents each."""
+        parts = max(2, -(-self.count // PER_PROCESS))
+        return [self.count // parts + (1 if n < self.count % parts else 0) for n in range(parts)]
+
+    def agent_ids(self) -> list[str]:
+        """Every agent's id (``sim_profile``'s: the prefix, then a number from 1)."""
+        return [
+            f"{self.tag}{index}-{n:05d}"
+            for index, size in enumerate(self.sizes())
+            for n in range(1, size + 1)
+        ]
+
     def start(self, once: bool = False, keys: str = "", start_at: float = 0.0,
               concurrency: int = 200) -> LeanFleet:  # fmt: skip
-        parts = max(2, -(-self.count // PER_PROCESS))
-        sizes = [self.count // parts + (1 if n < self.count % parts else 0) for n in range(parts)]
+        sizes = self.sizes()
+        parts = len(sizes)
         self.procs = []
         for index, size in enumerate(sizes):
             args = [PYTHON, str(ROOT / "bench" / "leanfleet.py"), "--url", self.url,
