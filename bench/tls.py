@@ -1,0 +1,312 @@
+"""What TLS costs the hub, each figure beside plain ``ws://`` and the TLS floor, in one run.
+
+    python bench/tls.py memory --counts 1000 5000      # memory, registrations/s, CPU each
+    python bench/tls.py storm --count 19000            # kill -9 reconnect storm over TLS
+
+The servers of a run, each a process of its own with a fresh state: the hub over ``wss://``
+(``--tls-cert``), the hub over ``ws://``, and the TLS floor — a bare ``websockets`` server
+terminating TLS with the event loop's SSL, on uvloop (as the hub runs) and on asyncio's
+default loop. A trustme CA signs one ECDSA certificate for all of them.
+
+``memory``: lean clients (bench/lean.py in its TLS mode, one process per 9,500) register
+with 200 handshakes in flight per process and stay idle; then the server's RSS growth per
+agent, the registrations per second, and the server's CPU per registration (its CPU time
+while they came, divided by their number). ``storm``: ``tether-agent simulate`` agents over
+``wss://`` (real agents: they resume TLS sessions), the server killed with SIGKILL and
+started again on its port, and the seconds until every agent is back (the hub's state is
+on disk; the floor keeps none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import ssl
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import lean
+from bench.harness import (
+    PER_PROCESS,
+    PYTHON,
+    ROOT,
+    Floor,
+    Hub,
+    Proc,
+    simulators,
+    wait_until,
+)
+
+HERE = Path(__file__).resolve()
+
+
+def make_certificates(workdir: Path) -> dict[str, Path]:
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    files = {name: workdir / f"{name}.pem" for name in ("ca", "cert", "key")}
+    ca.cert_pem.write_to_path(files["ca"])
+    cert.cert_chain_pems[0].write_to_path(files["cert"])
+    cert.private_key_pem.write_to_path(files["key"])
+    return files
+
+
+def client_context(ca_file: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca_file))
+
+
+def fetch(url: str, context: ssl.SSLContext | None) -> bytes:
+    with urllib.request.urlopen(url, timeout=30, context=context) as response:
+        return response.read()
+
+
+class TlsHub(Hub):
+    """``tether-hub serve --tls-cert``: probed and scraped over https."""
+
+    ca_file: Path
+
+    @property
+    def url(self) -> str:
+        return f"wss://127.0.0.1:{self.port}"
+
+    def wait_ready(self) -> None:
+        context = client_context(self.ca_file)
+        wait_until(
+            lambda: fetch(f"https://127.0.0.1:{self.port}/readyz", context), 30, what="readyz"
+        )
+
+    def metrics(self) -> dict[str, float]:
+        text = fetch(f"https://127.0.0.1:{self.port}/metrics", client_context(self.ca_file))
+        values = {}
+        for line in text.decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                with contextlib.suppress(ValueError):
+                    values[name] = float(value)
+        return values
+
+
+class TlsFloor(Floor):
+    """bench/floor.py terminating TLS, on uvloop or on asyncio's loop."""
+
+    def __init__(self, workdir: Path, files: dict[str, Path], loop: str) -> None:
+        super().__init__(workdir)
+        self.files = files
+        self.loop = loop
+
+    @property
+    def url(self) -> str:
+        return f"wss://127.0.0.1:{self.port}"
+
+    def start(self) -> TlsFloor:
+        extra = ["--asyncio"] if self.loop == "asyncio" else []
+        self.proc = Proc(
+            f"floor-{self.loop}",
+            [PYTHON, str(ROOT / "bench" / "floor.py"), "--listen", f"127.0.0.1:{self.port}",
+             "--tls-cert", str(self.files["cert"]), "--tls-key", str(self.files["key"]), *extra],
+            self.workdir / f"floor-{self.loop}.log",
+        ).start()  # fmt: skip
+        self.port = int(self.proc.wait_for_line(r"floor listening on (\d+)").group(1))
+        return self
+
+    def stats(self) -> dict[str, Any]:
+        context = client_context(self.files["ca"])
+        return json.loads(fetch(f"https://127.0.0.1:{self.port}/stats", context))
+
+
+class Run:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.files = make_certificates(workdir)
+        self.results: dict[str, Any] = {}
+        self.started: list[Proc] = []
+
+    def note(self, key: str, value: Any) -> None:
+        self.results[key] = value
+        print(f"  {key}: {value}", flush=True)
+
+    def server(self, kind: str, name: str) -> Hub | Floor:
+        if kind.startswith("floor-"):
+            floor: Floor = TlsFloor(self.workdir, self.files, kind.removeprefix("floor-")).start()
+        elif kind == "hub-tls":
+            hub = TlsHub(self.workdir, name=name, extra=self._tls_flags())
+            hub.ca_file = self.files["ca"]
+            floor = hub.start()  # type: ignore[assignment]
+        else:
+            floor = Hub(self.workdir, name=name).start()  # type: ignore[assignment]
+        assert floor.proc is not None
+        self.started.append(floor.proc)
+        return floor
+
+    def _tls_flags(self) -> list[str]:
+        return ["--tls-cert", str(self.files["cert"]), "--tls-key", str(self.files["key"])]
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.started):
+            proc.stop()
+        self.started.clear()
+
+    # -- memory, registrations and their CPU -------------------------------------------------
+
+    def memory(self, counts: list[int], kinds: list[str]) -> None:
+        for count in counts:
+            for kind in kinds:
+                print(f"memory: {kind} with {count} idle registered agents", flush=True)
+                try:
+                    self._memory(kind, count)
+                finally:
+                    self.stop_all()
+
+    def _memory(self, kind: str, count: int) -> None:
+        server = self.server(kind, f"{kind}-{count}")
+        assert server.proc is not None
+        token = server.token("--enroll") if isinstance(server, Hub) else "x"
+        time.sleep(2)
+        baseline, cpu0 = server.proc.rss(), server.proc.cpu()
+        holders = []
+        start = 0
+        while start < count:
+            n = min(PER_PROCESS, count - start)
+            args = ["--url", server.url, "--token", token, "--count", str(n)]
+            args += ["--prefix", f"m{start}-", "--ca", str(self.files["ca"])]
+            log = self.workdir / f"hold-{kind}-{count}-{start}.log"
+            holders.append(Proc(f"hold{start}", [PYTHON, str(HERE), "hold", *args], log).start())
+            start += n
+        self.started.extend(holders)
+        seconds = 0.0
+        for holder in holders:
+            line = holder.wait_for_line(r'\{"registered":\d+,"seconds":([\d.]+)', 280)
+            seconds = max(seconds, float(line.group(1)))
+        cpu = server.proc.cpu() - cpu0
+        time.sleep(5)
+        per_agent = (server.proc.rss() - baseline) / count
+        self.note(f"{kind}.memory_per_agent_kb.{count}", round(per_agent / 1024, 2))
+        self.note(f"{kind}.registrations_per_s.{count}", round(count / seconds))
+        self.note(f"{kind}.cpu_ms_per_registration.{count}", round(cpu / count * 1000, 3))
+
+    # -- the reconnect storm -----------------------------------------------------------------
+
+    def storm(self, count: int, kinds: list[str], rate: float) -> None:
+        for kind in kinds:
+            print(f"storm: {kind}, {count} simulated agents over wss://, kill -9", flush=True)
+            try:
+                self._storm(kind, count, rate)
+            finally:
+                self.stop_all()
+
+    def _storm(self, kind: str, count: int, rate: float) -> None:
+        server = self.server(kind, f"storm-{kind}")
+        token = server.token("--enroll") if isinstance(server, Hub) else "x"
+        procs = simulators(
+            self.workdir, server.url, token, count, f"s{kind}-", rate=rate, tag=f"st-{kind}-",
+            extra=("--ca-file", str(self.files["ca"])),
+        )  # fmt: skip
+        self.started.extend(procs)
+        connected = wait_until(
+            lambda: server.online() >= count, timeout=240, interval=0.5, what="fleet online"
+        )
+        self.note(f"{kind}.storm_fleet_connect_seconds", round(connected, 1))
+        time.sleep(3)
+        assert server.proc is not None
+        server.proc.signal(9)
+        server.proc.process.wait(10)  # type: ignore[union-attr]
+        restarted = time.monotonic()
+        server.start()  # on its port again (the hub returns once /readyz answers)
+        ready = time.monotonic() - restarted
+        try:
+            back = wait_until(
+                lambda: server.online() >= count, timeout=240, interval=0.25, what="back"
+            )
+            self.note(f"{kind}.storm_seconds_all_back", round(back + ready, 2))
+        except TimeoutError:
+            self.note(f"{kind}.storm_back_after_240_s", f"{server.online()}/{count}")
+        self.note(f"{kind}.storm_seconds_to_listen", round(ready, 2))
+        if isinstance(server, Hub):
+            metrics = server.metrics()
+            refused = {
+                name.split('"')[1]: int(value)
+                for name, value in metrics.items()
+                if name.startswith("tether_connections_total") and "accepted" not in name
+            }
+            self.note(f"{kind}.storm_refusals", refused)
+
+
+# -- the load process of ``memory`` ------------------------------------------------------------
+
+
+async def hold(args: argparse.Namespace) -> None:
+    """Register ``count`` lean agents over ``url``, report, and keep them open until killed."""
+    from bench.blaster import register_all
+
+    lean.TLS = client_context(Path(args.ca)) if args.url.startswith("wss") else None
+    conns, seconds, refused = await register_all(args, [args.token] * args.count)
+    print(
+        json.dumps(
+            {"registered": len(conns), "seconds": round(seconds, 3), "refused": refused},
+            separators=(",", ":"),
+        ),
+        flush=True,
+    )
+    await asyncio.Event().wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a fresh one")
+    sub = parser.add_subparsers(dest="part", required=True)
+    memory = sub.add_parser("memory")
+    memory.add_argument("--counts", type=int, nargs="+", default=[1_000])
+    memory.add_argument(
+        "--kinds", nargs="+", default=["hub-tls", "hub-plain", "floor-uvloop", "floor-asyncio"]
+    )
+    storm = sub.add_parser("storm")
+    storm.add_argument("--count", type=int, default=5_000)
+    storm.add_argument("--kinds", nargs="+", default=["hub-tls", "floor-uvloop"])
+    storm.add_argument("--rate", type=float, default=600)
+    holder = sub.add_parser("hold")
+    holder.add_argument("--url", required=True)
+    holder.add_argument("--token", default="x")
+    holder.add_argument("--count", type=int, required=True)
+    holder.add_argument("--prefix", default="m-")
+    holder.add_argument("--ca", required=True)
+    args = parser.parse_args()
+    if args.part == "hold":
+        from bench.harness import raise_file_limit
+
+        raise_file_limit()
+        import uvloop
+
+        uvloop.run(hold(args))
+        return
+    import os
+    import tempfile
+
+    run = Run(args.workdir or Path(tempfile.mkdtemp(prefix="tether-bench-tls-")))
+    started = time.time()
+    print(f"load before: {os.getloadavg()}", flush=True)
+    try:
+        if args.part == "memory":
+            run.memory(args.counts, args.kinds)
+        else:
+            run.storm(args.count, args.kinds, args.rate)
+    finally:
+        run.stop_all()
+        print(f"load after: {os.getloadavg()}", flush=True)
+        stamp = time.strftime("%H%M", time.gmtime(started))
+        out = ROOT / "bench" / "results" / f"tls-{args.part}-{stamp}.json"
+        summary = {"part": args.part, "load_after": os.getloadavg(), **run.results}
+        out.write_text(json.dumps(summary, indent=1))
+        print(f"saved {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
