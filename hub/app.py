@@ -330,6 +330,11 @@ class Hub:
                 log.warning("%s: store unavailable: %s", name, exc)
             except Exception:
                 log.exception("periodic %s failed", name)
+            # A library that swallowed our cancel (redis-py 8.0-8.2 did) returns normally:
+            # the task still knows it was cancelled, so the loop ends here all the same.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
 
     def _sweep(self) -> None:
         self.fleet.sweep()

@@ -226,7 +226,11 @@ class HubProcess:
     def terminate(self, timeout: float = 15.0) -> int:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            tail = "".join(self.log[-60:])
+            raise AssertionError(f"still draining after {timeout} s; its log:\n{tail}") from None
         if self._reader is not None:
             self._reader.join(5)
         return code

@@ -314,8 +314,10 @@ async def test_hub_drain_sends_agents_to_the_restarted_hub(
     attempts = client.attempts
     # An attempt clears last_error when it starts: wait for one that has ended.
     await eventually(
-        lambda: client.attempts >= attempts + 3
-        and client.last_error == "connect: ConnectionRefusedError",
+        lambda: (
+            client.attempts >= attempts + 3
+            and client.last_error == "connect: ConnectionRefusedError"
+        ),
         20,
         "refused three times",
     )
