@@ -240,6 +240,133 @@ class Run:
             self.note(f"{kind}.storm_refusals", refused)
 
 
+# -- where a TLS connection's memory goes -------------------------------------------------------
+
+
+class _Answer(asyncio.Protocol):
+    """A connection that answers its first bytes once and then idles, as an agent's does."""
+
+    count = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\n\r\n" + b"w" * 200)  # type: ignore[attr-defined]
+        _Answer.count += 1
+
+
+def _in_use() -> int:
+    """Bytes malloc has handed out (OpenSSL's allocations included; tracemalloc sees
+    only Python's)."""
+    import ctypes
+
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+
+    class Info(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in names.split()]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Info
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+async def breakdown_server(args: argparse.Namespace) -> None:
+    """Serve ``count`` connections in ``mode`` and print what they hold, per connection."""
+    import gc
+    import os
+    import tracemalloc
+
+    import psutil
+
+    from hub.protocol.tls_layer import TlsLayer
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(args.cert, args.key)
+    context.num_tickets = 1
+    loop = asyncio.get_running_loop()
+    if args.mode == "layer":
+        server = await loop.create_server(
+            lambda: TlsLayer(_Answer(), context, server_side=True), "127.0.0.1", 0
+        )
+    else:
+        tls = context if args.mode == "loop-ssl" else None
+        server = await loop.create_server(_Answer, "127.0.0.1", 0, ssl=tls)
+    print(f"port {server.sockets[0].getsockname()[1]}", flush=True)
+    gc.collect()
+    tracemalloc.start()
+    process = psutil.Process()
+    rss0, used0 = process.memory_info().rss, _in_use()
+    while _Answer.count < args.count:
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)
+    gc.collect()
+    traced = sum(stat.size for stat in tracemalloc.take_snapshot().statistics("filename"))
+    n = args.count
+    print(
+        json.dumps({
+            "mode": args.mode, "loop": type(loop).__module__.split(".")[0],
+            "rss_per_connection": round((process.memory_info().rss - rss0) / n),
+            "malloc_per_connection": round((_in_use() - used0) / n),
+            "python_objects_per_connection": round(traced / n),
+        }),
+        flush=True,
+    )  # fmt: skip
+    os._exit(0)
+
+
+async def breakdown_clients(args: argparse.Namespace) -> None:
+    context = client_context(Path(args.ca)) if args.mode != "plain" else None
+    loop = asyncio.get_running_loop()
+    semaphore = asyncio.Semaphore(100)
+
+    async def one() -> Any:
+        async with semaphore:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", args.port, ssl=context,
+                server_hostname="127.0.0.1" if context else None,
+            )  # fmt: skip
+            writer.write(b"GET /ws HTTP/1.1\r\n" + b"h" * 300 + b"\r\n\r\n")
+            await reader.readexactly(234)
+            return writer
+
+    kept = await asyncio.gather(*(one() for _ in range(args.count)))
+    print(f"connected {len(kept)}", flush=True)
+    await loop.create_future()
+
+
+def breakdown(workdir: Path, files: dict[str, Path], count: int) -> dict[str, Any]:
+    results = {}
+    for mode, loop in (("plain", "uvloop"), ("loop-ssl", "uvloop"), ("loop-ssl", "asyncio"),
+                       ("layer", "uvloop")):  # fmt: skip
+        common = ["--count", str(count), "--mode", mode, "--loop", loop]
+        server = Proc(
+            f"bd-{mode}",
+            [PYTHON, str(HERE), "breakdown-server", *common, "--cert", str(files["cert"]),
+             "--key", str(files["key"])],
+            workdir / f"bd-{mode}-{loop}.log",
+        ).start()  # fmt: skip
+        try:
+            port = server.wait_for_line(r"port (\d+)").group(1)
+            clients = Proc(
+                "bd-clients",
+                [PYTHON, str(HERE), "breakdown-clients", *common, "--port", port,
+                 "--ca", str(files["ca"])],
+                workdir / f"bd-clients-{mode}-{loop}.log",
+            ).start()  # fmt: skip
+            try:
+                line = server.wait_for_line(r"\{.*rss_per_connection.*\}", 120).group(0)
+            finally:
+                clients.stop()
+        finally:
+            server.stop()
+        figures = json.loads(line)
+        results[f"{mode}.{loop}"] = figures
+        print(f"  {mode} on {loop}: {figures}", flush=True)
+    return results
+
+
 # -- the load process of ``memory`` ------------------------------------------------------------
 
 
@@ -272,6 +399,17 @@ def main() -> None:
     storm.add_argument("--count", type=int, default=5_000)
     storm.add_argument("--kinds", nargs="+", default=["hub-tls", "floor-uvloop"])
     storm.add_argument("--rate", type=float, default=600)
+    parts = sub.add_parser("breakdown")
+    parts.add_argument("--count", type=int, default=2_000)
+    for name in ("breakdown-server", "breakdown-clients"):
+        inner = sub.add_parser(name)
+        inner.add_argument("--count", type=int, required=True)
+        inner.add_argument("--mode", required=True)
+        inner.add_argument("--loop", default="uvloop")
+        inner.add_argument("--cert")
+        inner.add_argument("--key")
+        inner.add_argument("--ca")
+        inner.add_argument("--port", type=int)
     holder = sub.add_parser("hold")
     holder.add_argument("--url", required=True)
     holder.add_argument("--token", default="x")
@@ -279,13 +417,18 @@ def main() -> None:
     holder.add_argument("--prefix", default="m-")
     holder.add_argument("--ca", required=True)
     args = parser.parse_args()
-    if args.part == "hold":
+    inner = {"hold": hold, "breakdown-server": breakdown_server}
+    inner["breakdown-clients"] = breakdown_clients
+    if args.part in inner:
         from bench.harness import raise_file_limit
 
         raise_file_limit()
         import uvloop
 
-        uvloop.run(hold(args))
+        if getattr(args, "loop", "uvloop") == "asyncio" and args.part == "breakdown-server":
+            asyncio.run(inner[args.part](args))
+        else:
+            uvloop.run(inner[args.part](args))
         return
     import os
     import tempfile
@@ -296,6 +439,8 @@ def main() -> None:
     try:
         if args.part == "memory":
             run.memory(args.counts, args.kinds)
+        elif args.part == "breakdown":
+            run.results.update(breakdown(run.workdir, run.files, args.count))
         else:
             run.storm(args.count, args.kinds, args.rate)
     finally:

@@ -263,7 +263,7 @@ class TlsLayer(asyncio.BufferedProtocol):
 
     def _send(self) -> None:
         outgoing, raw = self.outgoing, self.raw
-        if outgoing is not None and outgoing.pending and raw is not None:
+        if outgoing is not None and outgoing.pending and raw is not None and not raw.is_closing():
             raw.write(outgoing.read())
 
     def _write(self, data: bytes) -> None:
@@ -294,7 +294,7 @@ class TlsLayer(asyncio.BufferedProtocol):
     # -- the inner connection's transport ------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closing or self.raw is None or not data:
+        if self._closing or self.raw is None or self.raw.is_closing() or not data:
             return
         if not self.done:
             if self._pending is None:
