@@ -336,8 +336,71 @@ async def breakdown_clients(args: argparse.Namespace) -> None:
     await loop.create_future()
 
 
+def openssl_alone(files: dict[str, Path], count: int = 2_000) -> dict[str, int]:
+    """OpenSSL's own state per server-side connection, without sockets or event loops: the
+    malloc bytes in use for ``count`` SSLObjects (with their two memory BIOs) at each stage,
+    the client side dropped. A floor no driver of ``ssl.SSLObject`` can go below."""
+    import gc
+
+    import trustme
+
+    ca = trustme.CA()
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(files["cert"], files["key"])
+    server.num_tickets = 1
+    client = client_context(files["ca"])
+    mtls_server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    mtls_server.load_cert_chain(files["cert"], files["key"])
+    ca.configure_trust(mtls_server)
+    mtls_server.verify_mode = ssl.CERT_OPTIONAL
+    mtls_client = client_context(files["ca"])
+    ca.issue_cert("agent-1").configure_cert(mtls_client)
+
+    def pair(srv: ssl.SSLContext, cli: ssl.SSLContext, stop_after_hello: bool = False) -> Any:
+        si, so, ci, co = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+        s = srv.wrap_bio(si, so, server_side=True)
+        c = cli.wrap_bio(ci, co, server_hostname="127.0.0.1")
+        for _ in range(4):
+            for obj in (c, s):
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    obj.do_handshake()
+                si.write(co.read())
+                ci.write(so.read())
+                if stop_after_hello and obj is s:
+                    return s, si, so
+        c.write(b"GET /ws HTTP/1.1\r\n" + b"h" * 300 + b"\r\n\r\n")
+        si.write(co.read())
+        s.read(4096)
+        s.write(b"HTTP/1.1 101 Switching Protocols\r\n\r\n" + b"w" * 200)
+        ci.write(so.read())
+        c.read(4096)
+        return s, si, so
+
+    stages = {
+        "two_memory_bios": lambda: (ssl.MemoryBIO(), ssl.MemoryBIO()),
+        "sslobject_before_handshake": lambda: server.wrap_bio(
+            ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True
+        ),
+        "after_a_client_hello": lambda: pair(server, client, stop_after_hello=True),
+        "established_idle": lambda: pair(server, client),
+        "established_idle_with_client_certificate": lambda: pair(mtls_server, mtls_client),
+    }
+    figures = {}
+    for name, make in stages.items():
+        for _ in range(20):
+            make()
+        gc.collect()
+        before = _in_use()
+        kept = [make() for _ in range(count)]
+        gc.collect()
+        figures[name] = round((_in_use() - before) / count)
+        del kept
+        print(f"  OpenSSL alone, {name}: {figures[name]} B per connection", flush=True)
+    return figures
+
+
 def breakdown(workdir: Path, files: dict[str, Path], count: int) -> dict[str, Any]:
-    results = {}
+    results: dict[str, Any] = {"openssl_alone": openssl_alone(files)}
     for mode, loop in (("plain", "uvloop"), ("loop-ssl", "uvloop"), ("loop-ssl", "asyncio"),
                        ("layer", "uvloop")):  # fmt: skip
         common = ["--count", str(count), "--mode", mode, "--loop", loop]
