@@ -18,6 +18,7 @@ import asyncio
 import base64
 import hashlib
 import os
+import re
 import ssl
 import struct
 from urllib.parse import urlsplit
@@ -41,9 +42,11 @@ TLS: ssl.SSLContext | None = None
 class Refused(ConnectionError):
     """The server answered the upgrade with ``status`` instead of 101."""
 
-    def __init__(self, status: int, line: str) -> None:
+    def __init__(self, status: int, line: str, retry_after: float | None = None) -> None:
         super().__init__(f"refused: {line}")
         self.status = status
+        #: The answer's ``Retry-After`` (seconds), when it had one.
+        self.retry_after = retry_after
 
 
 def frame(opcode: int, payload: bytes) -> bytes:
@@ -99,7 +102,9 @@ class LeanClient(asyncio.Protocol):
                 line = head.split(b"\r\n", 1)[0].decode(errors="replace")
                 parts = line.split(" ", 2)
                 status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-                self._fail(f"refused: {line}", Refused(status, line))
+                retry = re.search(rb"\r\nRetry-After: *(\d+)", head, re.IGNORECASE)
+                retry_after = float(retry.group(1)) if retry else None
+                self._fail(f"refused: {line}", Refused(status, line, retry_after))
                 return
             self.upgraded = True
             if not self.opened.done():

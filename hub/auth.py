@@ -12,14 +12,15 @@ effect on live connections within seconds.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fnmatch
 import hashlib
 import hmac
 import logging
 import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .model import JWT_PREFIX, CredentialRecord
@@ -34,6 +35,14 @@ ID_LENGTH = 12
 #: A token id the store did not know is not looked up again for this long.
 MISS_TTL = 5.0
 MAX_MISSES = 10_000
+#: How long a revoked or replaced key is still answered 403 ("revoked") rather than 401
+#: ("unknown") once this hub learned of its revocation. Refused either way; only the answer
+#: (and so the agent's backoff) differs.
+REVOKED_RETENTION = 30 * 86400.0
+#: Revocations are forgotten a bucket at a time: this many buckets span the retention.
+REVOKED_BUCKETS = 30
+#: The bytes of a revoked key's secret hash kept to tell its holder (403) from a guesser (401).
+REVOKED_DIGEST = 16
 
 __all__ = [
     "AuthFailure",
@@ -107,10 +116,23 @@ def role_allows(role: str | None, needed: str) -> bool:
 class Credentials:
     """The hub's view of every credential, kept in memory and synced from the store."""
 
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Callable[[], float] = time.time,
+        revoked_retention: float = REVOKED_RETENTION,
+    ) -> None:
         self.store = store
         self.clock = clock
+        #: Credentials that may still authenticate (and revoked JWT ids, which are the
+        #: revocation itself). Revoked keys leave it for :attr:`revoked`.
         self.records: dict[str, CredentialRecord] = {}
+        #: Revoked keys, compactly: id -> a prefix of its secret's hash, in buckets by when
+        #: this hub learned of the revocation (newest last), dropped after the retention.
+        self.revoked = Revocations(revoked_retention, clock)
+        #: Agent id -> ids of the unrevoked agent keys enrollment issued to it (usually
+        #: one): what a re-enrollment replaces, found without a scan.
+        self.enrolled_keys: dict[str, tuple[str, ...]] = {}
         self.rev = 0
         #: Called with the ids of credentials that became revoked since the last sync.
         self.on_revoked: Callable[[set[str]], None] | None = None
@@ -118,9 +140,58 @@ class Credentials:
         self._syncing: asyncio.Future[None] | None = None
 
     async def load(self) -> None:
-        for record in await self.store.credentials():
-            self.records[record.id] = record
-            self.rev = max(self.rev, record.rev)
+        self.apply(await self.store.credentials(), announce=False)
+
+    # -- the in-memory view: every change goes through _put ---------------------------------
+
+    def _put(self, record: CredentialRecord) -> bool:
+        """Install ``record`` as the current state of its id; True when that revoked it."""
+        credential_id = record.id
+        before = self.records.get(credential_id)
+        if before is not None:
+            self._unindex(before)
+        if not record.revoked or record.kind == "jwt":
+            # A revoked JWT id is kept whole: it is the revocation (and there are few).
+            self.records[credential_id] = record
+            self._index(record)
+            if not record.revoked and self.revoked:
+                self.revoked.discard(credential_id)  # a stale read: the next sync revokes again
+            return record.revoked and (before is None or not before.revoked)
+        if before is not None:
+            del self.records[credential_id]
+        elif credential_id in self.revoked:
+            return False
+        self.revoked.add(credential_id, record.secret_hash)
+        return before is None or not before.revoked
+
+    def _index(self, record: CredentialRecord) -> None:
+        if _enrollment_issued(record):
+            agent_id = record.agent_id or ""
+            keys = self.enrolled_keys.get(agent_id, ())
+            if record.id not in keys:
+                self.enrolled_keys[agent_id] = (*keys, record.id)
+
+    def _unindex(self, record: CredentialRecord) -> None:
+        if _enrollment_issued(record, revoked_too=True):
+            agent_id = record.agent_id or ""
+            keys = tuple(k for k in self.enrolled_keys.get(agent_id, ()) if k != record.id)
+            if keys:
+                self.enrolled_keys[agent_id] = keys
+            else:
+                self.enrolled_keys.pop(agent_id, None)
+
+    def _revoke(self, credential_id: str) -> None:
+        record = self.records.get(credential_id)
+        if record is not None and not record.revoked:
+            self._put(dataclasses.replace(record, revoked=True))
+
+    def forget(self, credential_ids: Iterable[str]) -> None:
+        """Drop credentials the store no longer holds (its retention removed them)."""
+        for credential_id in credential_ids:
+            record = self.records.pop(credential_id, None)
+            if record is not None:
+                self._unindex(record)
+            self.revoked.discard(credential_id)
 
     async def sync(self) -> None:
         """Pick up credentials created, spent or revoked by anyone writing to the store.
@@ -141,29 +212,28 @@ class Credentials:
         rev, changed = await self.store.credentials_since(self.rev)
         self.apply(changed)
         self.rev = max(self.rev, rev)
+        self.revoked.expire()
 
     def enrolled(
         self, enroll_id: str, issued: CredentialRecord, replaced: list[str], new_id: bool
     ) -> None:
         """Mirror in memory what :meth:`Store.enroll` just committed (sync confirms later)."""
-        self.records[issued.id] = issued
+        # The replaced keys' connections need no closing: this registration supersedes them.
         for old in replaced:
-            record = self.records.get(old)
-            if record is not None:
-                record.revoked = True
+            self._revoke(old)
+        self._put(issued)
         key = self.records.get(enroll_id)
         if key is not None and new_id and key.uses_left is not None:
             key.uses_left -= 1
 
-    def apply(self, changed: list[CredentialRecord]) -> None:
+    def apply(self, changed: Iterable[CredentialRecord], announce: bool = True) -> None:
+        """Install records read from the store (newer states of the same id win)."""
         revoked: set[str] = set()
         for record in changed:
-            before = self.records.get(record.id)
-            if record.revoked and (before is None or not before.revoked):
+            if self._put(record):
                 revoked.add(record.id)
-            self.records[record.id] = record
             self.rev = max(self.rev, record.rev)
-        if revoked and self.on_revoked is not None:
+        if announce and revoked and self.on_revoked is not None:
             self.on_revoked(revoked)
 
     def _may_look_up(self, credential_id: str) -> bool:
@@ -174,7 +244,7 @@ class Credentials:
     async def look_up(self, credential_id: str) -> None:
         """Sync from the store (one query for every waiting handshake), remember misses."""
         await self.sync()
-        if credential_id not in self.records:
+        if credential_id not in self.records and credential_id not in self.revoked:
             misses = self._misses
             misses[credential_id] = self.clock() + MISS_TTL
             misses.move_to_end(credential_id)
@@ -188,7 +258,7 @@ class Credentials:
             return False
         record = self.records.get(credential_id)
         if record is None:
-            return not credential_id.startswith(JWT_PREFIX)
+            return credential_id in self.revoked or not credential_id.startswith(JWT_PREFIX)
         return record.revoked
 
     def authenticate(self, token: str) -> Principal:
@@ -199,8 +269,13 @@ class Credentials:
         credential_id = token[4 : 4 + ID_LENGTH]
         secret = token[5 + ID_LENGTH :]
         record = self.records.get(credential_id)
-        if record is None and self._may_look_up(credential_id):
-            raise NotCached(credential_id)
+        if record is None:
+            if credential_id in self.revoked:
+                if self.revoked.holds(credential_id, _hash(secret)):
+                    raise AuthFailure(403, "revoked token")
+                raise AuthFailure(401, "unknown token")
+            if self._may_look_up(credential_id):
+                raise NotCached(credential_id)
         digest = _hash(secret)
         if record is None or record.kind != kind:
             hmac.compare_digest(digest, digest)  # same work either way
@@ -266,15 +341,69 @@ class Credentials:
         return record, token
 
     def enrollment_keys_of(self, agent_id: str) -> list[str]:
-        """Agent keys previously issued to ``agent_id`` by enrollment (replaced on re-enroll).
+        """Unrevoked agent keys issued to ``agent_id`` by enrollment: what a re-enrollment
+        replaces. An index lookup: for a fleet of stateless agents every start is one."""
+        return list(self.enrolled_keys.get(agent_id, ()))
 
-        A scan, but only re-enrollment calls it: an agent that lost its state dir.
-        """
-        return [
-            r.id
-            for r in self.records.values()
-            if r.kind == "agent"
-            and r.agent_id == agent_id
-            and not r.revoked
-            and (r.issued_by or "").startswith("enroll:")
-        ]
+
+def _enrollment_issued(record: CredentialRecord, revoked_too: bool = False) -> bool:
+    return (
+        record.kind == "agent"
+        and (revoked_too or not record.revoked)
+        and (record.issued_by or "").startswith("enroll:")
+    )
+
+
+class Revocations:
+    """Revoked keys as a hub still answers them (403, not 401): an id and 16 bytes of its
+    secret's hash each, bucketed by when the hub learned of them, so that a hundred
+    re-enrollment storms cost memory only for the retention, not forever."""
+
+    __slots__ = ("_buckets", "_clock", "_span", "retention")
+
+    def __init__(self, retention: float, clock: Callable[[], float]) -> None:
+        self.retention = retention
+        self._clock = clock
+        self._span = retention / REVOKED_BUCKETS
+        #: (start of the bucket, id -> digest prefix), oldest first.
+        self._buckets: deque[tuple[float, dict[str, bytes]]] = deque()
+
+    def __contains__(self, credential_id: object) -> bool:
+        return any(credential_id in ids for _, ids in self._buckets)
+
+    def __len__(self) -> int:
+        return sum(len(ids) for _, ids in self._buckets)
+
+    def __bool__(self) -> bool:
+        return bool(self._buckets)
+
+    def add(self, credential_id: str, secret_hash: bytes) -> None:
+        now = self._clock()
+        buckets = self._buckets
+        if not buckets or now >= buckets[-1][0] + self._span:
+            buckets.append((now, {}))
+        buckets[-1][1][credential_id] = secret_hash[:REVOKED_DIGEST]
+
+    def discard(self, credential_id: str) -> None:
+        for _, ids in self._buckets:
+            ids.pop(credential_id, None)
+
+    def holds(self, credential_id: str, secret_hash: bytes) -> bool:
+        """Whether ``secret_hash`` is the revoked key's own (constant time)."""
+        for _, ids in self._buckets:
+            kept = ids.get(credential_id)
+            if kept is not None:
+                return hmac.compare_digest(kept, secret_hash[:REVOKED_DIGEST])
+        return False
+
+    def expire(self) -> int:
+        """Drop the buckets older than the retention."""
+        horizon = self._clock() - self.retention
+        dropped = 0
+        buckets = self._buckets
+        while buckets and buckets[0][0] + self._span <= horizon:
+            dropped += len(buckets.popleft()[1])
+        return dropped
+
+    def ids(self) -> set[str]:
+        return {credential_id for _, ids in self._buckets for credential_id in ids}

@@ -535,11 +535,18 @@ class Ledger:
             # again (with whatever state they have reached by then) until a write takes
             # them: transitions the ledger has made are never dropped.
             self.failed_writes += 1
-            log.error("saving command transitions failed (%d waiting): %s", len(pending), failure)
+            # Logged when a run of failures starts; the store logs its own condition at a
+            # slow pace while it lasts (a full disk must not fill the log as well).
+            level = logging.ERROR if self._retry_delay == 0.0 else logging.DEBUG
+            log.log(
+                level, "saving command transitions failed (%d waiting): %s", len(pending), failure
+            )
             if self._closed:
                 return
             self._pending[:0] = pending
             self._retry_delay = min(RETRY_MAX, max(RETRY_FIRST, self._retry_delay * 2))
+            if self._retry_handle is not None:
+                self._retry_handle.cancel()  # one retry at a time, however many slices failed
             self._retry_handle = asyncio.get_running_loop().call_later(
                 self._retry_delay, self._flush
             )
@@ -593,7 +600,9 @@ class Ledger:
         while self._pending or self._writes:
             self._flush()
             if self._writes:
-                await asyncio.gather(*list(self._writes), return_exceptions=True)
+                outcomes = await asyncio.gather(*list(self._writes), return_exceptions=True)
+                if any(isinstance(outcome, BaseException) for outcome in outcomes):
+                    await asyncio.sleep(RETRY_FIRST)  # the store cannot write: no busy loop
 
     # -- queries -------------------------------------------------------------------------
 
