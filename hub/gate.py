@@ -337,6 +337,16 @@ class Gate:
         neither shed nor timed out, but still pending until the request is handled."""
         self.half_open.remove(conn)
 
+    def progressed(self, conn: Pending) -> None:
+        """A half-open connection's TLS handshake moved on (the hub answered its ClientHello,
+        or the handshake is done): its clock starts again, so that each step — ClientHello,
+        the client's Finished, the request — gets the open timeout of the moment, and a
+        handshake the hub has paid for goes to the back of the shedding order. At most
+        twice per connection (TLS bounds its flights)."""
+        share = self.half_open
+        if share.remove(conn):
+            share.add(conn, source_key(conn.peer), self.clock())
+
     def depart(self, conn: Pending) -> None:
         """A pending handshake ended: its request was handled, or it closed."""
         self._forget(conn)

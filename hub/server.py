@@ -231,6 +231,11 @@ class HubConnection(Connection):
                 return
         transport.abort()
 
+    def tls_progressed(self) -> None:
+        """TLS moved on (hub/protocol/tls_layer.py): a fresh open timeout for the next step."""
+        if self._pending and self._head_bytes >= 0:
+            self.host.gate.progressed(self)
+
     def _handshake_done(self) -> None:
         if self._pending:
             self._pending = False

@@ -190,7 +190,8 @@ class TlsLayer(asyncio.BufferedProtocol):
         try:
             sslobj.do_handshake()
         except ssl.SSLWantReadError:
-            self._send()
+            if self._send() and self.server_side:
+                self._progressed()  # the hub answered the ClientHello
             return False
         except (ssl.SSLError, ValueError) as exc:
             # Not TLS, a version or cipher we refuse, a certificate that fails: OpenSSL's
@@ -201,6 +202,7 @@ class TlsLayer(asyncio.BufferedProtocol):
         self._send()
         pending, self._pending = self._pending, None
         if self.server_side:
+            self._progressed()
             if pending:
                 self._write(b"".join(pending))
         else:
@@ -261,10 +263,19 @@ class TlsLayer(asyncio.BufferedProtocol):
         if keep_open:
             log.debug("eof_received() returning true has no effect over TLS")
 
-    def _send(self) -> None:
+    def _progressed(self) -> None:
+        """Tell the connection (``tls_progressed``, if it has one) that the handshake moved
+        on: the hub's gate gives each step its own open timeout."""
+        hook = getattr(self.app, "tls_progressed", None)
+        if hook is not None and not self._closing:
+            hook()
+
+    def _send(self) -> bool:
         outgoing, raw = self.outgoing, self.raw
-        if outgoing is not None and outgoing.pending and raw is not None:
+        if outgoing is not None and outgoing.pending and raw is not None and not raw.is_closing():
             raw.write(outgoing.read())
+            return True
+        return False
 
     def _write(self, data: bytes) -> None:
         sslobj, outgoing, raw = self.sslobj, self.outgoing, self.raw
@@ -294,7 +305,7 @@ class TlsLayer(asyncio.BufferedProtocol):
     # -- the inner connection's transport ------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closing or self.raw is None or not data:
+        if self._closing or self.raw is None or self.raw.is_closing() or not data:
             return
         if not self.done:
             if self._pending is None:

@@ -257,6 +257,35 @@ async def test_a_peer_stalled_mid_handshake_is_timed_out_by_the_gate(
     await healthy(hub, ca)
 
 
+async def test_each_tls_step_gets_its_own_open_timeout(hub_factory, server_files, ca) -> None:
+    # A storm's agents wait for the hub's CPU between steps: a handshake the hub has answered
+    # is not timed out for the time its own earlier steps took.
+    hub = await tls_hub(hub_factory, server_files, open_timeout=10.0)
+    gate = hub.hub.gate
+    clock = gate.clock = FakeClock()
+    wire = await TlsWire.open(hub.hub.port, client_context(ca))
+    wire.writer.write(wire.client_hello())
+    data = await wire.reader.read(65536)  # the hub's flight: its clock starts again
+    clock.now += 9
+    wire.incoming.write(data)
+    await wire.handshake()  # Finished: the clock starts again for the request
+    await wait_for(lambda: gate.half_open.oldest()[1] == clock.now, what="handshake done")
+    clock.now += 9
+    gate._sweep()
+    assert len(gate.half_open) == 1  # 18 s after accept, 9 s after its last step
+    await wire.send(upgrade_request("/ws", await hub.agent_token("edge-1")))
+    assert (await wire.read_response()).startswith(b"HTTP/1.1 101")
+    # Silence after a step still ends at the open timeout.
+    late = await TlsWire.open(hub.hub.port, client_context(ca))
+    late.writer.write(late.client_hello())
+    await late.reader.read(65536)
+    await wait_for(lambda: len(gate.half_open) == 1, what="answered")
+    clock.now += 10
+    gate._sweep()
+    assert await late.end() in ("eof", "reset")
+    assert gate.pending_handshakes == 0
+
+
 async def test_a_client_hello_in_pieces_completes(hub_factory, server_files, ca) -> None:
     hub = await tls_hub(hub_factory, server_files)
     token = await hub.agent_token("edge-1")
