@@ -22,6 +22,7 @@ import http
 import random
 import resource
 import signal
+import ssl
 import time
 from typing import Any
 
@@ -125,7 +126,7 @@ async def restart(agent_ws: ServerConnection) -> None:
         await agent_ws.close(1012)
 
 
-async def main(host: str, port: int) -> None:
+async def main(host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
     async with serve(
         handler,
         host,
@@ -134,6 +135,7 @@ async def main(host: str, port: int) -> None:
         process_request=stats,
         max_size=2**20,
         backlog=4096,  # the hub's (hub.app.LISTEN_BACKLOG): a storm waits, is not dropped
+        ssl=tls,
     ) as server:
         print(f"floor listening on {server.sockets[0].getsockname()[1]}", flush=True)
         lag = asyncio.ensure_future(watch_lag())
@@ -148,13 +150,23 @@ async def main(host: str, port: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--listen", default="127.0.0.1:0")
+    # The TLS floor (bench/tls.py): websockets terminating TLS with the event loop's SSL.
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
+    parser.add_argument("--asyncio", action="store_true", help="asyncio's loop, not uvloop")
     args = parser.parse_args()
     host, _, port = args.listen.rpartition(":")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    tls = None
+    if args.tls_cert:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
     try:
+        if args.asyncio:
+            raise ImportError
         import uvloop
 
-        uvloop.run(main(host, int(port)))
+        uvloop.run(main(host, int(port), tls))
     except ImportError:
-        asyncio.run(main(host, int(port)))
+        asyncio.run(main(host, int(port), tls))

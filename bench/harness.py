@@ -157,8 +157,11 @@ class Hub:
             time.sleep(0.05)
         else:
             raise TimeoutError("the hub did not listen")
-        wait_http(f"http://127.0.0.1:{self.port}/readyz")
+        self.wait_ready()
         return self
+
+    def wait_ready(self) -> None:
+        wait_http(f"http://127.0.0.1:{self.port}/readyz")
 
     def metrics(self) -> dict[str, float]:
         return scrape(f"http://127.0.0.1:{self.port}/metrics")
@@ -207,8 +210,10 @@ def sources(process: int) -> list[str]:
 
 
 def simulators(workdir: Path, url: str, token: str, count: int, prefix: str,
-               rate: float = 1_000, tag: str = "sim") -> list[Proc]:  # fmt: skip
-    """``tether-agent simulate`` processes, at most PER_PROCESS agents each."""
+               rate: float = 1_000, tag: str = "sim",
+               extra: tuple[str, ...] = ()) -> list[Proc]:  # fmt: skip
+    """``tether-agent simulate`` processes, at most PER_PROCESS agents each (``extra``: more
+    options of each, e.g. ``--ca-file`` for wss://)."""
     procs = []
     start = 0
     index = 0
@@ -220,7 +225,7 @@ def simulators(workdir: Path, url: str, token: str, count: int, prefix: str,
                 f"{tag}{index}",
                 [PYTHON, "-m", "agent", "simulate", "--hub", url, "--token", token,
                  "--count", str(n), "--prefix", f"{prefix}{index}-", "--rate", str(rate),
-                 "--log-level", "warning", "--source", *sources(index)],
+                 "--log-level", "warning", "--source", *sources(index), *extra],
                 workdir / f"{tag}{index}.log",
             ).start()
         )  # fmt: skip

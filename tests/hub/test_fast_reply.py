@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hub.protocol.messages import AGENT_MESSAGE, Ack, Result, ValidationError, fast_reply
@@ -33,7 +33,8 @@ KEYS = st.sampled_from(
     kind=st.sampled_from(["ack", "result", "heartbeat", "output", "nope"]),
     fields=st.dictionaries(KEYS, VALUES, max_size=8),
 )
-@settings(max_examples=1500)
+# On two loaded cores drawing the examples can take seconds: that is not the test's subject.
+@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
 def test_the_fast_check_never_accepts_what_validation_refuses(
     kind: str, fields: dict[str, Any]
 ) -> None:
