@@ -11,7 +11,10 @@ key expire — and after every step compares Redis with a model of the rules the
 * only the owner's own incarnation at its own generation releases the entry: a superseded
   connection's late clean-up, or a hub restarted since, never removes a newer claim;
 * one leader at a time; every new leadership gets a higher term than any before it (the
-  fence of the store's writes); only the current token resigns it.
+  fence of the store's writes); only the current token resigns it;
+* a hub's lease lives from its renewal until it is withdrawn or lapses, names the
+  incarnation that renewed it, and a renewal says when the lease had lapsed (the hub then
+  re-announces its agents).
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ class OwnershipMachine(RuleBasedStateMachine):
         #: (hub|boot, generation) pairs each incarnation once held, for late releases.
         self.held: list[tuple[str, str, str, int]] = []
         self.leader: str | None = None
+        #: Hubs whose lease lives (renewed, not lapsed or withdrawn since) -> the boot id of
+        #: the incarnation that renewed it last.
+        self.live: dict[str, str] = {}
         self.top_term = 0
         self.tokens: list[str] = []
 
@@ -171,6 +177,24 @@ class OwnershipMachine(RuleBasedStateMachine):
         self.run(self.link.client.delete(self.keys.leader))
         self.leader = None
 
+    # -- hub leases ----------------------------------------------------------------------
+
+    @rule(hub_id=st.sampled_from(HUBS))
+    def renew(self, hub_id: str) -> None:
+        """A renewal says whether the lease had lapsed (the others took the hub for down)."""
+        made_anew = self.run(self.leases[hub_id].renew({"agents": 1}))
+        assert made_anew == (hub_id not in self.live)
+        self.live[hub_id] = self.boots[hub_id]
+
+    @rule(hub_id=st.sampled_from(HUBS), withdrawn=st.booleans())
+    def lease_ends(self, hub_id: str, withdrawn: bool) -> None:
+        """A clean stop withdraws the lease; a stall past the TTL lets it lapse."""
+        if withdrawn:
+            self.run(self.leases[hub_id].withdraw())
+        else:
+            self.run(self.link.client.delete(self.keys.lease(hub_id)))
+        self.live.pop(hub_id, None)
+
     # -- invariants ----------------------------------------------------------------------
 
     @invariant()
@@ -185,6 +209,9 @@ class OwnershipMachine(RuleBasedStateMachine):
         assert {k.decode(): int(v) for k, v in raw.items()} == self.generations
         leader = self.run(self.leases[HUBS[0]].leader())
         assert leader == self.leader
+        live = self.run(self.leases[HUBS[0]].live())
+        assert set(live) == set(self.live)
+        assert {h: lease.boot for h, lease in live.items()} == {h: self.live[h] for h in live}
 
 
 @pytest.mark.slow
