@@ -33,9 +33,10 @@ from .ledger import Ledger
 from .metrics import Metrics, StallReporter
 from .protocol.codec import encode
 from .protocol.constants import Close
+from .protocol.listening import LISTEN_BACKLOG
 from .queries import AdminQueries
 from .registry import Registry
-from .server import HubConnection, listen_now
+from .server import HubConnection, accept, listen_now
 from .store.base import Store, StoreUnavailable
 from .store.retention import Retention
 from .store.sqlite import SQLiteStore
@@ -44,8 +45,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Hub"]
 
-#: Connections the kernel queues until the hub accepts them (capped by net.core.somaxconn).
-LISTEN_BACKLOG = 4096
 #: How often the client CRL file is checked for a newer version (seconds).
 CRL_RELOAD_INTERVAL = 30.0
 
@@ -191,13 +190,11 @@ class Hub:
             loop = asyncio.get_running_loop()
             for sock in sockets:
                 server = await loop.create_server(
-                    lambda: HubConnection(self),
+                    # TLS runs inside the connection (hub/protocol/tls_layer.py): the gate
+                    # counts and times a TLS handshake like any half-open connection.
+                    lambda: accept(self),
                     sock=sock,
-                    ssl=self.gate.tls,
                     backlog=LISTEN_BACKLOG,
-                    # Not asyncio's 60 s: a TLS handshake in progress is held before the gate
-                    # counts it (docs/security.md).
-                    ssl_handshake_timeout=config.open_timeout if self.gate.tls else None,
                 )
                 self.servers.append(server)
         except BaseException:

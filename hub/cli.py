@@ -300,6 +300,12 @@ def _config_from(args: argparse.Namespace) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.listen and (args.workers or 1) == 1:
+        # Before the imports below (a second or more): a fleet dialing a restarted hub
+        # waits in the backlog rather than being refused and backing off.
+        from .protocol.listening import listen_early
+
+        listen_early(args.listen, reuse_port=bool(os.environ.get("TETHER_REUSE_PORT")))
     from .cluster_hub import make_hub
     from .logs import configure_logging
     from .store.base import StoreUnavailable

@@ -566,6 +566,16 @@ class RedisStore(Store):
         )  # fmt: skip
         return done
 
+    async def purge_credentials(self, credential_ids: Sequence[str]) -> int:
+        ids = list(credential_ids)
+        deleted = 0
+        for start in range(0, len(ids), BULK):
+            chunk = ids[start : start + BULK]
+            deleted += await self._write(
+                [self._script("purge_credentials", *chunk)], lambda answers: int(answers[0])
+            )
+        return deleted
+
     # -- agents and sessions -----------------------------------------------------------
 
     async def load_agents(self) -> list[AgentRecord]:

@@ -216,6 +216,21 @@ class SQLiteStore(Store):
 
         return await self._write(op)
 
+    async def purge_credentials(self, credential_ids: Sequence[str]) -> int:
+        ids = list(credential_ids)
+
+        def op(conn: sqlite3.Connection) -> int:
+            deleted = 0
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                deleted += conn.execute(
+                    f"DELETE FROM credentials WHERE revoked = 1 AND id IN ({marks})", chunk
+                ).rowcount
+            return deleted
+
+        return await self._write(op)
+
     # -- agents and sessions -----------------------------------------------------------
 
     async def load_agents(self) -> list[AgentRecord]:
