@@ -19,6 +19,7 @@ import base64
 import hashlib
 import os
 import re
+import ssl
 import struct
 from urllib.parse import urlsplit
 
@@ -34,6 +35,8 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 KEY = base64.b64encode(os.urandom(16))
 ACCEPT = b"Sec-WebSocket-Accept: " + base64.b64encode(hashlib.sha1(KEY + GUID).digest())  # noqa: S324 (RFC 6455)
 MASK = os.urandom(4)
+#: What ``wss://`` dials trust (bench/tls.py sets a context trusting its own CA).
+TLS: ssl.SSLContext | None = None
 
 
 class Refused(ConnectionError):
@@ -166,7 +169,7 @@ class LeanClient(asyncio.Protocol):
 
 
 def upgrade_request(url: str, path: str, headers: list[tuple[str, str]]) -> bytes:
-    """The bytes of an upgrade request to ``url`` + ``path`` (``ws://`` only)."""
+    """The bytes of an upgrade request to ``url`` + ``path``."""
     parts = urlsplit(url)
     lines = [
         f"GET {path} HTTP/1.1",
@@ -183,12 +186,15 @@ def upgrade_request(url: str, path: str, headers: list[tuple[str, str]]) -> byte
 async def lean_connect(
     url: str, factory: type[LeanClient], request: bytes, timeout: float = 30.0
 ) -> LeanClient:
-    """Open a TCP connection to ``url`` and upgrade it with ``request``."""
+    """Open a TCP connection to ``url`` (TLS for ``wss://``) and upgrade it with ``request``."""
     parts = urlsplit(url)
     loop = asyncio.get_running_loop()
+    secure = parts.scheme == "wss"
     _transport, client = await loop.create_connection(
-        lambda: factory(request), parts.hostname, parts.port
-    )
+        lambda: factory(request), parts.hostname, parts.port,
+        ssl=(TLS or ssl.create_default_context()) if secure else None,
+        server_hostname=parts.hostname if secure else None,
+    )  # fmt: skip
     async with asyncio.timeout(timeout):
         await client.opened
     return client

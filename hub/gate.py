@@ -183,10 +183,14 @@ def server_ssl_context(config: HubConfig) -> ssl.SSLContext | None:
         # /ws and /admin enforce --require-client-cert after the handshake.
         context.verify_mode = ssl.CERT_OPTIONAL
         if config.client_crl is not None:
-            # A presented certificate that the CRL revokes fails the handshake. OpenSSL
-            # keeps every CRL loaded and uses the newest: reloading one adds it.
+            # A presented certificate that the CRL revokes fails the handshake (a changed
+            # CRL is loaded into a fresh context: Gate.reload_crl).
             context.load_verify_locations(config.client_crl)
             context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    # TLS 1.3 session tickets (stateless: the hub keeps nothing per ticket) let a returning
+    # agent skip the certificate exchange and signature. One per handshake: an agent holds
+    # one connection, and every resumed handshake brings a fresh ticket.
+    context.num_tickets = 1
     return context
 
 
@@ -332,6 +336,16 @@ class Gate:
         """Its request head is in (waiting for the read budget): no longer half-open, so
         neither shed nor timed out, but still pending until the request is handled."""
         self.half_open.remove(conn)
+
+    def progressed(self, conn: Pending) -> None:
+        """A half-open connection's TLS handshake moved on (the hub answered its ClientHello,
+        or the handshake is done): its clock starts again, so that each step — ClientHello,
+        the client's Finished, the request — gets the open timeout of the moment, and a
+        handshake the hub has paid for goes to the back of the shedding order. At most
+        twice per connection (TLS bounds its flights)."""
+        share = self.half_open
+        if share.remove(conn):
+            share.add(conn, source_key(conn.peer), self.clock())
 
     def depart(self, conn: Pending) -> None:
         """A pending handshake ended: its request was handled, or it closed."""
@@ -705,17 +719,21 @@ class Gate:
         """Pick up a renewed CRL (and with it newly revoked certificates) without a restart,
         and close the connections whose certificate it now revokes: TLS checks a
         certificate only at the handshake."""
-        path, context = self.config.client_crl, self.tls
-        if path is None or context is None or self.config.client_ca is None:
+        path = self.config.client_crl
+        if path is None or self.tls is None or self.config.client_ca is None:
             return
         try:
             mtime = (await asyncio.to_thread(path.stat)).st_mtime_ns
             if mtime == self._crl_mtime:
                 return
-            await asyncio.to_thread(context.load_verify_locations, path)
+            # A fresh context, not the CRL added to this one: its new session-ticket keys
+            # make every agent's ticket void, so that no session resumed from a ticket
+            # skips the new CRL (a resumed TLS session checks no certificate).
+            fresh = await asyncio.to_thread(server_ssl_context, self.config)
         except (OSError, ssl.SSLError) as exc:
             log.error("cannot reload the client CRL %s: %s", path, exc)
             return
+        self.tls = fresh
         self._crl_mtime = mtime
         self.auditor.record("tls.crl_reloaded", subject=str(path))
         log.info("client CRL %s reloaded", path)
