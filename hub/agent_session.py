@@ -34,6 +34,7 @@ from .protocol.messages import (
     Result,
     ValidationError,
     describe_validation_error,
+    fast_reply,
 )
 
 log = logging.getLogger(__name__)
@@ -129,11 +130,13 @@ class AgentSession(Session):
         record = self.record
         assert record is not None
         record.last_seen = time.time()
-        try:
-            message = AGENT_MESSAGE.validate_python(obj)
-        except ValidationError as exc:
-            self.invalid(error_ref(obj), describe_validation_error(exc))
-            return
+        message = fast_reply(obj)
+        if message is None:
+            try:
+                message = AGENT_MESSAGE.validate_python(obj)
+            except ValidationError as exc:
+                self.invalid(error_ref(obj), describe_validation_error(exc))
+                return
         kind = type(message)
         ledger = self.host.ledger
         if kind is Heartbeat:

@@ -70,6 +70,7 @@ class ClusterHub(Hub):
         cluster.on_hub_down = self._hub_down
         cluster.on_hub_up = self._hub_up
         cluster.on_recovered = self._recovered
+        cluster.on_lapsed = self._lapsed
         cluster.figures = self._figures
         # Only the leader judges the whole fleet; every hub judges itself.
         self.alerts.scope = "hub"
@@ -130,7 +131,6 @@ class ClusterHub(Hub):
         cluster = self.cluster
         await cluster.connect()
         await self.store.open()
-        self.store_ready = True
         await self.credentials.load()
         self.registry.load(await self.store.load_agents())
         # States from who holds whom now (an agent held by a live hub is online).
@@ -169,8 +169,18 @@ class ClusterHub(Hub):
             await ledger.drain()
         await self.leadership.stop()
 
+    @property  # type: ignore[override]
+    def store_ready(self) -> bool:
+        """Redis's health as the link last saw it: the link checks it every lease interval,
+        so a hub is ready again as soon as Redis answers, not at its next store probe."""
+        return self.cluster.link.healthy
+
+    @store_ready.setter
+    def store_ready(self, value: bool) -> None:
+        pass  # the link's health is the store's
+
     async def _check_store(self) -> None:
-        self.store_ready = await self.store.ping()
+        pass  # the link checks Redis every lease interval (Cluster.tick)
 
     def _sweep(self) -> None:
         self.fleet.sweep()
@@ -258,6 +268,13 @@ class ClusterHub(Hub):
                 "credentials, agents and (if it led) the unfinished jobs"
             )
 
+    async def _lapsed(self) -> None:
+        """This hub's lease lapsed while it held its agents (a stall past the TTL): the
+        others marked them unknown and the leader took them for disconnected. Say again
+        that they are here (claiming anew those whose claim is gone)."""
+        owners = await self.cluster.ownership.all()
+        await self.fleet.reconcile(owners, announce=True)
+
     async def _write_back(self) -> None:
         """What a Redis that lost its data needs from this hub's memory."""
         for record in list(self.credentials.records.values()):
@@ -301,7 +318,9 @@ class ClusterHub(Hub):
         return self.cluster.link.warnings
 
     def not_ready_reason(self) -> str:
-        return super().not_ready_reason() or self.cluster.readiness()
+        if self.stopping:
+            return super().not_ready_reason()
+        return self.cluster.readiness() or super().not_ready_reason()  # Redis's own reason
 
     async def _ack_alert_call(self, body: dict[str, Any]) -> Any:
         return await self.alerts.acknowledge(body["alert_id"], body["actor"], body.get("comment"))

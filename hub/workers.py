@@ -131,6 +131,11 @@ def supervise(config: HubConfig, count: int, argv: list[str]) -> int:
                 )
             elif now >= worker.restart_at:
                 worker.start()
+    # Again, to every worker: one started while the signal came in (its Popen had forked
+    # but not yet returned) was missed by ``stop``, and would never be told to drain.
+    for worker in workers:
+        if worker.process is not None and worker.process.poll() is None:
+            worker.process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 8 * config.shutdown_timeout
     failed = False
     for worker in workers:

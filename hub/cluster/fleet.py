@@ -159,10 +159,20 @@ class ClusterFleet(Fleet):
 
     # -- after an outage -----------------------------------------------------------------
 
-    async def reconcile(self, owners: dict[str, Owner]) -> int:
+    def _announce(self, member: Member, generation: int) -> None:
+        record = member.record
+        if record is None or record.generation != generation:
+            return
+        self.events.agent(record, "connected")
+        self.ledger.agent_connected(member.agent_id, generation)
+
+    async def reconcile(self, owners: dict[str, Owner], announce: bool = False) -> int:
         """Redis answers again (or came back empty): claim every agent connected here that
         has no claim of this incarnation, give back claims of this incarnation whose agent
-        left meanwhile. Returns how many claims were made."""
+        left meanwhile. With ``announce`` (this hub's lease had lapsed), the claims that
+        still hold are announced again: the others' mirrors and the leader's ledger
+        forgot them. An agent claimed elsewhere meanwhile is left alone (that hub's
+        4001 is on its way here). Returns how many claims were made."""
         made = 0
         mine = f"{self.hub_id}|{self.boot}"
         for agent_id, owner in owners.items():
@@ -172,6 +182,10 @@ class ClusterFleet(Fleet):
             owner = owners.get(agent_id)
             claim = self.claims.get(agent_id)
             if owner is not None and claim is not None and owner.generation == claim[1]:
+                if announce and f"{owner.hub_id}|{owner.boot}" == mine:
+                    self._announce(member, owner.generation)
+                continue
+            if announce and owner is not None and f"{owner.hub_id}|{owner.boot}" != mine:
                 continue
             if member in self._claiming:
                 continue

@@ -85,8 +85,10 @@ class Leases:
         self._lead = link.client.register_script(_LEAD)
         self._resign = link.client.register_script(_RESIGN)
 
-    async def renew(self, figures: dict[str, Any]) -> None:
-        """Renew this hub's lease with its current figures (one round trip)."""
+    async def renew(self, figures: dict[str, Any]) -> bool:
+        """Renew this hub's lease with its current figures (one round trip). True when the
+        lease had to be made anew: it had lapsed (or this is the first renewal), so the
+        other hubs may have taken this hub for down meanwhile."""
         now_ms = int(time.time() * 1000)  # informational: expiry is Redis's own clock
         key = self.keys.lease(self.hub_id)
         pipe = self.link.client.pipeline(transaction=True)
@@ -95,7 +97,8 @@ class Leases:
         )
         pipe.pexpire(key, self.ttl_ms)
         pipe.zadd(self.keys.hubs, {self.hub_id: now_ms})
-        await self.link.run(pipe.execute())
+        added, *_ = await self.link.run(pipe.execute())
+        return bool(added)  # HSET counts the fields it created: none while the lease lives
 
     async def withdraw(self) -> None:
         """A hub that stops cleanly gives its lease back at once."""

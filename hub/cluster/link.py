@@ -4,7 +4,10 @@ Why a link of its own: a hub must never hang on Redis. Every call here runs unde
 a connection error or a timeout marks Redis unhealthy (readiness answers 503 with the
 reason, the hub refuses what it would have to store) and raises
 :class:`~hub.store.base.StoreUnavailable`; the next call that succeeds, or the health check
-every second, marks it healthy again. A Redis that restarted without its data (no
+every second, marks it healthy again. Waiting for one of the hub's own connections to Redis
+(a burst of registrations makes hundreds of calls at once) is a local queue, never an
+outage: calls take a slot before their timeout starts, and the pool's limit is never taken
+for Redis failing. A Redis that restarted without its data (no
 persistence, or a failover that lost writes) answers without the epoch token the hubs
 agreed on: the link tells the runtime, which re-announces what this hub holds.
 """
@@ -40,6 +43,18 @@ OUTAGES: tuple[type[BaseException], ...] = (
     TimeoutError,
     OSError,
 )
+
+#: Connections of the pool for ordinary calls; :meth:`RedisLink.run` uses at most
+#: ``RUN_SLOTS`` of them at once, the rest are for the store's reads and the health check.
+POOL_SIZE = 64
+RUN_SLOTS = 48
+#: What redis-py says when its pool, not Redis, is the limit.
+_POOL_LIMITS = frozenset({"Too many connections", "No connection available."})
+
+
+def pool_limit(exc: BaseException) -> bool:
+    """The client's connection pool was full here: Redis itself was never asked."""
+    return isinstance(exc, redis_errors.ConnectionError) and str(exc) in _POOL_LIMITS
 
 
 def describe_redis_error(exc: BaseException) -> str:
@@ -79,8 +94,13 @@ class RedisLink:
             "retry_on_timeout": False,
             "health_check_interval": 0,
         }
-        #: For ordinary calls: each bounded by ``timeout``.
-        self.client = aioredis.Redis.from_url(url, socket_timeout=timeout, **common)
+        #: For ordinary calls: each bounded by ``timeout``. A caller past the pool's size
+        #: waits for a connection (within its own deadline) rather than failing.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=POOL_SIZE, timeout=None, socket_timeout=timeout, **common
+        )
+        self.client = aioredis.Redis(connection_pool=pool)
+        self._slots = asyncio.Semaphore(RUN_SLOTS)
         #: For reads that block on purpose (XREAD BLOCK, pub/sub): their own connections,
         #: so a blocked read never holds a connection an ordinary call waits for.
         self.blocking = aioredis.Redis.from_url(url, socket_timeout=None, **common)
@@ -106,11 +126,15 @@ class RedisLink:
 
     async def run(self, awaitable: Awaitable[T], timeout: float | None = None) -> T:
         """Await one Redis call (or pipeline) within the timeout; outages raise
-        :class:`StoreUnavailable` and mark Redis down."""
+        :class:`StoreUnavailable` and mark Redis down. The wait for a free connection comes
+        before the timeout: it is this hub's queue, not Redis's answer."""
         try:
-            async with asyncio.timeout(self.timeout if timeout is None else timeout):
-                result = await awaitable
+            async with self._slots:
+                async with asyncio.timeout(self.timeout if timeout is None else timeout):
+                    result = await awaitable
         except OUTAGES as exc:
+            if pool_limit(exc):
+                raise StoreUnavailable("redis: every connection of this hub is busy") from exc
             self.failed(exc)
             raise StoreUnavailable(f"redis: {describe_redis_error(exc)}") from exc
         self.succeeded()
@@ -149,6 +173,8 @@ class RedisLink:
                     await self.client.set(self.keys.epoch, fresh, nx=True)
                     epoch = await self.client.get(self.keys.epoch)
         except OUTAGES as exc:
+            if pool_limit(exc):
+                return self.healthy  # busy here: Redis was not asked
             self.failed(exc)
             return False
         token = epoch.decode() if isinstance(epoch, bytes) else str(epoch)

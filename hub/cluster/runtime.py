@@ -55,6 +55,10 @@ class Cluster:
         self.on_hub_up: Callable[[str], None] = lambda hub_id: None
         self.on_inbox: Callable[[dict[bytes, bytes]], None] = lambda fields: None
         self.on_recovered: Callable[[bool], Any] = lambda data_lost: None
+        #: Called when this hub's own lease had lapsed (it stalled past the TTL): the
+        #: others took its agents for unknown and the leader for disconnected.
+        self.on_lapsed: Callable[[], Any] = lambda: None
+        self._renewed = False
         self.figures: Callable[[], dict[str, Any]] = dict
         self._data_lost = False
         self._was_down = False
@@ -64,7 +68,13 @@ class Cluster:
     def make_store(self, fence: Callable[[], tuple[str, str] | None]) -> Any:
         from ..store.redis import RedisStore
 
-        return RedisStore(self.link.client, prefix=self.keys.prefix, fence=fence)
+        retention = self.config.audit_retention  # the operator's, as on one hub (0: forever)
+        return RedisStore(
+            self.link.client,
+            prefix=self.keys.prefix,
+            fence=fence,
+            audit_retention=retention or None,
+        )
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -105,10 +115,16 @@ class Cluster:
             if asyncio.iscoroutine(result):
                 await result
         try:
-            await self.leases.renew(self.figures())
+            lapsed = await self.leases.renew(self.figures()) and self._renewed
+            self._renewed = True
             live = await self.leases.live()
         except StoreUnavailable:
             return
+        if lapsed:
+            log.warning("this hub's lease had lapsed (was it stalled?): re-announcing its agents")
+            result = self.on_lapsed()
+            if asyncio.iscoroutine(result):
+                await result
         before = set(self.hubs)
         self.hubs = live
         for hub_id in set(live):

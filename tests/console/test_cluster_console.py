@@ -167,9 +167,9 @@ async def test_the_topology_draws_both_hubs_and_a_killed_one_turns_red(
         a.kill()
         # Hub A's node turns red, its agents unknown; hub B and its agents are untouched.
         await wait_for(
-            lambda: getattr(hub_node(window, "hub-a"), "state", "") == "down", 15, what="down"
+            lambda: getattr(hub_node(window, "hub-a"), "state", "") == "down", 40, what="down"
         )
-        await wait_for(lambda: states(window, on_a, "hub-a") == {"unknown"}, 15, what="unknown")
+        await wait_for(lambda: states(window, on_a, "hub-a") == {"unknown"}, 40, what="unknown")
         hub_node(window, "hub-a")
         assert graph.counts["hub-a"] == {**dict.fromkeys(graph.counts["hub-a"], 0),
                                          "unknown": PER_HUB}  # fmt: skip
@@ -207,7 +207,7 @@ async def test_the_console_fails_over_to_the_next_url_when_its_hub_is_killed(
         a.kill()
         # The console moves to the next URL by itself and resyncs from that hub's snapshot.
         await wait_for(
-            lambda: session.is_connected and session.hub_url == b.url, 15, what="on hub-b"
+            lambda: session.is_connected and session.hub_url == b.url, 40, what="on hub-b"
         )
         assert session.failovers == 1 and session.connections == 2
         assert window.fleet.snapshot_count > snapshots
@@ -232,7 +232,7 @@ async def test_the_console_fails_over_to_the_next_url_when_its_hub_is_killed(
                 )
 
             try:
-                await wait_for(as_hub_b_says, 30)
+                await wait_for(as_hub_b_says, 40)
             except AssertionError as exc:
                 raise AssertionError(
                     f"hub-a's agents on the console: {seen(window, on_a)}"
