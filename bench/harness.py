@@ -277,8 +277,9 @@ class LeanFleet:
             if once:
                 args.append("--once")
             if keys:
-                args += ["--keys-out" if once and not Path(keys).exists() else "--keys-in",
-                         f"{keys}.{index}"]  # fmt: skip
+                # The first run writes the keys the hub issued; a later one registers by them.
+                written = Path(f"{keys}.{index}").exists()
+                args += ["--keys-in" if written else "--keys-out", f"{keys}.{index}"]
             self.status_path(index).unlink(missing_ok=True)
             self.procs.append(
                 Proc(f"{self.tag}{index}", args, self.workdir / f"{self.tag}{index}.log").start()

@@ -495,12 +495,21 @@ async def hub_latency(
         "dispatch", target={"selector": {"status": "online"}}, name="ping", reply_timeout=120
     )
     job_id = reply["job_id"]
-    # The job summary (not the full job with every command) is what a watcher polls.
-    while (await client.request("jobs", filter={"job_id": job_id}))["jobs"][0]["state"] == (
-        "running"
-    ):
-        await asyncio.sleep(0.01)
-    job_seconds = time.perf_counter() - started
+    # Done when every command's final state has been announced, which the hub does only
+    # once it is stored (as the floor's figure ends with the admin holding every reply);
+    # the job's summary, polled every 100 ms, in case an event was coalesced away.
+    ids = reply["command_ids"]
+    job_seconds = 0.0
+    while not job_seconds:
+        for _ in range(10):
+            if all(command_id in states for command_id in ids):
+                job_seconds = time.perf_counter() - started
+                break
+            await asyncio.sleep(0.01)
+        else:
+            summary = await client.request("jobs", filter={"job_id": job_id})
+            if summary["jobs"][0]["state"] != "running":
+                job_seconds = time.perf_counter() - started
     await client.close()
     return rtts, job_seconds
 
