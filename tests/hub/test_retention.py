@@ -259,3 +259,19 @@ async def test_the_lifecycle_bench_runs_on_a_small_fleet(tmp_path: Path) -> None
     assert prune["rows"]["jobs"] == 41 and prune["rows"]["sessions"] == 40
     assert prune["rows"]["heartbeats"] == 40 * 3
     assert prune["pages_after"] < prune["pages_before"]
+
+
+def test_retention_is_set_by_serve_flags(tmp_path: Path) -> None:
+    from hub.cli import UsageError, _config_from, build_parser
+
+    args = build_parser().parse_args(
+        ["serve", "--data-dir", str(tmp_path), "--retention", "audit=60",
+         "--retention", "outputs=0", "--audit-export", str(tmp_path / "a.jsonl")]
+    )  # fmt: skip
+    config = _config_from(args)
+    assert config.audit_retention == 60 and config.output_retention == 0
+    assert config.audit_export == tmp_path / "a.jsonl"
+    assert config.command_retention == 30 * DAY
+    bad = build_parser().parse_args(["serve", "--retention", "forever"])
+    with pytest.raises(UsageError):
+        _config_from(bad)
