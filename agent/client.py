@@ -277,6 +277,7 @@ class AgentClient:
     __slots__ = (
         "_stopping",
         "_task",
+        "_tls_session",
         "_url_index",
         "_wake",
         "attempts",
@@ -291,6 +292,7 @@ class AgentClient:
         "report",
         "settings",
         "source",
+        "tls_resumed",
     )
 
     def __init__(
@@ -323,6 +325,12 @@ class AgentClient:
         self.last_error: str | None = None
         #: The wait chosen after the last connection ended, in seconds.
         self.last_delay: float | None = None
+        #: The last TLS session with a ticket, and the URL it is for: offered at the next
+        #: dial there, a returning agent skips the certificate exchange and signatures (the
+        #: hub's CPU in a reconnect storm). In memory only: a ticket is a credential.
+        self._tls_session: tuple[str, ssl.SSLSession] | None = None
+        #: Whether the last TLS connection resumed a session (None: not TLS).
+        self.tls_resumed: bool | None = None
         self._url_index = 0
         self._stopping = False
         self._task: asyncio.Task[Any] | None = None
@@ -441,6 +449,7 @@ class AgentClient:
                     open_timeout=settings.open_timeout,
                     local_addr=(self.source, 0) if self.source else None,
                     sock=sock,
+                    tls_session=self._offered_session(target),
                 )
         except HandshakeRefused as exc:
             hint = await self._refused(url, exc, credential)
@@ -466,6 +475,7 @@ class AgentClient:
             refused = isinstance(exc, ConnectionRefusedError)
             return (Hint(refused=True) if refused else None), True
         assert isinstance(connection, AgentConnection)
+        self._keep_session(target, connection)
         self.connection = connection
         try:
             if self._stopping:
@@ -481,6 +491,22 @@ class AgentClient:
         if report is not None and not (self._stopping and code == Close.NORMAL):
             report.ended(code, close_reason(code, reason))
         return await self._closed(url, connection, code, reason)
+
+    def _offered_session(self, target: str) -> ssl.SSLSession | None:
+        kept = self._tls_session
+        return kept[1] if kept is not None and kept[0] == target else None
+
+    def _keep_session(self, target: str, connection: AgentConnection) -> None:
+        """The hub's ticket came before its 101: keep the session it resumes."""
+        transport = connection.transport
+        sslobj = transport.get_extra_info("ssl_object") if transport is not None else None
+        if sslobj is None:
+            self.tls_resumed = None
+            return
+        self.tls_resumed = sslobj.session_reused
+        session = sslobj.session
+        if session is not None and session.has_ticket:
+            self._tls_session = (target, session)
 
     async def _refused(
         self, url: str, exc: HandshakeRefused, credential: str | None

@@ -34,6 +34,7 @@ from hub.protocol.connection import Connection, HandshakeRefused, connect
 from hub.protocol.constants import AGENT_SUBPROTOCOL, Close
 from hub.protocol.messages import HUB_TO_AGENT, Probe, ProbeResult, ValidationError
 from hub.protocol.tls import peer_fingerprint
+from hub.protocol.tls_layer import TlsLayer, client_layer
 
 from . import __version__
 from .client import REFUSALS, agent_url
@@ -304,15 +305,17 @@ async def _tls(host: str, port: int, options: DoctorOptions) -> str:
     context = options.ssl_context or ssl.create_default_context()
     try:
         async with asyncio.timeout(options.timeout):
-            sock = await _dial(host, port, options, "TLS")
-            if sock is None:
-                _, writer = await asyncio.open_connection(
-                    host, port, ssl=context, server_hostname=host
-                )
-            else:
-                _, writer = await asyncio.open_connection(
-                    sock=sock, ssl=context, server_hostname=host
-                )
+            layer = await _handshake(host, port, options, context)
+            ssl_object = layer.get_extra_info("ssl_object")
+            session = await _ticket(ssl_object)
+            layer.close()
+            resumption = "the hub offers no session ticket"
+            if session is not None:
+                # A second handshake with the ticket, as the agent's next dial would make.
+                again = await _handshake(host, port, options, context, session)
+                reused = again.get_extra_info("ssl_object").session_reused
+                again.close()
+                resumption = "session resumed" if reused else "session not resumed"
     except ssl.SSLCertVerificationError as exc:
         raise _Failed(
             "TLS",
@@ -332,9 +335,7 @@ async def _tls(host: str, port: int, options: DoctorOptions) -> str:
             "the server dropped the handshake: is this the hub's TLS port, or does the hub "
             "serve plain ws:// here?",
         ) from None
-    ssl_object = writer.get_extra_info("ssl_object")
     fingerprint = peer_fingerprint(ssl_object)
-    writer.close()
     if options.pin_sha256 is not None and fingerprint != options.pin_sha256:
         raise _Failed(
             "TLS",
@@ -343,10 +344,51 @@ async def _tls(host: str, port: int, options: DoctorOptions) -> str:
             "update --hub-cert-sha256 only if you trust the new certificate",
         )
     expiry = ""
-    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    cert = ssl_object.getpeercert()
     if cert and cert.get("notAfter"):
         expiry = f", valid until {cert['notAfter']}"
-    return f"{ssl_object.version() if ssl_object else 'TLS'}, sha256 {_hex(fingerprint)}{expiry}"
+    cipher = ssl_object.cipher()
+    return (
+        f"{ssl_object.version()} {cipher[0] if cipher else ''}, sha256 {_hex(fingerprint)}"
+        f"{expiry}, {resumption}"
+    )
+
+
+async def _handshake(
+    host: str,
+    port: int,
+    options: DoctorOptions,
+    context: ssl.SSLContext,
+    session: ssl.SSLSession | None = None,
+) -> TlsLayer:
+    """A TLS connection (no HTTP) made as the agent makes it: through the proxy, if any."""
+    layer = client_layer(asyncio.Protocol(), context, host, session)
+    loop = asyncio.get_running_loop()
+    sock = await _dial(host, port, options, "TLS")
+    try:
+        if sock is None:
+            await loop.create_connection(lambda: layer, host, port)
+        else:
+            await loop.create_connection(lambda: layer, sock=sock)
+        await layer.handshake()
+    except BaseException:
+        layer.abort()
+        if sock is not None:
+            sock.close()
+        raise
+    return layer
+
+
+async def _ticket(ssl_object: ssl.SSLObject, within: float = 1.0) -> ssl.SSLSession | None:
+    """The session with the hub's ticket: TLS 1.3 sends it just after the handshake."""
+    deadline = time.monotonic() + within
+    while True:
+        session = ssl_object.session
+        if session is not None and session.has_ticket:
+            return session
+        if time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(0.01)
 
 
 async def _upgrade(url: str, host: str, port: int, options: DoctorOptions) -> _Probe:

@@ -7,6 +7,9 @@ Tether itself; every hub figure in ``bench/`` is printed beside this one.
 
     python bench/floor.py --listen 127.0.0.1:9000
 
+On SIGTERM it sends each agent ``reconnect`` with a random ``after_ms`` below 10 s and
+closes with 1012, as the hub does, then exits.
+
 ``GET /stats`` answers ``{"agents": n, "messages": n, "lag_max": s}``.
 """
 
@@ -14,8 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import http
+import random
 import resource
+import signal
+import ssl
 import time
 from typing import Any
 
@@ -111,24 +118,55 @@ async def watch_lag() -> None:
         STATS["lag_max"] = max(STATS["lag_max"], loop.time() - expected)
 
 
-async def main(host: str, port: int) -> None:
+async def restart(agent_ws: ServerConnection) -> None:
+    """What the hub does to each agent on SIGTERM: come back after a random 0–10 s."""
+    after_ms = random.randrange(10_000)
+    with contextlib.suppress(Exception):
+        await agent_ws.send(orjson.dumps({"type": "reconnect", "after_ms": after_ms}).decode())
+        await agent_ws.close(1012)
+
+
+async def main(host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
     async with serve(
-        handler, host, port, compression=None, process_request=stats, max_size=2**20
+        handler,
+        host,
+        port,
+        compression=None,
+        process_request=stats,
+        max_size=2**20,
+        backlog=4096,  # the hub's (hub.app.LISTEN_BACKLOG): a storm waits, is not dropped
+        ssl=tls,
     ) as server:
         print(f"floor listening on {server.sockets[0].getsockname()[1]}", flush=True)
-        await watch_lag()
+        lag = asyncio.ensure_future(watch_lag())
+        stopping = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set_result, None)
+        await stopping
+        server.close(close_connections=False)
+        await asyncio.gather(*(restart(ws) for ws in list(AGENTS.values())))
+        lag.cancel()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--listen", default="127.0.0.1:0")
+    # The TLS floor (bench/tls.py): websockets terminating TLS with the event loop's SSL.
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
+    parser.add_argument("--asyncio", action="store_true", help="asyncio's loop, not uvloop")
     args = parser.parse_args()
     host, _, port = args.listen.rpartition(":")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    tls = None
+    if args.tls_cert:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
     try:
+        if args.asyncio:
+            raise ImportError
         import uvloop
 
-        uvloop.run(main(host, int(port)))
+        uvloop.run(main(host, int(port), tls))
     except ImportError:
-        asyncio.run(main(host, int(port)))
+        asyncio.run(main(host, int(port), tls))

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -111,6 +111,8 @@ class Hub:
     proc: Proc | None = None
     #: Every hub of a run on this CPU (``bench/run.py --hub-cpu``), its threads included.
     cpu: ClassVar[int | None] = None
+    #: Called with each hub process's pid as soon as it is spawned (a profiler attaches).
+    spawned: ClassVar[Callable[[int], None] | None] = None
 
     @property
     def data(self) -> Path:
@@ -139,6 +141,8 @@ class Hub:
             self.workdir / f"{self.name}.log",
             append=True,
         ).start()  # fmt: skip
+        if Hub.spawned is not None:
+            Hub.spawned(self.proc.pid)
         # The listening line is logged at INFO; find the port from the process instead.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -153,8 +157,11 @@ class Hub:
             time.sleep(0.05)
         else:
             raise TimeoutError("the hub did not listen")
-        wait_http(f"http://127.0.0.1:{self.port}/readyz")
+        self.wait_ready()
         return self
+
+    def wait_ready(self) -> None:
+        wait_http(f"http://127.0.0.1:{self.port}/readyz")
 
     def metrics(self) -> dict[str, float]:
         return scrape(f"http://127.0.0.1:{self.port}/metrics")
@@ -203,8 +210,10 @@ def sources(process: int) -> list[str]:
 
 
 def simulators(workdir: Path, url: str, token: str, count: int, prefix: str,
-               rate: float = 1_000, tag: str = "sim") -> list[Proc]:  # fmt: skip
-    """``tether-agent simulate`` processes, at most PER_PROCESS agents each."""
+               rate: float = 1_000, tag: str = "sim",
+               extra: tuple[str, ...] = ()) -> list[Proc]:  # fmt: skip
+    """``tether-agent simulate`` processes, at most PER_PROCESS agents each (``extra``: more
+    options of each, e.g. ``--ca-file`` for wss://)."""
     procs = []
     start = 0
     index = 0
@@ -216,13 +225,98 @@ def simulators(workdir: Path, url: str, token: str, count: int, prefix: str,
                 f"{tag}{index}",
                 [PYTHON, "-m", "agent", "simulate", "--hub", url, "--token", token,
                  "--count", str(n), "--prefix", f"{prefix}{index}-", "--rate", str(rate),
-                 "--log-level", "warning", "--source", *sources(index)],
+                 "--log-level", "warning", "--source", *sources(index), *extra],
                 workdir / f"{tag}{index}.log",
             ).start()
         )  # fmt: skip
         start += n
         index += 1
     return procs
+
+
+@dataclass
+class LeanFleet:
+    """Lean agents (``bench/leanfleet.py``) split over processes: the load of every row.
+
+    At least two processes, at most PER_PROCESS agents each, so that no client's event loop
+    sets the pace; each reports through its status file, read here.
+    """
+
+    workdir: Path
+    url: str
+    token: str
+    count: int
+    tag: str
+    rate: float = 1_000
+    procs: list[Proc] = field(default_factory=list)
+
+    def sizes(self) -> list[int]:
+        """Agents per process: at least two processes, at most PER_PROCESS agents each."""
+        parts = max(2, -(-self.count // PER_PROCESS))
+        return [self.count // parts + (1 if n < self.count % parts else 0) for n in range(parts)]
+
+    def agent_ids(self) -> list[str]:
+        """Every agent's id (``sim_profile``'s: the prefix, then a number from 1)."""
+        return [
+            f"{self.tag}{index}-{n:05d}"
+            for index, size in enumerate(self.sizes())
+            for n in range(1, size + 1)
+        ]
+
+    def start(self, once: bool = False, keys: str = "", start_at: float = 0.0,
+              concurrency: int = 200) -> LeanFleet:  # fmt: skip
+        sizes = self.sizes()
+        parts = len(sizes)
+        self.procs = []
+        for index, size in enumerate(sizes):
+            args = [PYTHON, str(ROOT / "bench" / "leanfleet.py"), "--url", self.url,
+                    "--token", self.token, "--count", str(size),
+                    "--prefix", f"{self.tag}{index}-", "--status", str(self.status_path(index)),
+                    "--rate", str(self.rate / parts), "--concurrency", str(concurrency),
+                    "--start-at", str(start_at), "--source", *sources(index)]  # fmt: skip
+            if once:
+                args.append("--once")
+            if keys:
+                # The first run writes the keys the hub issued; a later one registers by them.
+                written = Path(f"{keys}.{index}").exists()
+                args += ["--keys-in" if written else "--keys-out", f"{keys}.{index}"]
+            self.status_path(index).unlink(missing_ok=True)
+            self.procs.append(
+                Proc(f"{self.tag}{index}", args, self.workdir / f"{self.tag}{index}.log").start()
+            )
+        return self
+
+    def status_path(self, index: int) -> Path:
+        return self.workdir / f"{self.tag}{index}.status.json"
+
+    def statuses(self) -> list[dict[str, Any]]:
+        found = []
+        for index in range(len(self.procs)):
+            with contextlib.suppress(OSError, ValueError):
+                found.append(json.loads(self.status_path(index).read_text()))
+        return found
+
+    def total(self, key: str) -> float:
+        return sum(status[key] or 0 for status in self.statuses())
+
+    def online(self) -> int:
+        return int(self.total("online"))
+
+    def cpu(self) -> float:
+        """CPU seconds the client processes used so far (each reports its own, exited too)."""
+        return self.total("cpu")
+
+    def cpus(self) -> list[float]:
+        return [status["cpu"] for status in self.statuses()]
+
+    def wait(self, timeout: float | None = None) -> None:
+        for proc in self.procs:
+            assert proc.process is not None
+            proc.process.wait(timeout)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.stop()
 
 
 def wait_http(url: str, timeout: float = 30.0) -> None:

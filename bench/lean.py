@@ -18,6 +18,8 @@ import asyncio
 import base64
 import hashlib
 import os
+import re
+import ssl
 import struct
 from urllib.parse import urlsplit
 
@@ -33,14 +35,18 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 KEY = base64.b64encode(os.urandom(16))
 ACCEPT = b"Sec-WebSocket-Accept: " + base64.b64encode(hashlib.sha1(KEY + GUID).digest())  # noqa: S324 (RFC 6455)
 MASK = os.urandom(4)
+#: What ``wss://`` dials trust (bench/tls.py sets a context trusting its own CA).
+TLS: ssl.SSLContext | None = None
 
 
 class Refused(ConnectionError):
     """The server answered the upgrade with ``status`` instead of 101."""
 
-    def __init__(self, status: int, line: str) -> None:
+    def __init__(self, status: int, line: str, retry_after: float | None = None) -> None:
         super().__init__(f"refused: {line}")
         self.status = status
+        #: The answer's ``Retry-After`` (seconds), when it had one.
+        self.retry_after = retry_after
 
 
 def frame(opcode: int, payload: bytes) -> bytes:
@@ -96,7 +102,9 @@ class LeanClient(asyncio.Protocol):
                 line = head.split(b"\r\n", 1)[0].decode(errors="replace")
                 parts = line.split(" ", 2)
                 status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-                self._fail(f"refused: {line}", Refused(status, line))
+                retry = re.search(rb"\r\nRetry-After: *(\d+)", head, re.IGNORECASE)
+                retry_after = float(retry.group(1)) if retry else None
+                self._fail(f"refused: {line}", Refused(status, line, retry_after))
                 return
             self.upgraded = True
             if not self.opened.done():
@@ -161,7 +169,7 @@ class LeanClient(asyncio.Protocol):
 
 
 def upgrade_request(url: str, path: str, headers: list[tuple[str, str]]) -> bytes:
-    """The bytes of an upgrade request to ``url`` + ``path`` (``ws://`` only)."""
+    """The bytes of an upgrade request to ``url`` + ``path``."""
     parts = urlsplit(url)
     lines = [
         f"GET {path} HTTP/1.1",
@@ -178,12 +186,15 @@ def upgrade_request(url: str, path: str, headers: list[tuple[str, str]]) -> byte
 async def lean_connect(
     url: str, factory: type[LeanClient], request: bytes, timeout: float = 30.0
 ) -> LeanClient:
-    """Open a TCP connection to ``url`` and upgrade it with ``request``."""
+    """Open a TCP connection to ``url`` (TLS for ``wss://``) and upgrade it with ``request``."""
     parts = urlsplit(url)
     loop = asyncio.get_running_loop()
+    secure = parts.scheme == "wss"
     _transport, client = await loop.create_connection(
-        lambda: factory(request), parts.hostname, parts.port
-    )
+        lambda: factory(request), parts.hostname, parts.port,
+        ssl=(TLS or ssl.create_default_context()) if secure else None,
+        server_hostname=parts.hostname if secure else None,
+    )  # fmt: skip
     async with asyncio.timeout(timeout):
         await client.opened
     return client

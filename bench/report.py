@@ -65,9 +65,10 @@ def render(report: dict[str, Any]) -> str:
         "SQLite store with "
         "`synchronous=FULL`) and the floor (`bench/floor.py`: the websockets library's own "
         "asyncio server, uvloop, compression off, answering the same clients) run as their "
-        "own processes; the load comes from `tether-agent simulate` processes (each dialing "
-        "from four loopback addresses) and `bench/blaster.py` (registrations and heartbeats "
-        "over raw sockets, `bench/lean.py`) on the same two cores.",
+        "own processes; the load for both comes from the same lean raw-socket agents "
+        "(`bench/leanfleet.py` over `bench/lean.py`, two processes or more, each dialing from "
+        "four loopback addresses; `bench/blaster.py` for heartbeat throughput) on the same "
+        "two cores.",
         "",
         "| figure | target | hub | floor | hub / floor | |",
         "|---|---|---|---|---|---|",
@@ -231,6 +232,28 @@ def render(report: dict[str, Any]) -> str:
             f"{_fmt(floor_10k, ' ms')} | {_ratio(worst, floor_10k)} | "
             f"{_verdict(worst <= 50)} |"
         )
+    met = targets(r)
+    if met:
+        lines += [
+            "",
+            "Against the floor in the same run (issue 16):",
+            "",
+            "| figure | target | hub vs floor | |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {what} | {target} | {figures} | {_verdict(ok)} |" for what, target,
+                  figures, ok in met]  # fmt: skip
+    clients = {k: v for k, v in r.items() if k.startswith("clients.cpu_share.")}
+    if clients:
+        lines += [
+            "",
+            "What the clients (`bench/leanfleet.py`, two processes or more) used, as a share "
+            "of one core over each phase: "
+            + ", ".join(
+                f"`{k.removeprefix('clients.cpu_share.')}` {v}" for k, v in sorted(clients.items())
+            )
+            + ".",
+        ]
     lines += [
         "",
         "Every stall figure, in milliseconds, by phase (the maximum since that hub process "
@@ -239,6 +262,72 @@ def render(report: dict[str, Any]) -> str:
         END,
     ]
     return "\n".join(lines)
+
+
+def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
+    """Issue 16's targets, each against the floor measured in the same run: (what, target,
+    figures, met). Only those whose figures the run has."""
+    rows: list[tuple[str, str, str, bool | None]] = []
+
+    def ratio_row(what: str, hub: Any, floor: Any, limit: float, at_most: bool = True) -> None:
+        if not isinstance(hub, (int, float)) or not isinstance(floor, (int, float)) or not floor:
+            return
+        sign = "≤" if at_most else "≥"
+        ok = hub <= limit * floor if at_most else hub >= limit * floor
+        rows.append((what, f"{sign} {limit:g}× floor", f"{_fmt(hub)} vs {_fmt(floor)} "
+                     f"({hub / floor:.2f}×)", ok))  # fmt: skip
+
+    for how, label in (("kill", "kill -9"), ("sigterm", "SIGTERM")):
+        ratio_row(
+            f"every agent back after the server is stopped ({label}) and restarted at once, s",
+            _get(r, f"hub.storm_{how}_seconds_all_back"),
+            _get(r, f"floor.storm_{how}_seconds_all_back"),
+            1.5,
+        )
+    again = _get(r, "hub.storm_kill_cpu_ms_per_agent")
+    steady = [v for k, v in r.items() if k.startswith("hub.registration_cpu_ms.key.")]
+    if isinstance(again, (int, float)) and steady:
+        rows.append((
+            "hub CPU per re-registration after kill -9 (restart included), ms",
+            "≤ a registration by key in steady state",
+            f"{_fmt(again)} vs {_fmt(max(steady))}",
+            again <= max(steady),
+        ))  # fmt: skip
+    for size in (5_000, 10_000):
+        ratio_row(
+            f"one job to {size:,} agents until every result is stored (floor: broadcast "
+            "until every reply), s",
+            _get(r, f"hub.job_all_results_s.{size}"),
+            _get(r, f"floor.job_all_results_s.{size}"),
+            1.5,
+        )
+    for size in (1_000, 5_000, 10_000):
+        for hub_label, floor_label in (("enrollment", "first"), ("key", "key")):
+            ratio_row(
+                f"registrations a second with authentication by {hub_label}, {size:,} agents "
+                "(floor: none)",
+                _get(r, f"hub.registrations_per_s.{hub_label}.{size}"),
+                _get(r, f"floor.registrations_per_s.{floor_label}.{size}"),
+                0.9,
+                at_most=False,
+            )
+    commits = _get(r, "store_full.both_us")
+    for size in (1_000, 5_000, 10_000):
+        p50 = _get(r, f"hub.rtt_p50_ms.{size}")
+        f50 = _get(r, f"floor.rtt_p50_ms.{size}")
+        if p50 is None or f50 is None or commits is None:
+            continue
+        allowed = f50 + commits / 1000
+        rows.append((
+            f"round trip p50, {size:,} agents, ms",
+            "≤ floor p50 + the two commits alone + 0.3",
+            f"{_fmt(p50)} vs {_fmt(allowed)} + 0.3",
+            p50 <= allowed + 0.3,
+        ))  # fmt: skip
+        p99 = _get(r, f"hub.rtt_p99_ms.{size}")
+        if size == 10_000 and p99 is not None:
+            rows.append((f"round trip p99, {size:,} agents, ms", "≤ 5", _fmt(p99), p99 <= 5))
+    return rows
 
 
 def _lower_bound(what: str, below_hub_us: float, floor_ms: float) -> str:

@@ -6,9 +6,12 @@
     .venv/bin/python bench/run.py --only flood   # a half-open flood; not in the full run
 
 The hub runs as its own process (`tether-hub serve`, uvloop), the load in other processes
-(`tether-agent simulate`, `bench/blaster.py`), and the floor — a bare `websockets` server
-answering the same clients (`bench/floor.py`) — runs in the same session, so every figure
-is also a ratio to the floor. Results go to bench/out/results.json and bench/RESULTS.md.
+(`bench/leanfleet.py`: lean raw-socket agents, two processes or more, the same for the hub
+and the floor; `bench/blaster.py` for heartbeat throughput), and the floor — a bare
+`websockets` server answering the same clients (`bench/floor.py`) — runs in the same
+session, so every figure is also a ratio to the floor, and the clients' own CPU is recorded
+(`clients.*`) to show they did not set the pace. Each of issue 16's targets is printed as
+met or not at the end. Results go to bench/out/results.json and bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ import contextlib
 import json
 import os
 import platform
-import re
 import secrets
 import shutil
 import signal
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,10 +46,10 @@ from bench.harness import (
     ROOT,
     Floor,
     Hub,
+    LeanFleet,
     Proc,
     percentile,
     run,
-    simulators,
     wait_until,
 )
 from bench.store_commits import store_commits
@@ -78,6 +81,10 @@ class Bench:
         self.started: list[Proc] = []
         self.hold_agents = 0
         self.hold_seconds = 0
+        #: Agent counts for memory, registrations and latency instead of the defaults, and
+        #: the storm's size (0: no storm): a full run split into runs of a few minutes.
+        self.counts: list[int] = []
+        self.storm_agents: int | None = None
 
     def note(self, key: str, value: Any) -> None:
         self.results[key] = value
@@ -103,47 +110,57 @@ class Bench:
 
     def connect_fleet(
         self, server: Hub | Floor, count: int, tag: str, token: str = "x", rate: float = 1000
-    ) -> tuple[list[Proc], float]:
-        procs = simulators(self.workdir, server.url, token, count, f"{tag}", rate=rate, tag=tag)
-        self.started.extend(procs)
+    ) -> tuple[LeanFleet, float]:
+        """``count`` lean agents (bench/leanfleet.py, two processes or more) at ``rate``/s,
+        until the server counts them all online."""
+        fleet = LeanFleet(self.workdir, server.url, token, count, tag, rate=rate).start()
+        self.started.extend(fleet.procs)
         started = time.monotonic()
         try:
             seconds = wait_until(
-                lambda: server.online() >= count, timeout=count / 200 + 60, interval=0.2,
-                what=f"{count} agents online",
+                lambda: fleet.online() >= count and server.online() >= count,
+                timeout=count / rate + 60, interval=0.2, what=f"{count} agents online",
             )  # fmt: skip
         except TimeoutError:
             online = server.online()
             self.note(f"{type(server).__name__.lower()}.fell_short.{tag}", f"{online}/{count}")
-            raise FellShort(online, time.monotonic() - started, procs) from None
-        return procs, seconds
+            raise FellShort(online, time.monotonic() - started, fleet.procs) from None
+        return fleet, seconds
+
+    def server(self, kind: str, name: str, config: str = "") -> tuple[Hub | Floor, str]:
+        """A fresh hub (and an enrollment key) or a floor (which takes any token)."""
+        if kind.startswith("hub"):
+            hub = self.fresh_hub(name, config)
+            return hub, hub.token("--enroll")
+        return self.floor(), "x"
+
+    def clients(self, key: str, cpu_seconds: float, wall: float, count: int) -> None:
+        """What the load cost: its CPU as a share of one core, and per agent served."""
+        self.note(f"clients.cpu_share.{key}", round(cpu_seconds / wall, 3) if wall else None)
+        self.note(f"clients.cpu_ms_per_agent.{key}", round(cpu_seconds * 1000 / count, 3))
 
     # -- memory and idle CPU ----------------------------------------------------------
 
     def memory(self) -> None:
-        counts = [1_000, 5_000] if self.quick else [1_000, 5_000, 10_000, 19_000]
+        counts = self.counts or ([1_000, 5_000] if self.quick else [1_000, 5_000, 10_000, 19_000])
         for kind in ("floor", "hub"):
             for count in counts:
                 print(f"memory: {kind} with {count} agents", flush=True)
-                server: Hub | Floor
-                if kind == "hub":
-                    server = self.fresh_hub(f"mem{count}")
-                    token = server.token("--enroll")
-                else:
-                    server = self.floor()
-                    token = "x"
+                server, token = self.server(kind, f"mem{count}")
                 assert server.proc is not None
                 time.sleep(2)
                 baseline = server.proc.rss()
-                procs, _ = self.connect_fleet(server, count, f"m{count}", token)
+                fleet, _ = self.connect_fleet(server, count, f"m{count}", token)
                 time.sleep(20)  # a heartbeat round, then measure
-                cpu0, t0 = server.proc.cpu(), time.monotonic()
+                cpu0, t0, clients0 = server.proc.cpu(), time.monotonic(), fleet.cpu()
                 time.sleep(15)
-                cpu = (server.proc.cpu() - cpu0) / (time.monotonic() - t0)
+                wall = time.monotonic() - t0
+                cpu = (server.proc.cpu() - cpu0) / wall
                 per_agent = (server.proc.rss() - baseline) / count
                 self.note(f"{kind}.memory_per_agent_kb.{count}", round(per_agent / 1024, 2))
                 self.note(f"{kind}.idle_cpu_share.{count}", round(cpu, 4))
-                if kind == "hub":
+                self.clients(f"idle.{kind}.{count}", fleet.cpu() - clients0, wall, count)
+                if isinstance(server, Hub):
                     metrics = server.metrics()
                     self.note(
                         f"hub.lag_max_ms.{count}",
@@ -153,87 +170,110 @@ class Bench:
                     self.note(
                         f"floor.lag_max_ms.{count}", round(server.stats()["lag_max"] * 1000, 1)
                     )
-                for proc in procs:
-                    proc.stop()
+                fleet.stop()
                 server.proc.stop()
 
     # -- registrations and the reconnect storm ------------------------------------------
 
     def registrations(self) -> None:
-        """Handshake + credential + register → welcome, by a lean client (bench/blaster.py),
-        first with an enrollment key (the hub issues a key: one durable write each), then
-        again with each agent's issued key; then the reconnect storm of a simulated fleet."""
-        count = 5_000 if self.quick else 10_000
-        for kind in ("floor", "hub"):
-            print(f"registrations: {kind}, {count} agents", flush=True)
-            server: Hub | Floor
-            if kind == "hub":
-                server = self.fresh_hub("reg")
-                token = server.token("--enroll")
-            else:
-                server = self.floor()
-                token = "x"
-            blaster = Proc(
-                "blaster",
-                [sys.executable, str(ROOT / "bench" / "blaster.py"), "--url", server.url,
-                 "--token", token, "--count", str(count), "--rate", "1", "--seconds", "1",
-                 "--rekey"],
-                self.workdir / "blaster-reg.log",
-            ).start()  # fmt: skip
-            self.started.append(blaster)
-            rate = r'"seconds":[\d.]+,"per_s":([\d.]+)'
-            label = "enrollment" if kind == "hub" else "first"
-            try:
-                first = blaster.wait_for_line(r'"registered":\d+,' + rate, 300)
-                again = blaster.wait_for_line(r'"reregistered":\d+,' + rate, 300)
-            except (RuntimeError, TimeoutError):
-                # The floor can fail to finish thousands of handshakes in flight: say so.
-                self.note(f"{kind}.registrations_failed", f"not all {count} registered in 60 s")
-                blaster.stop()
+        """Handshake + credential + register → welcome, by lean clients in two processes
+        or more (bench/leanfleet.py, 200 handshakes in flight each): first with an
+        enrollment key (the hub issues a key: one durable write each), then again with each
+        agent's issued key; then the reconnect storms (SIGTERM, then kill -9)."""
+        counts = self.counts or ([1_000, 5_000] if self.quick else [1_000, 5_000, 10_000])
+        for count in counts:
+            for kind in ("floor", "hub"):
+                print(f"registrations: {kind}, {count} agents", flush=True)
+                server, token = self.server(kind, f"reg{count}")
                 assert server.proc is not None
+                keys = str(self.workdir / f"keys-{kind}-{count}")
+                for phase in ("enrollment", "key"):
+                    cpu0 = server.proc.cpu()
+                    fleet = LeanFleet(self.workdir, server.url, token, count, f"g{count}", rate=0)
+                    fleet.start(once=True, keys=keys, start_at=time.time() + 2)
+                    self.started.extend(fleet.procs)
+                    try:
+                        fleet.wait(timeout=120 + count / 100)
+                    except subprocess.TimeoutExpired:
+                        self.note(f"{kind}.registrations_failed.{count}", f"{fleet.online()}")
+                        fleet.stop()
+                        break
+                    statuses = fleet.statuses()
+                    began = min(s["dial_start"] for s in statuses)
+                    seconds = max(s["first_done"] for s in statuses) - began
+                    label = phase if kind == "hub" else {"enrollment": "first"}.get(phase, phase)
+                    self.note(f"{kind}.registrations_per_s.{label}.{count}", round(count / seconds))
+                    self.note(
+                        f"{kind}.registration_cpu_ms.{label}.{count}",
+                        round((server.proc.cpu() - cpu0) * 1000 / count, 3),
+                    )
+                    self.note(f"{kind}.registrations_refused.{label}.{count}",
+                              int(fleet.total("refused")))  # fmt: skip
+                    self.clients(f"registrations.{kind}.{label}.{count}", fleet.cpu(), seconds,
+                                 count)  # fmt: skip
+                    time.sleep(2)  # the closes of this phase are done with
+                if isinstance(server, Hub):
+                    self.note(
+                        f"hub.lag_max_ms.registrations{count}",
+                        round(server.metrics().get("tether_event_loop_lag_max_seconds", 0) * 1000,
+                              1),
+                    )  # fmt: skip
                 server.proc.stop()
-                continue
-            self.note(f"{kind}.registrations_per_s.{label}", round(float(first.group(1))))
-            self.note(f"{kind}.registrations_per_s.key", round(float(again.group(1))))
-            refused = re.search(r'"refused":(\d+)', again.group(0))
-            # 503s from admission (handshake rate, pending cap), retried by the blaster.
-            self.note(f"{kind}.registrations_refused", int(refused.group(1)) if refused else 0)
-            if kind == "hub":
-                assert isinstance(server, Hub)
-                self.note(
-                    "hub.lag_max_ms.registrations",
-                    round(server.metrics().get("tether_event_loop_lag_max_seconds", 0) * 1000, 1),
-                )
-            blaster.stop()
+        storm = (
+            self.storm_agents
+            if self.storm_agents is not None
+            else (5_000 if self.quick else 19_000)
+        )
+        for kind in ("floor", "hub") if storm else ():
+            print(f"storm: {storm} lean agents, the {kind} restarted", flush=True)
+            server, token = self.server(kind, "storm")
+            fleet, _ = self.connect_fleet(server, storm, "r", token)
+            time.sleep(5)
+            for how in ("sigterm", "kill"):
+                self.storm(server, fleet, storm, kind, how)
+                time.sleep(3)
+            fleet.stop()
             assert server.proc is not None
             server.proc.stop()
-        storm = 5_000 if self.quick else 19_000
-        print(f"storm: {storm} simulated agents, hub restarted", flush=True)
-        hub = self.fresh_hub("storm")
-        procs, _ = self.connect_fleet(hub, storm, "r", hub.token("--enroll"), rate=600)
-        time.sleep(5)
-        self.storm(hub, storm)
-        for proc in procs:
-            proc.stop()
-        assert hub.proc is not None
-        hub.proc.stop()
 
-    def storm(self, hub: Hub, count: int) -> None:
-        """SIGTERM the hub (agents are told to come back within 10 s), restart it at once."""
-        assert hub.proc is not None
+    def storm(self, server: Hub | Floor, fleet: LeanFleet, count: int, kind: str,
+              how: str) -> None:  # fmt: skip
+        """Stop the server (SIGTERM: agents are told to come back within 10 s; kill -9: no
+        notice, every agent dials again at once with the protocol's backoff), restart it at
+        once: seconds until the last agent was welcomed again, as its client saw it."""
+        assert server.proc is not None and server.proc.process is not None
+        print(f"storm: {kind} {how}", flush=True)
+        welcomes0 = fleet.total("welcomes")
         stopped = time.monotonic()
-        code = hub.proc.stop(timeout=60)
-        self.note("hub.sigterm_exit_code", code)
-        self.note("hub.sigterm_seconds", round(time.monotonic() - stopped, 2))
-        restarted = time.monotonic()
-        restarted_at = time.time()
-        hub.start()  # returns once /readyz answers: the hub listens at once, serves once loaded
-        to_ready = time.monotonic() - restarted
+        if how == "sigterm":
+            code = server.proc.stop(timeout=60)
+            self.note(f"{kind}.sigterm_exit_code", code)
+            self.note(f"{kind}.sigterm_seconds", round(time.monotonic() - stopped, 2))
+        else:
+            server.proc.process.kill()
+            server.proc.process.wait(10)
+        restarted = time.time()
+        clients0 = fleet.cpu()
+        server.start()  # the hub returns once /readyz answers: it listens at once
+        to_ready = time.time() - restarted
         wait_until(
-            lambda: hub.online() >= count, timeout=120, interval=0.2, what="storm back online"
-        )
-        # Exact, whatever the polling above saw (a busy hub answers late): when the last
-        # agent's session began, once the hub's batched writes have stored every session.
+            lambda: fleet.online() >= count and fleet.total("welcomes") >= welcomes0 + count,
+            timeout=180, interval=0.2, what=f"{kind} storm back online",
+        )  # fmt: skip
+        all_back = max(s["last_welcome"] for s in fleet.statuses()) - restarted
+        cpu = server.proc.cpu()
+        self.note(f"{kind}.storm_{how}_seconds_all_back", round(all_back, 2))
+        self.note(f"{kind}.storm_{how}_seconds_to_ready", round(to_ready, 2))
+        self.note(f"{kind}.storm_{how}_cpu_ms_per_agent", round(cpu * 1000 / count, 3))
+        # Dials that failed (refused, reset, timed out) or met a 503, all clients, all time.
+        self.note(f"{kind}.storm_{how}_client_failed_dials", int(fleet.total("failed")))
+        self.note(f"{kind}.storm_{how}_client_503s", int(fleet.total("refused")))
+        self.clients(f"storm_{how}.{kind}", fleet.cpu() - clients0, all_back, count)
+        if isinstance(server, Hub):
+            self.hub_storm_stored(server, count, restarted, how)
+
+    def hub_storm_stored(self, hub: Hub, count: int, restarted_at: float, how: str) -> None:
+        """That every session is stored, and when the last began; the refusals on the way."""
         sessions: list[Any] = []
 
         def stored() -> bool:
@@ -246,7 +286,7 @@ class Bench:
             return bool(sessions[0] >= count)
 
         wait_until(stored, timeout=30, what="sessions stored")
-        all_back = sessions[1] - restarted_at
+        self.note(f"hub.storm_{how}_seconds_stored", round(sessions[1] - restarted_at, 2))
         metrics: dict[str, float] = {}
 
         def scraped() -> bool:
@@ -259,14 +299,12 @@ class Bench:
             for name, value in metrics.items()
             if name.startswith("tether_connections_total") and "accepted" not in name
         }
-        self.note("hub.storm_seconds_all_back", round(all_back, 2))
-        self.note("hub.storm_seconds_to_ready", round(to_ready, 2))
-        self.note("hub.storm_refusals", refused)
+        self.note(f"hub.storm_{how}_refusals", refused)
 
     # -- round trips and a big job -----------------------------------------------------------
 
     def latency(self) -> None:
-        sizes = [1_000, 5_000] if self.quick else [1_000, 10_000]
+        sizes = self.counts or ([1_000, 5_000] if self.quick else [1_000, 10_000])
         samples = 200 if self.quick else 500
         # What the disk allows: with FULL, a round trip holds two fdatasyncs of the WAL.
         self.note("disk.fdatasync_us", fdatasync_us(self.workdir))
@@ -280,18 +318,13 @@ class Bench:
             # survives a crash of the hub but not of the machine (one fsync less per commit).
             for kind in ("floor", "hub", "hub_normal"):
                 print(f"latency: {kind} with {size} agents", flush=True)
-                if kind.startswith("hub"):
-                    config = 'store_synchronous = "normal"\n' if kind == "hub_normal" else ""
-                    server: Hub | Floor = self.fresh_hub(f"{kind}-rtt{size}", config)
-                    token = server.token("--enroll")
-                else:
-                    server = self.floor()
-                    token = "x"
+                config = 'store_synchronous = "normal"\n' if kind == "hub_normal" else ""
+                server, token = self.server(kind, f"{kind}-rtt{size}", config)
                 assert server.proc is not None
-                procs, _ = self.connect_fleet(server, size, f"t{size}", token)
+                fleet, _ = self.connect_fleet(server, size, f"t{size}", token)
                 time.sleep(3)
-                if kind.startswith("hub"):
-                    assert isinstance(server, Hub)
+                clients0 = fleet.cpu()
+                if isinstance(server, Hub):
                     admin = server.token("--admin", "--role", "operator")
                     rtts, job_seconds = run(hub_latency(server.url, admin, size, samples))
                     metrics = server.metrics()
@@ -300,12 +333,13 @@ class Bench:
                         round(metrics.get("tether_event_loop_lag_max_seconds", 0) * 1000, 1),
                     )
                 else:
-                    rtts, job_seconds = run(floor_latency(server.url, size, samples))
+                    rtts, job_seconds = run(floor_latency(server.url, fleet.agent_ids(), samples))
                 self.note(f"{kind}.rtt_p50_ms.{size}", round(percentile(rtts, 0.5) * 1000, 3))
                 self.note(f"{kind}.rtt_p99_ms.{size}", round(percentile(rtts, 0.99) * 1000, 3))
                 self.note(f"{kind}.job_all_results_s.{size}", round(job_seconds, 3))
-                for proc in procs:
-                    proc.stop()
+                self.clients(f"latency.{kind}.{size}", fleet.cpu() - clients0,
+                             sum(rtts) + job_seconds, size)  # fmt: skip
+                fleet.stop()
                 server.proc.stop()
 
     # -- messages per second -----------------------------------------------------------------
@@ -359,9 +393,9 @@ class Bench:
         hub = self.fresh_hub("hold")
         token = hub.token("--enroll")
         assert hub.proc is not None
-        procs, _ = self.connect_fleet(hub, count, "h", token)
+        fleet, _ = self.connect_fleet(hub, count, "h", token)
         started = time.monotonic()
-        cpu0 = hub.proc.cpu()
+        cpu0, clients0 = hub.proc.cpu(), fleet.cpu()
         lowest = count
         disconnects0 = _disconnects(hub)
         peak_rss = 0
@@ -379,6 +413,8 @@ class Bench:
         self.note("hub.hold_lowest_online", lowest)
         self.note("hub.hold_disconnects", _disconnects(hub) - disconnects0)
         self.note("hub.hold_cpu_share", round(cpu, 4))
+        wall = time.monotonic() - started
+        self.clients(f"hold.{count}", fleet.cpu() - clients0, wall, count)
         self.note("hub.hold_peak_rss_mb", round(peak_rss / 2**20, 1))
         self.note(f"hub.steady_lag_max_ms.hold{count}", round(steady_lag * 1000, 1))
         metrics = hub.metrics()
@@ -386,8 +422,7 @@ class Bench:
             "hub.hold_lag_max_ms",
             round(metrics.get("tether_event_loop_lag_max_seconds", 0) * 1000, 1),
         )
-        for proc in procs:
-            proc.stop()
+        fleet.stop()
         hub.proc.stop()
 
 
@@ -421,8 +456,11 @@ def fdatasync_us(directory: Path, samples: int = 200) -> float:
     return round(percentile(times, 0.5) * 1e6, 1)
 
 
-async def hub_latency(url: str, token: str, size: int, samples: int) -> tuple[list[float], float]:
-    """Console → hub → agent → hub → console, through the ledger; then one job to all."""
+async def hub_latency(
+    url: str, token: str, size: int, samples: int, listing: bool = True
+) -> tuple[list[float], float]:
+    """Console → hub → agent → hub → console, through the ledger; then one job to all
+    (``listing``: the agents are listed first, to pick round trips' targets)."""
     done: dict[str, asyncio.Future[None]] = {}
     states: dict[str, str] = {}
 
@@ -437,7 +475,10 @@ async def hub_latency(url: str, token: str, size: int, samples: int) -> tuple[li
     client = AdminClient(url, token, on_event=on_event)
     await client.open()
     await client.request("subscribe", topics=["commands"])
-    agents = [a["agent_id"] for a in (await client.request("agents", limit=100_000))["agents"]]
+    agents = []
+    if listing:
+        listed = await client.request("agents", limit=100_000)
+        agents = [agent["agent_id"] for agent in listed["agents"]]
     loop = asyncio.get_running_loop()
     rtts = []
     for n in range(samples):
@@ -454,36 +495,48 @@ async def hub_latency(url: str, token: str, size: int, samples: int) -> tuple[li
         "dispatch", target={"selector": {"status": "online"}}, name="ping", reply_timeout=120
     )
     job_id = reply["job_id"]
-    # The job summary (not the full job with every command) is what a watcher polls.
-    while (await client.request("jobs", filter={"job_id": job_id}))["jobs"][0]["state"] == (
-        "running"
-    ):
-        await asyncio.sleep(0.01)
-    job_seconds = time.perf_counter() - started
+    # Done when every command's final state has been announced, which the hub does only
+    # once it is stored (as the floor's figure ends with the admin holding every reply);
+    # the job's summary, polled every 100 ms, in case an event was coalesced away.
+    ids = reply["command_ids"]
+    job_seconds = 0.0
+    while not job_seconds:
+        for _ in range(10):
+            if all(command_id in states for command_id in ids):
+                job_seconds = time.perf_counter() - started
+                break
+            await asyncio.sleep(0.01)
+        else:
+            summary = await client.request("jobs", filter={"job_id": job_id})
+            if summary["jobs"][0]["state"] != "running":
+                job_seconds = time.perf_counter() - started
     await client.close()
     return rtts, job_seconds
 
 
-async def floor_latency(url: str, size: int, samples: int) -> tuple[list[float], float]:
+async def floor_latency(url: str, agents: list[str], samples: int) -> tuple[list[float], float]:
     """The same paths on the floor: relay to one agent and back; broadcast to all."""
+    size = len(agents)
     async with websockets.connect(url + "/admin", compression=None, max_size=None) as ws:
         rtts = []
         for n in range(samples):
             command_id = secrets.token_hex(12)
-            agent_id = f"t{size}0-{(n * 7919) % min(size, 9_500) + 1:05d}"
+            agent_id = agents[n * 7919 % size]
             started = time.perf_counter()
             message = {"type": "dispatch", "agent_id": agent_id, "command_id": command_id}
             await ws.send(orjson.dumps(message).decode())
-            while orjson.loads(await ws.recv()).get("command_id") != command_id:
-                pass
+            async with asyncio.timeout(10):  # an agent that never answers ends the run
+                while orjson.loads(await ws.recv()).get("command_id") != command_id:
+                    pass
             rtts.append(time.perf_counter() - started)
         started = time.perf_counter()
         command_id = secrets.token_hex(12)
         await ws.send(orjson.dumps({"type": "broadcast", "command_id": command_id}).decode())
         got = 0
-        while got < size:
-            if orjson.loads(await ws.recv()).get("command_id") == command_id:
-                got += 1
+        async with asyncio.timeout(120):
+            while got < size:
+                if orjson.loads(await ws.recv()).get("command_id") == command_id:
+                    got += 1
         return rtts, time.perf_counter() - started
 
 
@@ -524,6 +577,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     parser.add_argument("--hold-agents", type=int, default=0, help="agents held (hold scenario)")
     parser.add_argument("--hold-seconds", type=int, default=0, help="how long (hold scenario)")
+    parser.add_argument("--counts", default="", help="agent counts, e.g. 1000,10000")
+    parser.add_argument("--storm", type=int, default=None, help="storm size (0: none)")
     parser.add_argument(
         "--hub-cpu", type=int, default=None, help="run every hub on this CPU only (taskset)"
     )
@@ -532,6 +587,8 @@ def main() -> None:
     bench = Bench(args.quick, workdir)
     bench.hold_agents = args.hold_agents
     bench.hold_seconds = args.hold_seconds
+    bench.counts = [int(n) for n in args.counts.split(",") if n]
+    bench.storm_agents = args.storm
     Hub.cpu = args.hub_cpu
     started = time.time()
     scenarios: dict[str, Callable[[], None]] = {
@@ -558,6 +615,11 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
     path = save(bench, args, started)
     print(f"wrote {path}")
+    from bench.report import targets
+
+    for what, target, figures, ok in targets(bench.results):
+        verdict = {True: "met", False: "NOT MET", None: "-"}[ok]
+        print(f"  {verdict:8} {what}: {figures} (target {target})")
     if not args.quick and args.only == FULL:
         from bench.report import merge, render, write
 

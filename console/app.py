@@ -2,12 +2,14 @@
 
 ::
 
-    tether-console [--hub URL --token T] [--ca-file F] [--insecure] [--light]
+    tether-console [--hub URL ...] [--token T] [--ca-file F] [--insecure] [--light]
     tether-console --hub URL --token T --screenshot PNG
                    [--view map|agents|graphs|topology|alerts|jobs]
 
-``--hub`` and ``--token`` fall back to ``TETHER_HUB_URL`` (the first of a comma-separated
-list) and ``TETHER_TOKEN``; without them a connect dialog asks. ``--screenshot`` connects,
+``--hub`` may be given several times, or hold several URLs separated by commas (hubs of one
+cluster): the console connects to the first and fails over to the next when its hub dies.
+``--hub`` and ``--token`` fall back to ``TETHER_HUB_URL`` (comma-separated, like the agent's)
+and ``TETHER_TOKEN``; without them a connect dialog asks. ``--screenshot`` connects,
 waits for the snapshot, renders the chosen view of the main window into the PNG and exits
 0; it exits 2 when it cannot connect within 30 s (at once when the hub refuses the token).
 """
@@ -27,7 +29,7 @@ from typing import Any
 
 os.environ.setdefault("QT_API", "pyside6")  # before qasync (or pyqtgraph) is imported
 
-__all__ = ["VIEWS", "main", "parse_args"]
+__all__ = ["VIEWS", "main", "parse_args", "parse_hub_urls"]
 
 VIEWS = ("map", "agents", "graphs", "topology", "alerts", "jobs")
 CONNECT_TIMEOUT = 30.0
@@ -38,12 +40,33 @@ SETTLE_ENV = "TETHER_CONSOLE_SCREENSHOT_SETTLE"
 SCREENSHOT_SIZE = (1600, 1000)
 
 
+def parse_hub_urls(values: Sequence[str] | str | None) -> list[str]:
+    """Hub URLs from repeated options and comma-separated lists, in order, without repeats."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    urls: list[str] = []
+    for value in values:
+        for part in value.split(","):
+            url = part.strip()
+            if url and url not in urls:
+                urls.append(url)
+    return urls
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="tether-console",
         description="Tether desktop console: watch and drive the fleet live.",
     )
-    parser.add_argument("--hub", help="hub base URL, ws:// or wss:// (env TETHER_HUB_URL)")
+    parser.add_argument(
+        "--hub",
+        action="append",
+        metavar="URL",
+        help="hub base URL, ws:// or wss://; repeat it (or separate with commas) for the hubs "
+        "of a cluster, tried in turn when one dies (env TETHER_HUB_URL)",
+    )
     parser.add_argument("--token", help="admin token (env TETHER_TOKEN)")
     parser.add_argument("--ca-file", help="CA bundle that signed the hub's certificate")
     parser.add_argument(
@@ -61,13 +84,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--light", action="store_true", help="light theme")
     parser.add_argument("--settings", help=argparse.SUPPRESS)  # an INI file instead of QSettings
     args = parser.parse_args(argv)
-    if args.hub is None:
-        env = os.environ.get("TETHER_HUB_URL", "")
-        args.hub = next((u.strip() for u in env.split(",") if u.strip()), None)
+    args.hubs = parse_hub_urls(args.hub) or parse_hub_urls(os.environ.get("TETHER_HUB_URL"))
     if args.token is None:
         args.token = os.environ.get("TETHER_TOKEN") or None
-    if args.hub is not None and not args.hub.startswith(("ws://", "wss://")):
-        parser.error(f"--hub needs a ws:// or wss:// URL, got {args.hub!r}")
+    for url in args.hubs:
+        if not url.startswith(("ws://", "wss://")):
+            parser.error(f"--hub needs a ws:// or wss:// URL, got {url!r}")
+    args.hub = args.hubs[0] if args.hubs else None
     args.pin_sha256 = None
     if args.hub_cert_sha256:
         from hub.protocol.tls import parse_fingerprint
@@ -109,6 +132,12 @@ class ConnectionParams:
     #: Client certificate and key, for hubs that require one.
     cert: str | None = None
     key: str | None = None
+    #: More hubs of the same cluster, tried in turn when the one connected to dies.
+    fallback_hubs: tuple[str, ...] = ()
+
+    @property
+    def urls(self) -> list[str]:
+        return parse_hub_urls([self.hub, *self.fallback_hubs])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -166,18 +195,29 @@ async def _run(args: argparse.Namespace) -> int:
         return await _screenshot(window, args)
     params: ConnectionParams | None = None
     if args.hub and args.token:
-        params = ConnectionParams(
-            args.hub, args.token, args.ca_file, args.insecure, args.pin_sha256, args.cert, args.key
-        )
+        params = _params(args)
     window.restore_layout()
     window.show()
     if params is not None:
         window.connect_to(params)
     else:
-        window.ask_connection(args.hub, args.ca_file, args.insecure)
+        window.ask_connection(", ".join(args.hubs) or None, args.ca_file, args.insecure)
     await window.closed.wait()
     await window.shutdown()
     return 0
+
+
+def _params(args: argparse.Namespace) -> ConnectionParams:
+    return ConnectionParams(
+        args.hub,
+        args.token,
+        args.ca_file,
+        args.insecure,
+        args.pin_sha256,
+        args.cert,
+        args.key,
+        tuple(args.hubs[1:]),
+    )
 
 
 async def _screenshot(window: Any, args: argparse.Namespace) -> int:
@@ -189,9 +229,7 @@ async def _screenshot(window: Any, args: argparse.Namespace) -> int:
     window.resize(*SCREENSHOT_SIZE)
     window.set_focus_view(args.view)
     window.show()
-    params = ConnectionParams(
-        args.hub, args.token, args.ca_file, args.insecure, args.pin_sha256, args.cert, args.key
-    )
+    params = _params(args)
     try:
         session = window.connect_to(params)
     except (ssl.SSLError, OSError) as exc:
@@ -207,7 +245,8 @@ async def _screenshot(window: Any, args: argparse.Namespace) -> int:
         if time.monotonic() > deadline:
             reason = session.last_error or "no answer"
             print(
-                f"tether-console: could not connect to {args.hub} within {timeout:g} s: {reason}",
+                f"tether-console: could not connect to {', '.join(args.hubs)} "
+                f"within {timeout:g} s: {reason}",
                 file=sys.stderr,
             )
             await window.shutdown()

@@ -8,6 +8,11 @@ by itself with exponential backoff and **full jitter** (the n-th retry waits a r
 on every new connection it subscribes again, so the model is replaced from a fresh
 snapshot. ``resync`` + ``snapshot`` from the hub pass through in order.
 
+With several hub URLs (a cluster: every hub serves the whole fleet) a connection that
+fails or drops moves on to the **next URL at once**; only a full round of URLs that all
+failed costs a backoff step, so a console whose hub was killed is on another hub within a
+second, its model replaced from that hub's snapshot. One URL behaves as before.
+
 A refused credential (HTTP 401/403) or a revoked one (close 4003) stops the retries: trying
 the same token again would only feed the hub's failed-authentication counter.
 """
@@ -20,6 +25,7 @@ import enum
 import logging
 import ssl
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from PySide6.QtCore import QObject, Signal
@@ -30,7 +36,7 @@ from hub.protocol.constants import Close
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AdminError", "Backoff", "ConnState", "HubSession"]
+__all__ = ["AdminError", "Backoff", "ConnState", "HubSession", "Rotation"]
 
 #: The console's cap: an operator waits for a hub that is back, not a minute more.
 BACKOFF_CAP = 30.0
@@ -49,8 +55,43 @@ class ConnState(enum.StrEnum):
     CLOSED = "closed"
 
 
+class Rotation:
+    """Which of several hub URLs to dial next, and when a round of them has failed. Pure.
+
+    Each failure moves to the next URL; a connection ends the round. Only when every URL
+    failed since the last connection does :meth:`failed` say so (the caller then waits its
+    backoff), and the next round starts from the URL after the last one tried.
+    """
+
+    __slots__ = ("index", "misses", "urls")
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        if not urls:
+            raise ValueError("at least one hub URL is needed")
+        self.urls = list(urls)
+        self.index = 0  # the URL tried now, or connected to
+        self.misses = 0  # failures since the last connection
+
+    @property
+    def current(self) -> str:
+        return self.urls[self.index]
+
+    def connected(self) -> None:
+        self.misses = 0
+
+    def failed(self) -> bool:
+        """The current URL failed: move on; True when that ended a round of failures."""
+        self.misses += 1
+        self.index = (self.index + 1) % len(self.urls)
+        if self.misses < len(self.urls):
+            return False
+        self.misses = 0
+        return True
+
+
 class HubSession(QObject):
-    """One hub, one admin token; reconnects until :meth:`stop`."""
+    """One admin token on one hub at a time (of one or several URLs); reconnects, failing
+    over to the next URL, until :meth:`stop`."""
 
     state_changed = Signal(str, str)  # ConnState value, human-readable detail
     snapshot_received = Signal(object)  # dict: the subscribe reply's data
@@ -59,7 +100,7 @@ class HubSession(QObject):
 
     def __init__(
         self,
-        hub_url: str,
+        hub_url: str | Sequence[str],
         token: str,
         *,
         ssl_context: ssl.SSLContext | None = None,
@@ -70,8 +111,12 @@ class HubSession(QObject):
         parent: QObject | None = None,
     ) -> None:
         super().__init__(parent)
-        self.hub_url = hub_url
-        self.url = admin_url(hub_url)
+        self.rotation = Rotation([hub_url] if isinstance(hub_url, str) else hub_url)
+        self.hub_urls = self.rotation.urls
+        #: The URL of the last connection that subscribed, and how often the session
+        #: came back on another URL than the one before (a failover).
+        self.connected_url: str | None = None
+        self.failovers = 0
         self._token = token
         self.ssl_context = ssl_context
         self.pin_sha256 = pin_sha256
@@ -123,6 +168,15 @@ class HubSession(QObject):
             self.start()
 
     @property
+    def hub_url(self) -> str:
+        """The hub URL connected to, or tried now."""
+        return self.rotation.current
+
+    @property
+    def url(self) -> str:
+        return admin_url(self.hub_url)
+
+    @property
     def is_connected(self) -> bool:
         return self.state == ConnState.CONNECTED and self.client is not None
 
@@ -147,14 +201,17 @@ class HubSession(QObject):
 
     async def _run(self) -> None:
         while not self._stopping:
-            first = self.connections == 0 and self.backoff.attempt == 0
+            first = not (self.connections or self.backoff.attempt or self.rotation.misses)
             self._set_state(
                 ConnState.CONNECTING if first else ConnState.RECONNECTING,
                 f"connecting to {self.hub_url}",
             )
-            delay = await self._connect_once()
-            if self._stopping or delay is None:
+            hint = await self._connect_once()
+            if self._stopping or hint is None:
                 return
+            delay = self._next_try(hint)
+            if delay <= 0:
+                continue
             self.retry_at = time.monotonic() + delay
             self._set_state(
                 ConnState.RECONNECTING,
@@ -168,12 +225,20 @@ class HubSession(QObject):
                     await self._wake.wait()
             self.retry_at = None
 
-    async def _connect_once(self) -> float | None:
-        """One connection from open to close; the delay before the next try, None to stop."""
+    def _next_try(self, hint: Hint) -> float:
+        """After a failed or ended connection: the next URL, and how long to wait for it.
+
+        Another URL is tried at once until every one failed since the last connection;
+        then the backoff decides, and a new round starts from the next URL."""
+        return self.backoff.next_delay(hint) if self.rotation.failed() else 0.0
+
+    async def _connect_once(self) -> Hint | None:
+        """One connection from open to close; what it taught (for the backoff), None to stop."""
+        url = self.hub_url
         client = AdminClient(
-            self.hub_url,
+            url,
             self._token,
-            ssl_context=self.ssl_context,
+            ssl_context=self.ssl_context if url.startswith("wss://") else None,
             pin_sha256=self.pin_sha256,
             on_event=self._on_event,
             open_timeout=self.open_timeout,
@@ -183,14 +248,14 @@ class HubSession(QObject):
         except HandshakeRefused as exc:
             reason = exc.error or f"HTTP {exc.status}"
             if exc.status in (401, 403):
-                self.last_error = f"the hub refused the token ({exc.status} {reason})"
+                self.last_error = f"{url} refused the token ({exc.status} {reason})"
                 self._set_state(ConnState.FAILED, self.last_error)
                 return None
-            self.last_error = f"the hub refused the connection ({exc.status} {reason})"
-            return self.backoff.next_delay(Hint(retry_after=exc.retry_after))
+            self.last_error = f"{url} refused the connection ({exc.status} {reason})"
+            return Hint(retry_after=exc.retry_after)
         except (OSError, TimeoutError, ssl.SSLError, ValueError) as exc:
-            self.last_error = _describe(exc)
-            return self.backoff.next_delay()
+            self.last_error = f"{url}: {_describe(exc)}"
+            return Hint()
         self.client = client
         try:
             await self._subscribe(client)
@@ -201,14 +266,22 @@ class HubSession(QObject):
             self._set_state(ConnState.FAILED, self.last_error)
             return None
         except (ConnectionError, TimeoutError) as exc:
-            self.last_error = _describe(exc)
+            self.last_error = f"{url}: {_describe(exc)}"
             await client.close()
             self.client = None
-            return self.backoff.next_delay()
+            return Hint()
         self.connections += 1
+        self.rotation.connected()
         self.last_error = ""
         self._connected_since = time.monotonic()
-        self._set_state(ConnState.CONNECTED, f"connected to {self.hub_url}")
+        previous, self.connected_url = self.connected_url, url
+        if previous is not None and previous != url:
+            self.failovers += 1
+            self._set_state(
+                ConnState.CONNECTED, f"connected to {url} (failed over from {previous})"
+            )
+        else:
+            self._set_state(ConnState.CONNECTED, f"connected to {url}")
         await self._load_history(client)
         await client.wait_closed()
         self.client = None
@@ -223,8 +296,8 @@ class HubSession(QObject):
             self.last_error = "the hub revoked this token (4003)"
             self._set_state(ConnState.FAILED, self.last_error)
             return None
-        self.last_error = f"connection closed ({code})"
-        return self.backoff.next_delay()
+        self.last_error = f"{url}: connection closed ({code})"
+        return Hint()
 
     async def _subscribe(self, client: AdminClient) -> None:
         self._holding = True  # events that arrive with the reply wait for the snapshot

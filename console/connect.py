@@ -1,4 +1,8 @@
-"""The connect dialog: hub URL, admin token, CA file, and where the token may be kept."""
+"""The connect dialog: hub URL, admin token, CA file, and where the token may be kept.
+
+The hub field may list several URLs separated by commas (the hubs of one cluster: the
+console fails over from one to the next); the token is remembered under the first.
+"""
 
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ class ConnectDialog(QDialog):
             layout.addWidget(note)
         form = QFormLayout()
         self.hub = QLineEdit(hub or settings.hub_url or "ws://127.0.0.1:8765")
-        self.hub.setPlaceholderText("ws://host:port or wss://host:port")
+        self.hub.setPlaceholderText("ws://host:port or wss://host:port (several: a, b, c)")
         form.addRow("Hub URL", self.hub)
         self.token = QLineEdit()
         self.token.setEchoMode(QLineEdit.EchoMode.Password)
@@ -104,8 +108,14 @@ class ConnectDialog(QDialog):
         if name:
             self.ca_file.setText(name)
 
+    def _first_url(self) -> str:
+        from .app import parse_hub_urls
+
+        urls = parse_hub_urls(self.hub.text())
+        return urls[0] if urls else ""
+
     def _lookup_token(self) -> None:
-        found = self.tokens.load(self.hub.text().strip())
+        found = self.tokens.load(self._first_url())
         if found.token and not self.token.text():
             self.token.setText(found.token)
             self.remember.setChecked(found.source in ("keyring", "settings (plaintext)"))
@@ -113,8 +123,15 @@ class ConnectDialog(QDialog):
                 self.plaintext.setChecked(True)
 
     def accept(self) -> None:
-        hub = self.hub.text().strip()
-        if not hub.startswith(("ws://", "wss://")) or not self.token.text().strip():
+        from .app import parse_hub_urls
+
+        urls = parse_hub_urls(self.hub.text())
+        hub = urls[0] if urls else ""
+        if (
+            not urls
+            or not all(u.startswith(("ws://", "wss://")) for u in urls)
+            or not self.token.text().strip()
+        ):
             self.where.setText("Enter a ws:// or wss:// hub URL and an admin token.")
             return
         token = self.token.text().strip()
@@ -125,7 +142,7 @@ class ConnectDialog(QDialog):
             plaintext_ok=self.plaintext.isChecked(),
         )
         self.stored_in = where
-        self.settings.hub_url = hub
+        self.settings.hub_url = ", ".join(urls)
         self.settings.ca_file = self.ca_file.text().strip() or None
         self.settings.sync()
         super().accept()

@@ -37,6 +37,7 @@ __all__ = [
     "Agent",
     "Changes",
     "FleetModel",
+    "HubInfo",
     "MetricsHistory",
     "condition_of",
 ]
@@ -102,6 +103,64 @@ class Agent:
                 (v.agent_id, v.hostname, v.region, v.platform, v.version, v.hub_id or "", labels)
             ).casefold()
         return self._text
+
+
+@dataclass(frozen=True, slots=True)
+class HubInfo:
+    """One hub of a cluster as the console shows it (``stats.cluster.hubs``, docs/protocol.md).
+
+    ``state`` is ``up`` (its lease lives) or ``down`` (its lease lapsed, or its agents are
+    ``unknown``, or a ``hub_down`` alert names it); ``agents`` is what the hub says it holds,
+    ``max_agents`` its limit (the load is their ratio), ``lag_ms`` its event loop's lag.
+    """
+
+    hub_id: str
+    state: str = "up"
+    agents: int = 0
+    leader: bool = False
+    lag_ms: float | None = None
+    max_agents: int | None = None
+
+    @property
+    def load(self) -> float | None:
+        """Share of the hub's agent limit in use, or None when it has none."""
+        if not self.max_agents:
+            return None
+        return self.agents / self.max_agents
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def parse_cluster(raw: Any) -> tuple[str | None, dict[str, HubInfo], str | None]:
+    """``stats.cluster`` into (Redis state, hubs by id, the hub that sent it); hostile or
+    missing parts dropped."""
+    if not isinstance(raw, dict):
+        return None, {}, None
+    redis = raw.get("redis")
+    hubs: dict[str, HubInfo] = {}
+    entries = raw.get("hubs")
+    for hub_id, entry in entries.items() if isinstance(entries, dict) else ():
+        if not isinstance(hub_id, str) or not hub_id or len(hub_id) > 128:
+            continue
+        if not isinstance(entry, dict):
+            continue
+        agents = _number(entry.get("agents"))
+        limit = _number(entry.get("max_agents"))
+        hubs[hub_id] = HubInfo(
+            hub_id,
+            "down" if entry.get("state") == "down" else "up",
+            max(0, int(agents)) if agents is not None else 0,
+            entry.get("leader") is True,
+            _number(entry.get("lag_ms")),
+            int(limit) if limit is not None and limit > 0 else None,
+        )
+    sender = raw.get("hub_id")
+    sender = sender if isinstance(sender, str) and 0 < len(sender) <= 128 else None
+    return (redis if redis in ("up", "down") else "unknown"), hubs, sender
 
 
 @dataclass
@@ -237,6 +296,11 @@ class FleetModel(QObject):
         self.history = MetricsHistory()
         self.stats: dict[str, Any] = {}
         self.hubs: dict[str, int] = {}
+        #: Cluster mode only (``stats.cluster``): Redis's state and each hub's lease.
+        self.redis_state: str | None = None
+        self.cluster: dict[str, HubInfo] = {}
+        #: The hub this console is on, when its ticks say (cluster mode).
+        self.this_hub: str | None = None
         self.snapshot_count = 0
         self.events_total = 0
         self.invalid_total = 0
@@ -255,6 +319,25 @@ class FleetModel(QObject):
     @property
     def total(self) -> int:
         return len(self.agents)
+
+    @property
+    def is_cluster(self) -> bool:
+        """The hub runs in cluster mode (its ticks carry ``stats.cluster``)."""
+        return self.redis_state is not None
+
+    def hub_infos(self) -> dict[str, HubInfo]:
+        """Every hub of the cluster, by id: those the ticks report, and those that only the
+        fleet still names (agents ``unknown`` under them, or an open ``hub_down``), which
+        are down. Empty on a single hub."""
+        if not self.is_cluster:
+            return {}
+        infos = dict(self.cluster)
+        named = {a.subject for a in self.open_alerts.values() if a.rule == "hub_down"}
+        named.update(a.view.hub_id for a in self.agents.values() if a.condition == "unknown")
+        for hub_id in named:
+            if hub_id and hub_id not in infos:  # the tick's word wins: its lease is fresh
+                infos[hub_id] = HubInfo(hub_id, "down")
+        return dict(sorted(infos.items()))
 
     # -- input: snapshots ----------------------------------------------------------------
 
@@ -484,6 +567,7 @@ class FleetModel(QObject):
         hubs = stats.get("hubs")
         if isinstance(hubs, dict):
             self.hubs = {str(k): v for k, v in hubs.items() if isinstance(v, int)}
+        self.redis_state, self.cluster, self.this_hub = parse_cluster(stats.get("cluster"))
         if append or len(self.history) == 0:
             self.history.append(time.time(), stats)
         self._pending.metrics = True

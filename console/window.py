@@ -257,8 +257,9 @@ class MainWindow(QMainWindow):
         from .app import ssl_context_for
 
         pin = getattr(params, "pin_sha256", None)
+        urls = params.urls
         context = ssl_context_for(
-            params.hub,
+            next((url for url in urls if url.startswith("wss://")), params.hub),
             params.ca_file,
             params.insecure,
             pin,
@@ -277,33 +278,32 @@ class MainWindow(QMainWindow):
             self.fleet.jobs.clear()
             self.fleet.history.clear()
         self.params = params
-        session = HubSession(
-            params.hub, params.token, ssl_context=context, pin_sha256=pin, parent=self
-        )
+        session = HubSession(urls, params.token, ssl_context=context, pin_sha256=pin, parent=self)
         session.snapshot_received.connect(self.fleet.apply_snapshot)
         session.history_received.connect(self.fleet.apply_history)
         session.events_received.connect(self.fleet.apply_events)
         session.state_changed.connect(self._session_state)
         self.session = session
-        self.setWindowTitle(
-            f"Tether console — {params.hub}" + ("  [TLS NOT VERIFIED]" if params.insecure else "")
-        )
+        self._title()
         session.start()
         return session
 
     def ask_connection(self, hub: str | None = None, ca_file: str | None = None,
                        insecure: bool = False, message: str = "") -> ConnectDialog:  # fmt: skip
-        from .app import ConnectionParams
+        from .app import ConnectionParams, parse_hub_urls
 
         if not isinstance(hub, str):
-            hub = self.params.hub if self.params is not None else None
+            hub = ", ".join(self.params.urls) if self.params is not None else None
         dialog = ConnectDialog(
             self.settings, self.tokens, hub, ca_file, bool(insecure), message, self
         )
 
         def accepted() -> None:
-            url, token, ca, insecure_flag = dialog.values()
-            self.connect_to(ConnectionParams(url, token, ca, insecure_flag))
+            text, token, ca, insecure_flag = dialog.values()
+            urls = parse_hub_urls(text)
+            self.connect_to(
+                ConnectionParams(urls[0], token, ca, insecure_flag, fallback_hubs=tuple(urls[1:]))
+            )
             if getattr(dialog, "stored_in", "") == "plaintext":
                 self.show_status(f"Token stored in plaintext in {self.settings.file_name}.")
 
@@ -326,15 +326,37 @@ class MainWindow(QMainWindow):
             self.show_status("Resync: subscribing again…")
             self._spawn(self.session.resync())
 
+    def _title(self) -> None:
+        """The window names the hub it is on (of several: which, and how many there are)."""
+        params, session = self.params, self.session
+        if params is None or session is None:
+            return
+        urls = session.hub_urls
+        where = session.hub_url
+        if len(urls) > 1:
+            where += f"  (hub {urls.index(where) + 1} of {len(urls)})"
+        self.setWindowTitle(
+            f"Tether console — {where}" + ("  [TLS NOT VERIFIED]" if params.insecure else "")
+        )
+
     def _session_state(self, state: str, detail: str) -> None:
         self._set_indicator(ConnState(state), detail)
+        if state == ConnState.CONNECTED:
+            self._title()
+            if "failed over" in detail:
+                self.show_status(detail[0].upper() + detail[1:] + ".")
         if state == ConnState.FAILED and not self.isHidden() and self.connect_dialog is None:
             self.show_status(detail)
 
     def _set_indicator(self, state: ConnState, detail: str) -> None:
         glyph, colour = INDICATOR[state]
-        if state == ConnState.CONNECTED and self.params is not None:
-            text = f"{glyph} connected  {self.params.hub}"
+        if state == ConnState.CONNECTED and self.session is not None:
+            text = f"{glyph} connected  {self.session.hub_url}"
+            on = self.fleet.this_hub
+            if on:
+                text += f"  ({on})"
+            if len(self.session.hub_urls) > 1:
+                text += f"  · {len(self.session.hub_urls)} hubs known"
         elif state == ConnState.RECONNECTING and self.session is not None:
             text = f"{glyph} reconnecting — {detail}"
         else:
@@ -581,6 +603,7 @@ class MainWindow(QMainWindow):
         self.setStyleSheet(qss)
         self.map.set_theme(name)
         self.graphs.set_theme(name)
+        self.topology.set_theme(name)
         self.light_action.setChecked(light)
         self.light = light
 

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Alerts"]
 
+#: An alert the store could not take is tried again after this long, doubling (seconds).
+ALERT_RETRY_FIRST = 0.5
+ALERT_RETRY_MAX = 5.0
+
 
 class Alerts:
     def __init__(
@@ -60,6 +64,8 @@ class Alerts:
         self._region_drops: dict[str, deque[float]] = {}
         self._takeovers: dict[str, float] = {}
         self._writes: set[asyncio.Future[Any]] = set()
+        #: The save under way of each alert (the next one waits for it).
+        self._saving: dict[str, asyncio.Future[Any]] = {}
         #: Which rules this hub judges: ``all`` (one hub), or in cluster mode ``fleet``
         #: (the leader: everything) and ``hub`` (the others: only rules about themselves).
         self.scope = "all"
@@ -160,6 +166,19 @@ class Alerts:
                 )
             elif share < config.alert_capacity_share * 0.95:
                 self._resolve("capacity", hub_id)
+
+        # store_unavailable: this hub's store cannot write (a full disk, an I/O error)
+        cannot_write = self.store.health.reason
+        if cannot_write:
+            self._raise(
+                "store_unavailable",
+                "critical",
+                hub_id,
+                f"the store cannot write: {cannot_write}; dispatch, cancel and "
+                "acknowledgements are refused until it can",
+            )
+        else:
+            self._resolve("store_unavailable", hub_id)
 
         if self.scope == "hub":
             return
@@ -329,27 +348,59 @@ class Alerts:
         alert = next((a for a in self.open.values() if a.alert_id == alert_id), None)
         if alert is None:
             return None
+        before = (alert.state, alert.acknowledged_by, alert.acknowledged_at, alert.comment)
         alert.state = "acknowledged"
         alert.acknowledged_by = actor
         alert.acknowledged_at = time.time()
         alert.comment = comment
-        await self.store.save_alert(alert)
+        try:
+            await self.store.save_alert(alert)
+        except StoreUnavailable:
+            # Not stored, so not acknowledged.
+            alert.state, alert.acknowledged_by, alert.acknowledged_at, alert.comment = before
+            raise
         self.auditor.record("alert.acknowledged", actor=actor, subject=alert_id)
         view = alert.view()
         self.bus.publish("alerts", "acknowledged", alert.alert_id, alert=view)
         return view
 
+    def _saved(self, alert_id: str, task: asyncio.Future[Any]) -> None:
+        if self._saving.get(alert_id) is task:
+            del self._saving[alert_id]
+
     def _save_and_announce(self, alert: AlertRecord, kind: str) -> None:
+        """Store the alert as it stands, then announce this change. A store that cannot
+        write now (``store_unavailable`` itself is raised while it cannot) is tried again
+        until it can; the saves of one alert go in order, so that ``resolved`` never
+        precedes ``raised``."""
         view = alert.view()
+        previous = self._saving.get(alert.alert_id)
 
         async def save() -> None:
-            try:
-                await self.store.save_alert(alert)
-            except StoreUnavailable:
-                log.error("could not store alert %s", alert.alert_id)
-                return
+            if previous is not None:
+                await asyncio.gather(previous, return_exceptions=True)
+            delay = ALERT_RETRY_FIRST
+            while True:
+                try:
+                    await self.store.save_alert(alert)
+                    break
+                except StoreUnavailable as exc:
+                    if delay == ALERT_RETRY_FIRST:
+                        log.error(
+                            "could not store alert %s (trying again): %s", alert.alert_id, exc
+                        )
+                await asyncio.sleep(delay)
+                delay = min(ALERT_RETRY_MAX, delay * 2)
             self.bus.publish("alerts", kind, alert.alert_id, alert=view)
 
         task = asyncio.ensure_future(save())
+        self._saving[alert.alert_id] = task
+        task.add_done_callback(
+            lambda t: (
+                self._saving.pop(alert.alert_id, None)
+                if self._saving.get(alert.alert_id) is t
+                else None
+            )
+        )
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)

@@ -33,18 +33,18 @@ from .ledger import Ledger
 from .metrics import Metrics, StallReporter
 from .protocol.codec import encode
 from .protocol.constants import Close
+from .protocol.listening import LISTEN_BACKLOG
 from .queries import AdminQueries
 from .registry import Registry
-from .server import HubConnection, listen_now
+from .server import HubConnection, accept, listen_now
 from .store.base import Store, StoreUnavailable
+from .store.retention import Retention
 from .store.sqlite import SQLiteStore
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Hub"]
 
-#: Connections the kernel queues until the hub accepts them (capped by net.core.somaxconn).
-LISTEN_BACKLOG = 4096
 #: How often the client CRL file is checked for a newer version (seconds).
 CRL_RELOAD_INTERVAL = 30.0
 
@@ -125,6 +125,8 @@ class Hub:
         )
         self.read_budget = ReadBudget(config.read_budget_ms / 1000)
         self.tasks: set[asyncio.Future[Any]] = set()
+        #: Wall-clock time for retention (tests give one of their own).
+        self.clock: Callable[[], float] = time.time
         self.store_ready = False
         self.stopping = False
         self.servers: list[asyncio.Server] = []
@@ -136,6 +138,10 @@ class Hub:
         self.metrics.admin_clients = lambda: len(self.admins)
         self.metrics.commands_in_flight = lambda: self.ledger.in_flight
         self.metrics.store_commits = lambda: self.store.commits
+        # A full disk on a dashboard before it is an outage (docs/operations.md).
+        health = self.store.health
+        self.metrics.extra_gauges["tether_store_writable"] = lambda: float(not health.reason)
+        self.metrics.extra_gauges["tether_store_writes_kept"] = lambda: health.retained
 
     # The parts that cluster mode replaces (hub/cluster_hub.py).
 
@@ -184,13 +190,11 @@ class Hub:
             loop = asyncio.get_running_loop()
             for sock in sockets:
                 server = await loop.create_server(
-                    lambda: HubConnection(self),
+                    # TLS runs inside the connection (hub/protocol/tls_layer.py): the gate
+                    # counts and times a TLS handshake like any half-open connection.
+                    lambda: accept(self),
                     sock=sock,
-                    ssl=self.gate.tls,
                     backlog=LISTEN_BACKLOG,
-                    # Not asyncio's 60 s: a TLS handshake in progress is held before the gate
-                    # counts it (docs/security.md).
-                    ssl_handshake_timeout=config.open_timeout if self.gate.tls else None,
                 )
                 self.servers.append(server)
         except BaseException:
@@ -231,7 +235,7 @@ class Hub:
             self._every(5.0, self._check_store, "readiness"),
             self._every(CRL_RELOAD_INTERVAL, self.reload_crl, "crl"),
             self._every(1.0, self.store.checkpoint, "checkpoint"),
-            self._every(3600.0, self._prune, "prune"),
+            self._every(config.prune_interval, self.prune, "prune"),
         ]
 
     async def stop(self) -> None:
@@ -376,8 +380,30 @@ class Hub:
         else:
             gc.freeze()
 
-    def _prune(self) -> None:
-        self.store.prune(time.time() - self.config.heartbeat_retention)
+    def retention(self) -> Retention:
+        config = self.config
+        return Retention(
+            outputs=config.output_retention,
+            commands=config.command_retention,
+            sessions=config.session_retention,
+            alerts=config.alert_retention,
+            audit=config.audit_retention,
+            heartbeats=config.heartbeat_retention,
+        )
+
+    async def prune(self) -> dict[str, int]:
+        """Delete what the retention settings no longer keep (at :attr:`clock`'s time)."""
+        started = time.monotonic()
+        pruned = await self.store.prune_expired(
+            self.retention(), self.clock(), self.config.audit_export
+        )
+        if any(pruned.values()):
+            log.info(
+                "pruned %s in %.1f s",
+                ", ".join(f"{n} {kind}" for kind, n in pruned.items() if n),
+                time.monotonic() - started,
+            )
+        return pruned
 
     # -- what connections and sessions see -----------------------------------------------
 
@@ -386,6 +412,8 @@ class Hub:
             return "draining"
         if not self.store_ready:
             return "store unavailable"
+        if cannot_write := self.store.health.reason:
+            return f"store: {cannot_write}"
         return ""
 
     def readiness_warnings(self) -> list[str]:

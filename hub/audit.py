@@ -14,7 +14,7 @@ from typing import Any
 
 from .bus import Bus
 from .protocol.times import format_time
-from .store.base import AuditEntry, Store
+from .store.base import AuditEntry, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,9 @@ __all__ = ["Auditor"]
 #: Entries waiting for the store beyond this are dropped (and counted): an audit flood
 #: must not grow the hub without bound when the disk cannot keep up.
 MAX_PENDING = 100_000
+#: Entries the store could not take are tried again after this long, doubling (seconds).
+RETRY_FIRST = 0.5
+RETRY_MAX = 5.0
 
 
 class Auditor:
@@ -34,6 +37,7 @@ class Auditor:
         self._pending: list[AuditEntry] = []
         self._scheduled = False
         self._inflight: set[asyncio.Future[None]] = set()
+        self._retry_delay = 0.0
 
     def entry(
         self,
@@ -90,12 +94,32 @@ class Auditor:
             return
         future = asyncio.ensure_future(self.store.audit(entries))
         self._inflight.add(future)
-        future.add_done_callback(self._done)
+        future.add_done_callback(lambda f: self._done(f, entries))
 
-    def _done(self, future: asyncio.Future[None]) -> None:
+    def _done(self, future: asyncio.Future[None], entries: list[AuditEntry]) -> None:
         self._inflight.discard(future)
-        if not future.cancelled() and future.exception() is not None:
-            log.error("audit write failed: %s", future.exception())
+        if future.cancelled():
+            return
+        failure = future.exception()
+        if failure is None:
+            self._retry_delay = 0.0
+            return
+        if not isinstance(failure, StoreUnavailable):
+            log.error("audit write failed: %s", failure)
+            return
+        # The store cannot take them now (a full disk): kept, ahead of newer entries, and
+        # tried again later; logged when a run of failures starts, not at every try.
+        if self._retry_delay == 0.0:
+            log.error("audit write failed, %d entries kept to retry: %s", len(entries), failure)
+        room = MAX_PENDING - len(self._pending)
+        if len(entries) > room:
+            self.dropped += len(entries) - max(room, 0)
+            entries = entries[: max(room, 0)]
+        self._pending[:0] = entries
+        self._retry_delay = min(RETRY_MAX, max(RETRY_FIRST, self._retry_delay * 2))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_later(self._retry_delay, self._flush)
 
     async def drain(self) -> None:
         """Wait for every queued entry to be stored."""

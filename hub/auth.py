@@ -12,19 +12,20 @@ effect on live connections within seconds.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fnmatch
 import hashlib
 import hmac
 import logging
 import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from .model import JWT_PREFIX, CredentialRecord
 from .protocol.constants import ROLES
-from .store.base import Store
+from .store.base import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,19 @@ ID_LENGTH = 12
 #: A token id the store did not know is not looked up again for this long.
 MISS_TTL = 5.0
 MAX_MISSES = 10_000
+#: How long a revoked or replaced key is still answered 403 ("revoked") rather than 401
+#: ("unknown") once this hub learned of its revocation. Refused either way; only the answer
+#: (and so the agent's backoff) differs.
+REVOKED_RETENTION = 30 * 86400.0
+#: Revocations are forgotten a bucket at a time: this many buckets span the retention.
+REVOKED_BUCKETS = 30
+#: At most this many revocations are kept (about 19 MB), whatever the retention: a hundred
+#: re-enrollment storms of a big fleet within it would otherwise hold millions. Past it the
+#: oldest bucket goes early (its keys answered 401 from then on: still refused).
+REVOKED_MAX = 200_000
+#: The bytes of a revoked key's secret hash kept to tell its holder (403) from a guesser (401):
+#: finding a secret that matches them takes 2^64 hashes, and earns a 403 instead of a 401.
+REVOKED_DIGEST = 8
 
 __all__ = [
     "AuthFailure",
@@ -107,10 +121,23 @@ def role_allows(role: str | None, needed: str) -> bool:
 class Credentials:
     """The hub's view of every credential, kept in memory and synced from the store."""
 
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Callable[[], float] = time.time,
+        revoked_retention: float = REVOKED_RETENTION,
+    ) -> None:
         self.store = store
         self.clock = clock
+        #: Credentials that may still authenticate (and revoked JWT ids, which are the
+        #: revocation itself). Revoked keys leave it for :attr:`revoked`.
         self.records: dict[str, CredentialRecord] = {}
+        #: Revoked keys, compactly: id -> a prefix of its secret's hash, in buckets by when
+        #: this hub learned of the revocation (newest last), dropped after the retention.
+        self.revoked = Revocations(revoked_retention, clock)
+        #: Agent id -> ids of the unrevoked agent keys enrollment issued to it (usually
+        #: one): what a re-enrollment replaces, found without a scan.
+        self.enrolled_keys: dict[str, tuple[str, ...]] = {}
         self.rev = 0
         #: Called with the ids of credentials that became revoked since the last sync.
         self.on_revoked: Callable[[set[str]], None] | None = None
@@ -118,9 +145,73 @@ class Credentials:
         self._syncing: asyncio.Future[None] | None = None
 
     async def load(self) -> None:
-        for record in await self.store.credentials():
-            self.records[record.id] = record
-            self.rev = max(self.rev, record.rev)
+        self.apply(await self.store.credentials(), announce=False)
+
+    # -- the in-memory view: every change goes through _put ---------------------------------
+
+    def _put(self, record: CredentialRecord) -> bool:
+        """Install ``record`` as the current state of its id; True when that revoked it."""
+        credential_id = record.id
+        before = self.records.get(credential_id)
+        if before is not None:
+            self._unindex(before)
+        if not record.revoked or record.kind == "jwt":
+            # A revoked JWT id is kept whole: it is the revocation (and there are few).
+            self.records[credential_id] = record
+            self._index(record)
+            if not record.revoked and self.revoked:
+                # A stale read: the next sync revokes it again.
+                self.revoked.discard(credential_id, record.secret_hash)
+            return record.revoked and (before is None or not before.revoked)
+        if before is not None:
+            del self.records[credential_id]
+        elif self.revoked.holds(credential_id, record.secret_hash):
+            return False
+        self.revoked.add(credential_id, record.secret_hash)
+        return before is None or not before.revoked
+
+    def _index(self, record: CredentialRecord) -> None:
+        if _enrollment_issued(record):
+            agent_id = record.agent_id or ""
+            keys = self.enrolled_keys.get(agent_id, ())
+            if record.id not in keys:
+                self.enrolled_keys[agent_id] = (*keys, record.id)
+
+    def _unindex(self, record: CredentialRecord) -> None:
+        if _enrollment_issued(record, revoked_too=True):
+            agent_id = record.agent_id or ""
+            keys = tuple(k for k in self.enrolled_keys.get(agent_id, ()) if k != record.id)
+            if keys:
+                self.enrolled_keys[agent_id] = keys
+            else:
+                self.enrolled_keys.pop(agent_id, None)
+
+    def _revoke(self, credential_id: str) -> None:
+        record = self.records.get(credential_id)
+        if record is not None and not record.revoked:
+            self._put(dataclasses.replace(record, revoked=True))
+
+    def forget(self, credential_ids: Iterable[str]) -> None:
+        """Drop credentials the store no longer holds (removed by another hub's retention).
+        Rare, so a revocation is looked for in every bucket."""
+        ids = set(credential_ids)
+        for credential_id in ids:
+            record = self.records.pop(credential_id, None)
+            if record is not None:
+                self._unindex(record)
+        self.revoked.forget(ids)
+
+    async def expire(self) -> int:
+        """Forget the revocations older than the retention, here and in the store (a hub
+        that restarted relearns them with a fresh retention: the store keeps them longer,
+        never shorter). How many were forgotten."""
+        expired = self.revoked.expire()
+        if expired:
+            try:
+                await self.store.purge_credentials(expired)
+            except StoreUnavailable:
+                log.warning("%d expired revocations stay in the store for now", len(expired))
+        return len(expired)
 
     async def sync(self) -> None:
         """Pick up credentials created, spent or revoked by anyone writing to the store.
@@ -141,29 +232,29 @@ class Credentials:
         rev, changed = await self.store.credentials_since(self.rev)
         self.apply(changed)
         self.rev = max(self.rev, rev)
+        if self.revoked.due():
+            await self.expire()
 
     def enrolled(
         self, enroll_id: str, issued: CredentialRecord, replaced: list[str], new_id: bool
     ) -> None:
         """Mirror in memory what :meth:`Store.enroll` just committed (sync confirms later)."""
-        self.records[issued.id] = issued
+        # The replaced keys' connections need no closing: this registration supersedes them.
         for old in replaced:
-            record = self.records.get(old)
-            if record is not None:
-                record.revoked = True
+            self._revoke(old)
+        self._put(issued)
         key = self.records.get(enroll_id)
         if key is not None and new_id and key.uses_left is not None:
             key.uses_left -= 1
 
-    def apply(self, changed: list[CredentialRecord]) -> None:
+    def apply(self, changed: Iterable[CredentialRecord], announce: bool = True) -> None:
+        """Install records read from the store (newer states of the same id win)."""
         revoked: set[str] = set()
         for record in changed:
-            before = self.records.get(record.id)
-            if record.revoked and (before is None or not before.revoked):
+            if self._put(record):
                 revoked.add(record.id)
-            self.records[record.id] = record
             self.rev = max(self.rev, record.rev)
-        if revoked and self.on_revoked is not None:
+        if announce and revoked and self.on_revoked is not None:
             self.on_revoked(revoked)
 
     def _may_look_up(self, credential_id: str) -> bool:
@@ -199,9 +290,12 @@ class Credentials:
         credential_id = token[4 : 4 + ID_LENGTH]
         secret = token[5 + ID_LENGTH :]
         record = self.records.get(credential_id)
-        if record is None and self._may_look_up(credential_id):
-            raise NotCached(credential_id)
         digest = _hash(secret)
+        if record is None:
+            if self.revoked and self.revoked.holds(credential_id, digest):
+                raise AuthFailure(403, "revoked token")
+            if self._may_look_up(credential_id):
+                raise NotCached(credential_id)
         if record is None or record.kind != kind:
             hmac.compare_digest(digest, digest)  # same work either way
             raise AuthFailure(401, "unknown token")
@@ -266,15 +360,104 @@ class Credentials:
         return record, token
 
     def enrollment_keys_of(self, agent_id: str) -> list[str]:
-        """Agent keys previously issued to ``agent_id`` by enrollment (replaced on re-enroll).
+        """Unrevoked agent keys issued to ``agent_id`` by enrollment: what a re-enrollment
+        replaces. An index lookup: for a fleet of stateless agents every start is one."""
+        return list(self.enrolled_keys.get(agent_id, ()))
 
-        A scan, but only re-enrollment calls it: an agent that lost its state dir.
-        """
-        return [
-            r.id
-            for r in self.records.values()
-            if r.kind == "agent"
-            and r.agent_id == agent_id
-            and not r.revoked
-            and (r.issued_by or "").startswith("enroll:")
-        ]
+
+def _enrollment_issued(record: CredentialRecord, revoked_too: bool = False) -> bool:
+    return (
+        record.kind == "agent"
+        and (revoked_too or not record.revoked)
+        and (record.issued_by or "").startswith("enroll:")
+    )
+
+
+class Revocations:
+    """Revoked keys as a hub still answers them (403, not 401): each one ``bytes`` of its id
+    and 8 bytes of its secret's hash (about 80 bytes in memory, a fifth of a record), in
+    buckets by when the hub learned of it, dropped a bucket at a time after the retention,
+    so that re-enrollment storms cost memory for the retention only, not forever."""
+
+    __slots__ = ("_buckets", "_clock", "_count", "_dropped", "_span", "limit", "retention")
+
+    def __init__(
+        self, retention: float, clock: Callable[[], float], limit: int = REVOKED_MAX
+    ) -> None:
+        self.retention = retention
+        self.limit = limit
+        self._clock = clock
+        self._span = retention / REVOKED_BUCKETS
+        #: (start of the bucket, entries), oldest first.
+        self._buckets: deque[tuple[float, set[bytes]]] = deque()
+        self._count = 0
+        #: Entries dropped early (past ``limit``), handed out by the next :meth:`expire`.
+        self._dropped: list[bytes] = []
+
+    @staticmethod
+    def _entry(credential_id: str, secret_hash: bytes) -> bytes:
+        return credential_id.encode() + secret_hash[:REVOKED_DIGEST]
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return bool(self._buckets)
+
+    def add(self, credential_id: str, secret_hash: bytes) -> None:
+        now = self._clock()
+        buckets = self._buckets
+        if not buckets or now >= buckets[-1][0] + self._span:
+            buckets.append((now, set()))
+        entries = buckets[-1][1]
+        before = len(entries)
+        entries.add(self._entry(credential_id, secret_hash))
+        self._count += len(entries) - before
+        while self._count > self.limit and len(buckets) > 1:
+            dropped = buckets.popleft()[1]
+            self._count -= len(dropped)
+            self._dropped.extend(dropped)
+
+    def holds(self, credential_id: str, secret_hash: bytes) -> bool:
+        """Whether the key with this id and secret hash was revoked (a set lookup per
+        bucket: the entry is the secret's proof, like the record's hash comparison)."""
+        entry = self._entry(credential_id, secret_hash)
+        return any(entry in entries for _, entries in self._buckets)
+
+    def discard(self, credential_id: str, secret_hash: bytes) -> None:
+        entry = self._entry(credential_id, secret_hash)
+        for _, entries in self._buckets:
+            if entry in entries:
+                entries.discard(entry)
+                self._count -= 1
+
+    def forget(self, credential_ids: set[str]) -> None:
+        """Drop every revocation of these ids (a scan: only for purges made elsewhere)."""
+        cut = -REVOKED_DIGEST
+        for _, entries in self._buckets:
+            gone = [entry for entry in entries if entry[:cut].decode() in credential_ids]
+            entries.difference_update(gone)
+            self._count -= len(gone)
+
+    def due(self) -> bool:
+        buckets = self._buckets
+        return bool(self._dropped) or (
+            bool(buckets) and buckets[0][0] + self._span <= self._clock() - self.retention
+        )
+
+    def expire(self) -> list[str]:
+        """Drop the buckets older than the retention; the ids dropped (with those dropped
+        early since the last call)."""
+        cut = -REVOKED_DIGEST
+        expired = [entry[:cut].decode() for entry in self._dropped]
+        self._dropped = []
+        buckets = self._buckets
+        while buckets and buckets[0][0] + self._span <= self._clock() - self.retention:
+            entries = buckets.popleft()[1]
+            self._count -= len(entries)
+            expired.extend(entry[:cut].decode() for entry in entries)
+        return expired
+
+    def ids(self) -> set[str]:
+        cut = -REVOKED_DIGEST
+        return {entry[:cut].decode() for _, entries in self._buckets for entry in entries}

@@ -25,6 +25,15 @@ from .protocol.tls import TlsOptions, make_ssl_context, parse_fingerprint
 __all__ = ["main"]
 
 LIMIT = re.compile(r"^(\d+|(100|[1-9]?[0-9])%)$")
+#: ``serve --retention KIND=SECONDS``: the configuration field of each kind.
+RETENTION_FLAGS = {
+    "outputs": "output_retention",
+    "commands": "command_retention",
+    "sessions": "session_retention",
+    "alerts": "alert_retention",
+    "audit": "audit_retention",
+    "heartbeats": "heartbeat_retention",
+}
 
 
 class UsageError(Exception):
@@ -95,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run N hub processes on the one port (SO_REUSEPORT); needs --redis",
     )
     serve.add_argument("--heartbeat-interval", type=float)
+    serve.add_argument(
+        "--retention",
+        action="append",
+        default=[],
+        metavar="KIND=SECONDS",
+        help=f"keep a kind this long (0: forever); kinds: {', '.join(RETENTION_FLAGS)}",
+    )
+    serve.add_argument("--audit-export", help="append audit entries here before pruning them")
     serve.add_argument("--log-level")
     serve.add_argument("--log-json", action="store_true", default=None)
 
@@ -179,7 +196,33 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--subject")
     audit.add_argument("--limit", type=int, default=100)
     audit.add_argument("--before")
+
+    _store_parser(commands)
     return parser
+
+
+def _store_parser(commands: Any) -> None:
+    """``store stats|backup|restore``: the embedded store's file (docs/operations.md)."""
+    store = commands.add_parser("store", help="the store file: figures, backup, restore")
+    store_commands = store.add_subparsers(dest="store_command", required=True)
+    stats = store_commands.add_parser(
+        "stats", help="sizes and row counts per kind, oldest entries, free pages"
+    )
+    backup = store_commands.add_parser(
+        "backup", help="a consistent copy of the store, also while the hub runs"
+    )
+    backup.add_argument("out", metavar="OUT", help="the backup file to write")
+    restore = store_commands.add_parser(
+        "restore", help="put a backup in place as the store of --data-dir (hub stopped)"
+    )
+    restore.add_argument("backup", metavar="IN", help="a file made by `store backup`")
+    restore.add_argument(
+        "--force", action="store_true", help="move a store already there aside (.replaced)"
+    )
+    for sub in (stats, backup, restore):
+        sub.add_argument("--data-dir", default=os.environ.get("TETHER_DATA_DIR"))
+        sub.add_argument("--config", help="TOML configuration file (its data_dir)")
+        sub.add_argument("--json", action="store_true")
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -190,6 +233,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
             code = _serve(args)
         elif args.command == "token":
             code = _run(_token(args))
+        elif args.command == "store":
+            code = _store(args)
         else:
             code = _run(_client_command(args))
     except UsageError as exc:
@@ -240,6 +285,14 @@ def _config_from(args: argparse.Namespace) -> Any:
     }
     flags["data_dir"] = args.data_dir
     flags["redis_url"] = args.redis
+    flags["audit_export"] = getattr(args, "audit_export", None)
+    for item in getattr(args, "retention", None) or ():
+        kind, _, seconds = item.partition("=")
+        field = RETENTION_FLAGS.get(kind.strip())
+        if field is None or not seconds:
+            raise UsageError(f"--retention {item!r}: expected KIND=SECONDS, KIND one of "
+                             f"{', '.join(RETENTION_FLAGS)}")  # fmt: skip
+        flags[field] = seconds.strip()
     try:
         return load_config(args.config, flags)
     except (OSError, ValueError) as exc:
@@ -247,6 +300,12 @@ def _config_from(args: argparse.Namespace) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.listen and (args.workers or 1) == 1:
+        # Before the imports below (a second or more): a fleet dialing a restarted hub
+        # waits in the backlog rather than being refused and backing off.
+        from .protocol.listening import listen_early
+
+        listen_early(args.listen, reuse_port=bool(os.environ.get("TETHER_REUSE_PORT")))
     from .cluster_hub import make_hub
     from .logs import configure_logging
     from .store.base import StoreUnavailable
@@ -297,6 +356,64 @@ def _serve(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# -- store ---------------------------------------------------------------------------------
+
+
+def _store(args: argparse.Namespace) -> int:
+    import sqlite3
+    from pathlib import Path
+
+    from .store import maintenance
+
+    data_dir = args.data_dir
+    if data_dir is None and args.config:
+        from .config import load_config
+
+        try:
+            data_dir = str(load_config(args.config).data_dir)
+        except (OSError, ValueError) as exc:
+            raise UsageError(str(exc).splitlines()[0]) from None
+    if data_dir is None:
+        raise UsageError("store commands need --data-dir (or TETHER_DATA_DIR)")
+    action = args.store_command
+    try:
+        if action == "stats":
+            result = maintenance.stats(Path(data_dir))
+        elif action == "backup":
+            result = maintenance.backup(Path(data_dir), Path(args.out))
+        else:
+            result = maintenance.restore(Path(args.backup), Path(data_dir), force=args.force)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    except maintenance.RestoreError as exc:
+        raise Failed(str(exc)) from None
+    except (OSError, sqlite3.Error) as exc:
+        raise Failed(f"store {action} failed: {exc}") from None
+    if args.json:
+        print(_dump(result))
+    elif action == "stats":
+        _print_stats(result)
+    else:
+        print(" ".join(f"{key}={value}" for key, value in result.items()))
+    return 0
+
+
+def _print_stats(stats: dict[str, Any]) -> None:
+    mib = 1024 * 1024
+    print(
+        f"{stats['path']}: {stats['file_bytes'] / mib:.1f} MiB (+ WAL "
+        f"{stats['wal_bytes'] / mib:.1f} MiB), schema {stats['schema']}, {stats['pages']} "
+        f"pages of {stats['page_size']} B, {stats['free_pages']} free, auto_vacuum "
+        f"{stats['auto_vacuum']}"
+    )
+    print(f"{'KIND':<12} {'ROWS':>10} {'MIB':>9}  OLDEST")
+    for kind, figures in stats["kinds"].items():
+        print(
+            f"{kind:<12} {figures['rows']:>10} {figures['bytes'] / mib:>9.2f}  "
+            f"{figures['oldest'] or '-'}"
+        )
 
 
 # -- token ---------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .protocol.listening import parse_listen as parse_listen
+
 __all__ = ["ENVIRONMENT", "HubConfig", "load_config", "parse_listen"]
 
 
@@ -67,6 +69,12 @@ class HubConfig(BaseModel):
     auth_failure_window: float = Field(default=60.0, gt=0)
     auth_cooloff: float = Field(default=60.0, gt=0)
     overload_retry_after: int = Field(default=5, ge=1)
+    #: A hub behind by more than this — a new connection waited this long in the kernel's
+    #: accept queue, or the event loop runs this late — answers it 503 + Retry-After at once
+    #: instead of a handshake the agent gives up on (hub/gate.py): the agent's open timeout
+    #: (10 s) less the time a hub takes to answer once it reads a request. Lower refuses
+    #: agents that would have made it (2 s doubled a 19,000-agent storm); 0: never.
+    max_queue_delay: float = Field(default=8.0, ge=0)
 
     # Agents
     heartbeat_interval: float = Field(default=15.0, gt=0)
@@ -106,6 +114,20 @@ class HubConfig(BaseModel):
     heartbeat_flush_interval: float = Field(default=5.0, gt=0)
     heartbeat_sample_interval: float = Field(default=60.0, gt=0)
     heartbeat_retention: float = Field(default=24 * 3600.0, gt=0)
+    # Retention (seconds; 0 keeps forever), enforced every ``prune_interval`` in small
+    # batches on the store's writer thread (docs/operations.md, "Retention").
+    #: Output of commands of finished jobs, from the job's end.
+    output_retention: float = Field(default=7 * 86400.0, ge=0)
+    #: Finished jobs and their commands, from the job's end.
+    command_retention: float = Field(default=30 * 86400.0, ge=0)
+    #: Ended agent sessions.
+    session_retention: float = Field(default=30 * 86400.0, ge=0)
+    #: Resolved alerts.
+    alert_retention: float = Field(default=90 * 86400.0, ge=0)
+    audit_retention: float = Field(default=365 * 86400.0, ge=0)
+    #: Audit entries are appended to this file as JSON lines before they are pruned.
+    audit_export: Path | None = None
+    prune_interval: float = Field(default=3600.0, gt=0)
     credential_sync_interval: float = Field(default=1.0, gt=0)
     shutdown_timeout: float = Field(default=5.0, gt=0)
     #: Long-lived objects move out of the garbage collector's sight this often (0: never),
@@ -185,12 +207,3 @@ def load_config(
         if value is not None and value != []:
             values[name] = value
     return HubConfig(**values)
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) into a host and a port."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"--listen needs HOST:PORT, got {listen!r}")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)

@@ -22,7 +22,9 @@ import email.utils
 import http
 import logging
 import random
+import socket
 import ssl
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -53,6 +55,7 @@ from .registry import Registry
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "SHED_BUSY",
     "Gate",
     "Guest",
     "Pending",
@@ -69,6 +72,9 @@ __all__ = [
 #: first bytes (3): refusals in flight are bounded by the cap too, the oldest answered one
 #: closed to make room.
 ADMITTED, SHED_FULL, SHED_SOURCE, SHED_NOW = 0, 1, 2, 3
+#: ...or refused, answered 503 from its first bytes, because the hub is behind: it waited
+#: in the kernel's accept queue longer than ``max_queue_delay`` (or the loop runs that late).
+SHED_BUSY = 4
 
 #: At the cap, a newcomer takes the place of a half-open connection. When the source (an
 #: IPv4 address, an IPv6 /64) holding the most holds more than twice what the newcomer's
@@ -177,11 +183,40 @@ def server_ssl_context(config: HubConfig) -> ssl.SSLContext | None:
         # /ws and /admin enforce --require-client-cert after the handshake.
         context.verify_mode = ssl.CERT_OPTIONAL
         if config.client_crl is not None:
-            # A presented certificate that the CRL revokes fails the handshake. OpenSSL
-            # keeps every CRL loaded and uses the newest: reloading one adds it.
+            # A presented certificate that the CRL revokes fails the handshake (a changed
+            # CRL is loaded into a fresh context: Gate.reload_crl).
             context.load_verify_locations(config.client_crl)
             context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    # TLS 1.3 session tickets (stateless: the hub keeps nothing per ticket) let a returning
+    # agent skip the certificate exchange and signature. One per handshake: an agent holds
+    # one connection, and every resumed handshake brings a fresh ticket.
+    context.num_tickets = 1
     return context
+
+
+#: Linux's TCP_INFO (``struct tcp_info``): ``tcpi_last_data_recv``, milliseconds since the
+#: connection last received data — for one just accepted, since its request arrived (or,
+#: before any data, since its TCP handshake): how long it waited in the accept queue.
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_TCP_INFO_SIZE = 104
+_LAST_DATA_RECV = struct.Struct("=I")
+_LAST_DATA_RECV_OFFSET = 52
+
+
+def queued_for(conn: Guest) -> float:
+    """Seconds a connection just accepted had waited in the kernel's queue (0 where the
+    platform cannot say)."""
+    transport = conn.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or _TCP_INFO is None:
+        return 0.0
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_SIZE)
+    except (OSError, AttributeError, TypeError):
+        return 0.0
+    if len(info) < _LAST_DATA_RECV_OFFSET + 4:
+        return 0.0
+    return float(_LAST_DATA_RECV.unpack_from(info, _LAST_DATA_RECV_OFFSET)[0]) / 1000
 
 
 def _peer_certificate(conn: Guest, binary: bool = False) -> Any:
@@ -266,6 +301,9 @@ class Gate:
         """
         config = self.config
         peer = conn.peer
+        behind = config.max_queue_delay and self.behind(conn)
+        if behind:
+            return self._refusing(SHED_BUSY, peer)
         source = source_key(peer)
         per_source = config.max_pending_per_source
         if per_source and self.pending_by_source.get(source, 0) >= per_source:
@@ -280,10 +318,34 @@ class Gate:
             self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
         return ADMITTED
 
+    def behind(self, conn: Guest) -> float:
+        """How far behind the hub is by ``conn``'s measure, when past ``max_queue_delay``
+        (else 0): the time it waited to be accepted, or the event loop's lateness.
+
+        A saturated hub accepts connections late: each waited in the kernel's queue while
+        the agent's open timeout (10 s by default) ran. Handshaking it anyway spends the
+        hub's scarce time on an agent likely gone by the answer, and makes every later one
+        wait longer still; a 503 now costs a few microseconds and tells the agent when to
+        come back (the spread Retry-After of every busy refusal).
+        """
+        limit = self.config.max_queue_delay
+        late = max(queued_for(conn), self.metrics.lag.current())
+        return late if late > limit else 0.0
+
     def arrived(self, conn: Pending) -> None:
         """Its request head is in (waiting for the read budget): no longer half-open, so
         neither shed nor timed out, but still pending until the request is handled."""
         self.half_open.remove(conn)
+
+    def progressed(self, conn: Pending) -> None:
+        """A half-open connection's TLS handshake moved on (the hub answered its ClientHello,
+        or the handshake is done): its clock starts again, so that each step — ClientHello,
+        the client's Finished, the request — gets the open timeout of the moment, and a
+        handshake the hub has paid for goes to the back of the shedding order. At most
+        twice per connection (TLS bounds its flights)."""
+        share = self.half_open
+        if share.remove(conn):
+            share.add(conn, source_key(conn.peer), self.clock())
 
     def depart(self, conn: Pending) -> None:
         """A pending handshake ended: its request was handled, or it closed."""
@@ -311,6 +373,8 @@ class Gate:
         """The 503 a refused newcomer gets, with a Retry-After that spreads the retries."""
         if kind == SHED_SOURCE:
             self._flood(conn.peer, "source_overloaded", 503, "pending handshakes of this source")
+        elif kind == SHED_BUSY:
+            self._flood(conn.peer, "overloaded", 503, "hub behind: accepted late")
         else:
             self._flood(conn.peer, "overloaded", 503, "pending handshakes at their cap")
         self._episode[1] += 1
@@ -655,17 +719,21 @@ class Gate:
         """Pick up a renewed CRL (and with it newly revoked certificates) without a restart,
         and close the connections whose certificate it now revokes: TLS checks a
         certificate only at the handshake."""
-        path, context = self.config.client_crl, self.tls
-        if path is None or context is None or self.config.client_ca is None:
+        path = self.config.client_crl
+        if path is None or self.tls is None or self.config.client_ca is None:
             return
         try:
             mtime = (await asyncio.to_thread(path.stat)).st_mtime_ns
             if mtime == self._crl_mtime:
                 return
-            await asyncio.to_thread(context.load_verify_locations, path)
+            # A fresh context, not the CRL added to this one: its new session-ticket keys
+            # make every agent's ticket void, so that no session resumed from a ticket
+            # skips the new CRL (a resumed TLS session checks no certificate).
+            fresh = await asyncio.to_thread(server_ssl_context, self.config)
         except (OSError, ssl.SSLError) as exc:
             log.error("cannot reload the client CRL %s: %s", path, exc)
             return
+        self.tls = fresh
         self._crl_mtime = mtime
         self.auditor.record("tls.crl_reloaded", subject=str(path))
         log.info("client CRL %s reloaded", path)

@@ -25,7 +25,7 @@ from .protocol.messages import (
     PagedRequest,
 )
 from .registry import Registry
-from .store.base import Store
+from .store.base import Store, StoreUnavailable
 
 __all__ = ["AdminQueries", "RequestError"]
 
@@ -122,11 +122,19 @@ class AdminQueries:
 
     # -- commands and jobs ---------------------------------------------------------------
 
+    def _writable(self) -> None:
+        """Refuse (``unavailable``) a request that would have to be stored while the store
+        cannot write: nothing of it is accepted, nothing waits for a commit that would fail."""
+        if reason := self.store.health.reason:
+            raise StoreUnavailable(f"the store cannot write: {reason}")
+
     async def dispatch(self, request: Dispatch, actor: str, source: str) -> dict[str, Any]:
+        self._writable()
         entry = self.auditor.entry("admin.dispatch", actor=actor, source=source, name=request.name)
         return await self.ledger.dispatch(request, actor, audit=[entry])
 
     async def cancel(self, request: CancelRequest, actor: str) -> dict[str, Any]:
+        self._writable()
         subject = request.job_id or request.command_id
         self.auditor.record("admin.cancel", actor=actor, subject=subject)
         outcome = await self.ledger.cancel(request.job_id, request.command_id, actor)
@@ -179,6 +187,7 @@ class AdminQueries:
         return {"alerts": page.items, "next": page.next}
 
     async def ack_alert(self, alert_id: str, actor: str, comment: str | None) -> dict[str, Any]:
+        self._writable()
         alert = await self.acknowledge(alert_id, actor, comment)
         if alert is None:
             raise RequestError("not_found", "no such open alert")

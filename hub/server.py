@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from typing import Any, Protocol
 
 from websockets.exceptions import (
@@ -34,6 +33,7 @@ from .channel import Session
 from .config import HubConfig
 from .gate import (
     ADMITTED,
+    SHED_BUSY,
     SHED_FULL,
     SHED_NOW,
     SHED_SOURCE,
@@ -51,10 +51,12 @@ from .protocol.constants import (
     AGENT_SUBPROTOCOL,
     MAX_MESSAGE_BYTES,
 )
+from .protocol.listening import listen_now as listen_now
+from .protocol.tls_layer import TlsLayer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HubConnection", "ServerHost", "listen_now"]
+__all__ = ["HubConnection", "ServerHost", "accept", "listen_now"]
 
 #: The error code of each refusal that websockets' own parser or checks make.
 _WEBSOCKETS_ERRORS = {
@@ -84,7 +86,7 @@ _DROPPED = -2
 #: 4 KiB, a JWT included.
 MAX_REQUEST_HEAD = 16 * 1024
 #: The states of a newcomer the gate refused and counts among the refusals in flight.
-_REFUSING = (SHED_FULL, SHED_SOURCE, _SHED_ANSWERED)
+_REFUSING = (SHED_FULL, SHED_SOURCE, SHED_BUSY, _SHED_ANSWERED)
 #: Where a request head ends.
 _HEAD_END = b"\r\n\r\n"
 
@@ -228,6 +230,11 @@ class HubConnection(Connection):
                 transport.close()
                 return
         transport.abort()
+
+    def tls_progressed(self) -> None:
+        """TLS moved on (hub/protocol/tls_layer.py): a fresh open timeout for the next step."""
+        if self._pending and self._head_bytes >= 0:
+            self.host.gate.progressed(self)
 
     def _handshake_done(self) -> None:
         if self._pending:
@@ -467,26 +474,9 @@ class HubConnection(Connection):
         return json_response(503 if reason else 200, body)
 
 
-def listen_now(host: str, port: int, backlog: int, reuse_port: bool = False) -> list[socket.socket]:
-    """Bound, listening sockets for ``host:port``, one per address, to be served later.
-
-    A hub listens before it loads its state: while it reads tens of thousands of agents
-    back in, connections of a fleet that was just sent away wait in the kernel's backlog
-    instead of being refused (a refusal means a retry later; a wait is answered as soon as
-    the hub serves). ``socket.create_server`` makes each as ``create_server`` would:
-    ``SO_REUSEADDR``, IPv6 sockets IPv6-only.
-    """
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    sockets: list[socket.socket] = []
-    try:
-        for family, address in dict.fromkeys((info[0], info[4]) for info in infos):
-            sock = socket.create_server(
-                address, family=family, backlog=backlog, reuse_port=reuse_port
-            )
-            sockets.append(sock)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
+def accept(host: ServerHost) -> asyncio.BaseProtocol:
+    """A new TCP connection: the hub's connection, inside TLS when the hub serves wss://
+    (the context is read per connection: a reloaded CRL swaps it, hub.gate)."""
+    conn = HubConnection(host)
+    context = host.gate.tls
+    return conn if context is None else TlsLayer(conn, context, server_side=True)

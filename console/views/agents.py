@@ -216,14 +216,24 @@ COLUMNS: list[tuple[str, Callable[[Agent, Any], Any], int]] = [
     ("Region", lambda a, m: (a.view.region, a.view.agent_id), 100),
     ("Platform", lambda a, m: (a.view.platform, a.view.agent_id), 70),
     ("Status", lambda a, m: (a.rank, a.view.agent_id), 90),
+    ("Hub", lambda a, m: (a.view.hub_id or "", a.view.agent_id), 80),
     ("Version", lambda a, m: (_version_key(a.view.version), a.view.agent_id), 64),
     ("Last seen", lambda a, m: (-(a.last_seen or 0.0), a.view.agent_id), 76),
     ("RTT ms", lambda a, m: (_rtt(a, m) if _rtt(a, m) is not None else 1e18, a.view.agent_id), 60),
     ("CPU %", lambda a, m: (_metric(a, "cpu_percent", "cpu") or -1.0, a.view.agent_id), 56),
 ]
-COL_ID, COL_HOST, COL_REGION, COL_PLATFORM, COL_STATUS, COL_VERSION, COL_SEEN, COL_RTT, COL_CPU = (
-    range(len(COLUMNS))
-)
+(
+    COL_ID,
+    COL_HOST,
+    COL_REGION,
+    COL_PLATFORM,
+    COL_STATUS,
+    COL_HUB,
+    COL_VERSION,
+    COL_SEEN,
+    COL_RTT,
+    COL_CPU,
+) = range(len(COLUMNS))
 NUMERIC_COLUMNS = {COL_SEEN, COL_RTT, COL_CPU}
 #: Rebuilding the rows (filter + sort) happens at most this often for live updates.
 REBUILD_INTERVAL = 0.5
@@ -317,6 +327,8 @@ class AgentTableModel(QAbstractTableModel):
             if agent.condition == "degraded":
                 return f"{v.status}"
             return agent.condition
+        if column == COL_HUB:
+            return v.hub_id or ""
         if column == COL_VERSION:
             return v.version
         if column == COL_SEEN:

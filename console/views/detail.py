@@ -276,7 +276,7 @@ class AgentDetail(QDialog):
             "region": view.region,
             "platform": view.platform,
             "version": view.version,
-            "hub_id": view.hub_id or "",
+            "hub_id": self._hub(view.hub_id),
             "connected_at": _short(view.connected_at),
             "last_seen": (
                 f"{_short(view.last_seen)}  ({format_age(agent.last_seen)} ago)"
@@ -292,6 +292,17 @@ class AgentDetail(QDialog):
             self.fields[name].setText(text)
         _fill(self.labels_table, [[k, v] for k, v in sorted(view.labels.items())])
 
+    def _hub(self, hub_id: str | None) -> str:
+        """The agent's hub, and in a cluster that hub's lease (a dead hub says so)."""
+        if not hub_id:
+            return ""
+        info = self.fleet.hub_infos().get(hub_id)
+        if info is None:
+            return hub_id
+        if info.state == "down":
+            return f"{hub_id} — DOWN (lease lapsed: unknown until it registers elsewhere)"
+        return f"{hub_id} — up{', leader' if info.leader else ''}"
+
     def on_changes(self, changes: Changes) -> None:
         if self.agent_id in changes.agents or changes.reset:
             agent = self.fleet.agents.get(self.agent_id)
@@ -299,3 +310,7 @@ class AgentDetail(QDialog):
                 self.show_agent()
                 self._add_sample(agent.view.last_seen, agent.view.metrics)
                 self._draw_sparklines()
+        elif changes.metrics and self.fleet.is_cluster:  # a tick may bring its hub's lease
+            agent = self.fleet.agents.get(self.agent_id)
+            if agent is not None:
+                self.fields["hub_id"].setText(self._hub(agent.view.hub_id))

@@ -1,5 +1,10 @@
 """Topology: hubs → regions → agents, each with counts per condition and its worst state.
 
+In cluster mode (the hub's ticks carry ``stats.cluster``) a graph sits above the tree:
+Redis in the middle, each hub a node with its lease, agent count and load, its agents and
+regions beneath (:class:`~console.views.cluster_graph.ClusterGraph`); a hub that died is a
+red node over grey ``unknown`` agents. On a single hub the graph stays hidden.
+
 The tree holds hubs and regions (a few dozen rows, updated in place at most twice a second
 so expansion and selection survive); clicking a node drills in: the agent list beside it
 shows that node's agents (a second :class:`AgentTableModel` over the same fleet with a
@@ -13,6 +18,7 @@ import time
 from typing import Any
 
 from PySide6.QtCore import QSize, Qt, QTimer, Signal
+from PySide6.QtGui import QBrush
 from PySide6.QtWidgets import (
     QHeaderView,
     QSplitter,
@@ -22,10 +28,11 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from console.fleet import CONDITIONS, Changes, FleetModel
+from console.fleet import CONDITIONS, Changes, FleetModel, HubInfo
 
 from .agents import AgentTableModel, AgentTableView
-from .common import plain_label, symbol_pixmap
+from .cluster_graph import ClusterGraph
+from .common import CONDITION_COLOURS, plain_label, symbol_pixmap
 
 __all__ = ["NO_HUB", "TopologyView"]
 
@@ -56,6 +63,11 @@ class TopologyView(QWidget):
         layout.setContentsMargins(0, 0, 0, 0)
         splitter = QSplitter(Qt.Orientation.Vertical)
         layout.addWidget(splitter)
+        self.splitter = splitter
+        self.graph = ClusterGraph()
+        self.graph.hide()
+        self.graph.hub_clicked.connect(self.select_hub)
+        splitter.addWidget(self.graph)
         self.tree = QTreeWidget()
         self.tree.setColumnCount(len(COLUMNS))
         self.tree.setHeaderLabels(COLUMNS)
@@ -80,7 +92,7 @@ class TopologyView(QWidget):
         self.drill_view.activated_agent.connect(self.agent_activated)
         lower_layout.addWidget(self.drill_view)
         splitter.addWidget(lower)
-        splitter.setSizes([200, 200])
+        splitter.setSizes([0, 200, 200])
         self.hub_items: dict[str, QTreeWidgetItem] = {}
         self.region_items: dict[tuple[str, str], QTreeWidgetItem] = {}
         self.counts: dict[tuple[str, str], dict[str, int]] = {}
@@ -93,15 +105,18 @@ class TopologyView(QWidget):
         self._timer.timeout.connect(self.refresh)
         fleet.changed.connect(self.on_changes)
 
+    def set_theme(self, name: str) -> None:
+        self.graph.set_theme(name)
+
     def on_changes(self, changes: Changes) -> None:
-        if not (changes.reset or changes.agents or changes.metrics):
+        if not (changes.reset or changes.agents or changes.metrics or changes.alerts):
             return
         if changes.reset:
             self._place = {}
             self.counts = {}
             self.refresh()
             return
-        if not self._apply(changes.agents) and not changes.metrics:
+        if not self._apply(changes.agents) and not (changes.metrics or changes.alerts):
             return  # heartbeats that moved no agent between nodes or conditions
         if not self._timer.isActive():
             wait = self._last + REFRESH_INTERVAL - time.monotonic()
@@ -158,6 +173,10 @@ class TopologyView(QWidget):
                 total[condition] += n
         for hub in self.fleet.hubs:  # hubs that report but own no agent yet
             hubs.setdefault(hub, dict.fromkeys(CONDITIONS, 0))
+        infos = self.fleet.hub_infos()
+        for hub in infos:
+            hubs.setdefault(hub, dict.fromkeys(CONDITIONS, 0))
+        self._show_graph(infos, counts)
         self.tree.setUpdatesEnabled(False)
         try:
             for hub in sorted(hubs):
@@ -167,6 +186,9 @@ class TopologyView(QWidget):
                     item.setData(0, ROLE_FILTER, f"hub:{_quote('=' + _real(hub, NO_HUB))}")
                     item.setExpanded(True)
                 self._fill(item, hub, hubs[hub])
+                info = infos.get(hub)
+                if info is not None:
+                    self._mark_hub(item, info)
             for hub in [h for h in self.hub_items if h not in hubs]:
                 item = self.hub_items.pop(hub)
                 self.tree.takeTopLevelItem(self.tree.indexOfTopLevelItem(item))
@@ -205,6 +227,38 @@ class TopologyView(QWidget):
         if worst is not None:
             item.setIcon(last, symbol_pixmap(worst, 12))
             item.setIcon(0, symbol_pixmap(worst, 12))
+
+    def _show_graph(self, infos: dict[str, HubInfo],
+                    counts: dict[tuple[str, str], dict[str, int]]) -> None:  # fmt: skip
+        shown = self.graph.isVisibleTo(self)
+        if not infos:
+            if shown:
+                self.graph.hide()
+            return
+        fleet = self.fleet
+        self.graph.set_data(fleet.redis_state, list(infos.values()), counts, fleet.this_hub)
+        if not shown:
+            self.graph.show()
+            sizes = self.splitter.sizes()
+            total = sum(sizes) or 600
+            self.splitter.setSizes([int(total * 0.45), int(total * 0.3), int(total * 0.25)])
+
+    @staticmethod
+    def _mark_hub(item: QTreeWidgetItem, info: HubInfo) -> None:
+        """A cluster hub's lease in its row: down in red with the offline symbol."""
+        if info.state == "down":
+            item.setText(0, f"{info.hub_id} — DOWN (lease lapsed)")
+            item.setIcon(0, symbol_pixmap("offline", 12))
+            item.setForeground(0, QBrush(CONDITION_COLOURS["offline"]))
+        else:
+            item.setText(0, f"{info.hub_id}{' — leader' if info.leader else ''}")
+            item.setData(0, Qt.ItemDataRole.ForegroundRole, None)
+
+    def select_hub(self, hub_id: str) -> None:
+        """Drill into a hub (a click on its node in the graph)."""
+        item = self.hub_items.get(hub_id)
+        if item is not None:
+            self.tree.setCurrentItem(item)
 
     def node_filter(self, item: QTreeWidgetItem | None) -> str | None:
         if item is None:

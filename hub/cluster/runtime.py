@@ -68,7 +68,13 @@ class Cluster:
     def make_store(self, fence: Callable[[], tuple[str, str] | None]) -> Any:
         from ..store.redis import RedisStore
 
-        return RedisStore(self.link.client, prefix=self.keys.prefix, fence=fence)
+        retention = self.config.audit_retention  # the operator's, as on one hub (0: forever)
+        return RedisStore(
+            self.link.client,
+            prefix=self.keys.prefix,
+            fence=fence,
+            audit_retention=retention or None,
+        )
 
     # -- start and stop ------------------------------------------------------------------
 
@@ -170,7 +176,11 @@ class Cluster:
         }
         for hub_id in self.down:
             hubs.setdefault(hub_id, {"state": "down", "agents": 0, "leader": False})
-        stats["cluster"] = {"redis": "up" if self.link.healthy else "down", "hubs": hubs}
+        stats["cluster"] = {
+            "redis": "up" if self.link.healthy else "down",
+            "hubs": hubs,
+            "hub_id": self.hub_id,  # the hub that sent this tick (ticks never cross hubs)
+        }
         return stats
 
     def readiness(self) -> str:

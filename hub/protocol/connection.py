@@ -42,6 +42,7 @@ from websockets.uri import parse_uri
 
 from .constants import Close
 from .tls import pin_matches
+from .tls_layer import TlsLayer, client_layer
 
 __all__ = ["Connection", "HandshakeRefused", "connect"]
 
@@ -627,6 +628,7 @@ async def connect(
     local_addr: tuple[str, int] | None = None,
     pin_sha256: bytes | None = None,
     sock: socket.socket | None = None,
+    tls_session: ssl.SSLSession | None = None,
 ) -> Connection:
     """Open a client WebSocket and return the connection once the handshake succeeded.
 
@@ -637,7 +639,8 @@ async def connect(
     Raises :class:`HandshakeRefused` for an HTTP refusal, ``OSError`` for network errors,
     ``ssl.SSLError`` for TLS failures (a certificate that does not match ``pin_sha256``
     among them, checked before a byte of HTTP is sent) and ``TimeoutError`` when
-    ``open_timeout`` passes.
+    ``open_timeout`` passes. TLS runs in :class:`~hub.protocol.tls_layer.TlsLayer`, which
+    offers ``tls_session`` (an earlier connection's, with its ticket) for resumption.
     """
     uri = parse_uri(url)
     extensions = [ClientPerMessageDeflateFactory()] if compression else None
@@ -654,24 +657,31 @@ async def connect(
     connection._handshake = opened
     if uri.secure and ssl_context is None:
         ssl_context = ssl.create_default_context()
+    layer: TlsLayer | None = None
     try:
         async with asyncio.timeout(open_timeout):
             try:
-                tls = {
-                    "ssl": ssl_context if uri.secure else None,
-                    "server_hostname": (server_hostname or uri.host) if uri.secure else None,
-                }
+                if uri.secure:
+                    assert ssl_context is not None
+                    layer = client_layer(
+                        connection, ssl_context, server_hostname or uri.host, tls_session
+                    )
+                    factory: Callable[[], asyncio.BaseProtocol] = lambda: layer  # noqa: E731
+                else:
+                    factory = lambda: connection  # noqa: E731
                 if local_addr is None and sock is None:
-                    await loop.create_connection(lambda: connection, uri.host, uri.port, **tls)
+                    await loop.create_connection(factory, uri.host, uri.port)
                 else:
                     if sock is None:
                         assert local_addr is not None
                         sock = await _dial_from(loop, local_addr, uri.host, uri.port)
                     try:
-                        await loop.create_connection(lambda: connection, sock=sock, **tls)
+                        await loop.create_connection(factory, sock=sock)
                     except BaseException:
                         sock.close()
                         raise
+                if uri.secure:
+                    await layer.handshake()
                 if pin_sha256 is not None and uri.secure:
                     transport = connection.transport
                     ssl_object = transport.get_extra_info("ssl_object") if transport else None
@@ -688,6 +698,8 @@ async def connect(
                 await opened
             except BaseException:
                 connection.abort()
+                if layer is not None:
+                    layer.abort()  # a handshake that did not finish: the socket goes too
                 if opened.done() and not opened.cancelled():
                     opened.exception()  # seen: no "never retrieved" noise if we re-raise
                 raise

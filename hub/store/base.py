@@ -15,9 +15,15 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..model import AgentRecord, AlertRecord, CommandRecord, CredentialRecord, JobRecord
+from .health import StoreHealth
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .retention import Retention
 
 __all__ = ["AuditEntry", "Page", "Store", "StoreUnavailable"]
 
@@ -51,6 +57,10 @@ class Store(abc.ABC):
         """Write transactions committed so far (each one fsync when the store is durable):
         the figure that tells whether grouping writes works, exported as a metric."""
         return 0
+
+    #: Whether the store can write (a store that cannot tell is always healthy; Redis's
+    #: outages are the cluster link's to report).
+    health: StoreHealth = StoreHealth()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -98,6 +108,11 @@ class Store(abc.ABC):
         already enrolled through it), store the agent key issued to it and revoke the ones
         it replaces. False when the key is exhausted, expired or revoked."""
 
+    @abc.abstractmethod
+    async def purge_credentials(self, credential_ids: Sequence[str]) -> int:
+        """Delete those of these credentials that are revoked (their retention is over);
+        live ones stay whatever the caller thinks. How many were deleted."""
+
     # -- agents and sessions -----------------------------------------------------------
 
     @abc.abstractmethod
@@ -132,6 +147,18 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def prune(self, before: float) -> None:
         """Batched: drop heartbeat samples older than ``before``."""
+
+    async def prune_expired(
+        self, retention: Retention, now: float, export: Path | None = None
+    ) -> dict[str, int]:
+        """Delete what ``retention`` no longer keeps at ``now``, in small steps off the event
+        loop (unfinished commands and running jobs never); rows deleted by kind. Audit
+        entries are appended to ``export`` (JSON lines) before they are deleted.
+
+        This default prunes heartbeat samples only: a store that keeps more says so here."""
+        if retention.heartbeats:
+            self.prune(now - retention.heartbeats)
+        return {}
 
     # -- ledger ------------------------------------------------------------------------
 

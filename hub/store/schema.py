@@ -7,6 +7,7 @@ half understood.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -15,9 +16,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import sqlite_utils
 
+log = logging.getLogger(__name__)
+
 __all__ = ["SCHEMA_VERSION", "SYNCHRONOUS", "connect", "migrate"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: ``full`` fsyncs every commit (survives power loss); ``normal`` lets the OS write the WAL
 #: back (survives a crash or kill -9 of the hub, not of the machine).
 SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
@@ -174,7 +177,30 @@ def _migrate_1(db: sqlite_utils.Database) -> None:
     db["alerts"].create_index(["state"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1]
+def _migrate_2(db: sqlite_utils.Database) -> None:
+    """Retention (:mod:`hub.store.retention`) finds finished jobs by when they ended."""
+    db["jobs"].create_index(["updated_at"], if_not_exists=True)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1, _migrate_2]
+
+
+def _incremental_vacuum(conn: sqlite3.Connection) -> None:
+    """Let pruning shrink the file: ``auto_vacuum=INCREMENTAL`` takes effect through a
+    ``VACUUM`` (the WAL header makes even a new file not new enough to set it alone). On a
+    file made before it (schema 1) that rewrites the file once, which needs about the file's
+    size free on the disk for a moment; when that fails (a disk too full) the file works as
+    before, only reusing freed pages, and the next start tries again."""
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+        return
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    try:
+        conn.execute("VACUUM")
+    except sqlite3.Error as exc:
+        log.warning("could not rewrite the store for incremental vacuum: %s", exc)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_1, _migrate_2]
 
 
 def migrate(conn: sqlite3.Connection) -> None:
@@ -184,6 +210,7 @@ def migrate(conn: sqlite3.Connection) -> None:
         raise RuntimeError(
             f"the store was written by a newer Tether (schema {version} > {SCHEMA_VERSION})"
         )
+    _incremental_vacuum(conn)
     if version == SCHEMA_VERSION:
         return
     # Only a store to create or upgrade needs sqlite-utils: importing it (and numpy, which

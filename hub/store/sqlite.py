@@ -13,13 +13,15 @@ import asyncio
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..model import JWT_PREFIX, AgentRecord, AlertRecord, CommandRecord, CredentialRecord, JobRecord
 from ..protocol.times import format_time
 from .base import AuditEntry, Page, Store, StoreUnavailable
+from .health import StoreHealth, write_error
+from .retention import PRUNE_BATCH, PRUNE_PAUSE, Retention, prune_steps, vacuum_step
 from .rows import (
     AGENTS,
     ALERT_LIST,
@@ -53,7 +55,9 @@ class SQLiteStore(Store):
         self.path = self.data_dir / "tether.db"
         #: Reader threads (and connections): reads running at once.
         self.readers = readers
-        self._threads = Threads(self.path, self.synchronous, readers, migrate)
+        #: Whether writes reach the disk (the writer and the checkpoint report here).
+        self.health = StoreHealth()
+        self._threads = Threads(self.path, self.synchronous, readers, migrate, self.health)
         self._submit = self._threads.submit
         self._write = self._threads.write
         self._read = self._threads.read
@@ -89,10 +93,22 @@ class SQLiteStore(Store):
     async def checkpoint(self) -> tuple[int, int]:
         """Copy committed pages from the WAL into the database, from a reader: a PASSIVE
         checkpoint waits for nobody and the writer never waits for it. Returns (pages in
-        the WAL, pages copied)."""
+        the WAL, pages copied; (-1, -1) when the disk cannot take them).
+
+        A checkpoint that fails for the disk's sake (the database file cannot grow) tells
+        :attr:`health`, which logs it at its own pace, rather than raising every second."""
+        health = self.health
 
         def op(conn: sqlite3.Connection) -> tuple[int, int]:
-            row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            try:
+                row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as exc:
+                reason = write_error(exc)
+                if reason is None:
+                    raise
+                health.failed("checkpoint", reason)
+                return -1, -1
+            health.recovered("checkpoint")
             return int(row["log"]), int(row["checkpointed"])
 
         return await self._read(op)
@@ -197,6 +213,21 @@ class SQLiteStore(Store):
                 )
             self._insert_credential(conn, issued)
             return True
+
+        return await self._write(op)
+
+    async def purge_credentials(self, credential_ids: Sequence[str]) -> int:
+        ids = list(credential_ids)
+
+        def op(conn: sqlite3.Connection) -> int:
+            deleted = 0
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                deleted += conn.execute(
+                    f"DELETE FROM credentials WHERE revoked = 1 AND id IN ({marks})", chunk
+                ).rowcount
+            return deleted
 
         return await self._write(op)
 
@@ -308,6 +339,35 @@ class SQLiteStore(Store):
 
     def prune(self, before: float) -> None:
         self._submit(lambda conn: conn.execute("DELETE FROM heartbeats WHERE ts < ?", (before,)))
+
+    async def prune_expired(
+        self,
+        retention: Retention,
+        now: float,
+        export: Path | None = None,
+        batch: int = PRUNE_BATCH,
+    ) -> dict[str, int]:
+        """Each kind in steps of at most ``batch`` rows, one writer operation each (live
+        writes share the commits in between), then the file shrinks by incremental vacuum."""
+        pruned: dict[str, int] = {}
+        for kind, step in prune_steps(retention, now, batch, export):
+            total = 0
+            while True:
+                deleted = await self._paced(step)
+                total += deleted
+                if deleted < batch:
+                    break
+            pruned[kind] = total
+        while await self._paced(vacuum_step):
+            pass
+        return pruned
+
+    async def _paced(self, step: Callable[[sqlite3.Connection], int]) -> int:
+        """One step, then a pause as long as it took (:data:`PRUNE_PAUSE`)."""
+        began = time.monotonic()
+        result = await self._write(step)
+        await asyncio.sleep(min(1.0, (time.monotonic() - began) * PRUNE_PAUSE))
+        return result
 
     # -- ledger ------------------------------------------------------------------------
 

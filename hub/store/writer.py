@@ -19,11 +19,14 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .base import StoreUnavailable
+from .health import StoreHealth, write_error
 from .schema import connect
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,19 @@ WRITER_AUTOCHECKPOINT_PAGES = 25_000
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 #: Waiters woken per event-loop callback after a commit.
 SETTLE_SLICE = 500
+#: While writes fail, the writer tries again this often even when nothing new is queued,
+#: so that the store recovers by itself when space returns (seconds).
+PROBE_INTERVAL = 1.0
+#: Batched writes (heartbeats, registrations, sessions, outputs) kept while the disk cannot
+#: take them, to be written when it can; past this the oldest are shed, counted and logged.
+MAX_RETAINED = 100_000
+
+
+def _probe(conn: sqlite3.Connection) -> None:
+    """A write that reaches the disk: nothing else to write, the writer still has to know."""
+    conn.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?)", (str(time.time()),)
+    )
 
 
 def _run(op: Op, conn: sqlite3.Connection) -> Any:
@@ -140,12 +156,22 @@ class _Reader(_Thread):
 
 
 class _Writer(_Thread):
-    """Takes every queued write at once and commits them as one group."""
+    """Takes every queued write at once and commits them as one group.
 
-    def __init__(self, *args: Any, migrate: Callable[[sqlite3.Connection], None]) -> None:
+    When a commit fails because the disk cannot take it (full, I/O error, read-only), the
+    group's waiters get :class:`StoreUnavailable`, its batched writes are kept (bounded) and
+    go first into the next group, and :class:`StoreHealth` hears of it; the writer then tries
+    again every :data:`PROBE_INTERVAL` until a commit succeeds.
+    """
+
+    def __init__(
+        self, *args: Any, migrate: Callable[[sqlite3.Connection], None], health: StoreHealth
+    ) -> None:
         super().__init__(*args)
         self.migrate = migrate
+        self.health = health
         self.commits = 0
+        self.retained: deque[Op] = deque()
 
     def prepare(self, conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA wal_autocheckpoint={WRITER_AUTOCHECKPOINT_PAGES}")
@@ -155,7 +181,12 @@ class _Writer(_Thread):
     def loop_on(self, conn: sqlite3.Connection) -> None:
         stopping = False
         while not stopping:
-            item = self.queue.get()
+            waiting = self.retained or self.health.failing("write")
+            try:
+                item = self.queue.get(timeout=PROBE_INTERVAL if waiting else None)
+            except queue.Empty:
+                self.resolve(self._commit(conn, []))  # a probe, with what is retained
+                continue
             if item is None:
                 break
             batch = [item]
@@ -169,15 +200,28 @@ class _Writer(_Thread):
                     break
                 batch.append(item)
             self.resolve(self._commit(conn, batch))
+        if self.retained:
+            self._commit(conn, [])
+            if self.retained:
+                log.error(
+                    "closing with %d batched writes the disk did not take: they are lost",
+                    len(self.retained),
+                )
 
     def _commit(self, conn: sqlite3.Connection, batch: list[Item]) -> list[Outcome]:
-        if len(batch) == 1:
-            return self._commit_one(conn, *batch[0])
+        retained = len(self.retained)
+        if retained:
+            batch = [*((op, None) for op in self.retained), *batch]
+            self.retained.clear()
+        if not batch:
+            batch = [(_probe, None)]
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 outcomes = self._run_together(conn, batch)
-            except Exception:
+            except Exception as exc:
+                if len(batch) == 1 or write_error(exc) is not None:
+                    raise
                 # One operation failed: do the group again, each in a savepoint, so that
                 # it alone fails. Operations are pure functions of the connection and
                 # their own data, so running them again after the rollback is safe.
@@ -187,12 +231,53 @@ class _Writer(_Thread):
             conn.execute("COMMIT")
             self.commits += 1
         except Exception as exc:
-            log.error("store commit failed: %s", exc)
-            if conn.in_transaction:
+            self._rollback(conn)
+            return self._failed(batch, exc)
+        if retained:
+            log.warning(
+                "stored %d batched writes kept while the disk could not take them", retained
+            )
+        self.health.retained = 0
+        self.health.recovered("write")
+        return outcomes
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            try:
                 conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:  # SQLite may have rolled back by itself already
+                log.debug("rollback after a failed commit: %s", exc)
+
+    def _failed(self, batch: list[Item], exc: Exception) -> list[Outcome]:
+        reason = write_error(exc)
+        if reason is None:
+            if len(batch) == 1:
+                # A group of one failed on its own account (a constraint, a bug): the error
+                # is its caller's.
+                log.warning("store operation failed: %s", exc, exc_info=True)
+                return [(batch[0][1], None, exc)]
+            log.error("store commit failed: %s", exc)
             failure = StoreUnavailable(f"commit failed: {exc}")
             return [(future, None, failure) for _, future in batch]
-        return outcomes
+        kept = [op for op, future in batch if future is None and op is not _probe]
+        self.retained.extend(kept)
+        shed = len(self.retained) - MAX_RETAINED
+        if shed > 0:
+            for _ in range(shed):
+                self.retained.popleft()
+            self.health.shed += shed
+            log.error(
+                "the store cannot write: shed the %d oldest batched writes kept (%d kept, %d "
+                "shed in all)",
+                shed,
+                len(self.retained),
+                self.health.shed,
+            )
+        self.health.retained = len(self.retained)
+        self.health.failed("write", reason)
+        failure = StoreUnavailable(f"the store cannot write: {reason}")
+        return [(future, None, failure) for _, future in batch if future is not None]
 
     @staticmethod
     def _run_together(conn: sqlite3.Connection, batch: list[Item]) -> list[Outcome]:
@@ -209,27 +294,13 @@ class _Writer(_Thread):
                 outcomes.append((future, _run(op, conn), None))
                 conn.execute("RELEASE op")
             except Exception as exc:
+                if write_error(exc) is not None:
+                    raise  # the disk, not this operation: the whole group fails
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
                 log.warning("store operation failed: %s", exc, exc_info=True)
                 outcomes.append((future, None, exc))
         return outcomes
-
-    def _commit_one(
-        self, conn: sqlite3.Connection, op: Op, future: asyncio.Future[Any] | None
-    ) -> list[Outcome]:
-        """A group of one needs no savepoint: its transaction is its own."""
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            result = _run(op, conn)
-            conn.execute("COMMIT")
-            self.commits += 1
-        except Exception as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            log.warning("store operation failed: %s", exc, exc_info=True)
-            return [(future, None, exc)]
-        return [(future, result, None)]
 
 
 class Threads:
@@ -242,10 +313,12 @@ class Threads:
         synchronous: str,
         readers: int,
         migrate: Callable[[sqlite3.Connection], None],
+        health: StoreHealth | None = None,
     ) -> None:
         self.path = path
         self.synchronous = synchronous
         self.migrate = migrate
+        self.health = health or StoreHealth()
         self._readers_count = readers
         self._writer: _Writer | None = None
         self._readers: list[_Reader] = []
@@ -272,6 +345,7 @@ class Threads:
             self.synchronous,
             queue.SimpleQueue(),
             migrate=self.migrate,
+            health=self.health,
         )
         writer.start()
         await asyncio.to_thread(writer.ready.wait)
@@ -313,11 +387,18 @@ class Threads:
         """The future of a write. A closed store gives a failed future rather than raising,
         so callers that fire writes and watch them (the ledger's transitions, audit batches)
         need neither a coroutine nor a task per write, and awaiting callers see the same
-        StoreUnavailable either way."""
+        StoreUnavailable either way.
+
+        While the disk cannot take writes the future fails at once: what a caller waits for
+        is refused (``unavailable``: nothing accepted) rather than held for a commit that
+        would fail; the writer probes by itself meanwhile."""
         writer = self._writer
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        reason = self.health.reason
         if writer is None:
             future.set_exception(StoreUnavailable("the store is closed"))
+        elif reason:
+            future.set_exception(StoreUnavailable(f"the store cannot write: {reason}"))
         else:
             writer.queue.put((op, future))
         return future
