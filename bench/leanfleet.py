@@ -72,6 +72,8 @@ class Fleet:
         self.failed = 0
         self.first_done: float | None = None
         self.dial_start: float | None = None
+        #: CPU seconds spent before dialing (imports, building frames): not load.
+        self.cpu_at_dial = 0.0
         self.last_welcome = 0.0
         self.welcomed_once = 0
         self.sources = args.source or ["127.0.0.1"]
@@ -87,6 +89,7 @@ class Fleet:
             "online": self.online,
             "welcomes": self.welcomes,
             "dial_start": self.dial_start,
+            "cpu_at_dial": self.cpu_at_dial,
             "first_done": self.first_done,
             "last_welcome": self.last_welcome,
             "results": self.results,
@@ -269,6 +272,8 @@ async def main(args: argparse.Namespace) -> None:
     semaphore = asyncio.Semaphore(args.concurrency)
     started = time.monotonic()
     fleet.dial_start = time.time()
+    times = os.times()
+    fleet.cpu_at_dial = times.user + times.system
 
     async def first(n: int, agent: Agent) -> None:
         if args.rate:
