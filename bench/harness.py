@@ -250,10 +250,23 @@ class LeanFleet:
     rate: float = 1_000
     procs: list[Proc] = field(default_factory=list)
 
+    def sizes(self) -> list[int]:
+        """Agents per process: at least two processes, at most PER_PROCESS agents each."""
+        parts = max(2, -(-self.count // PER_PROCESS))
+        return [self.count // parts + (1 if n < self.count % parts else 0) for n in range(parts)]
+
+    def agent_ids(self) -> list[str]:
+        """Every agent's id (``sim_profile``'s: the prefix, then a number from 1)."""
+        return [
+            f"{self.tag}{index}-{n:05d}"
+            for index, size in enumerate(self.sizes())
+            for n in range(1, size + 1)
+        ]
+
     def start(self, once: bool = False, keys: str = "", start_at: float = 0.0,
               concurrency: int = 200) -> LeanFleet:  # fmt: skip
-        parts = max(2, -(-self.count // PER_PROCESS))
-        sizes = [self.count // parts + (1 if n < self.count % parts else 0) for n in range(parts)]
+        sizes = self.sizes()
+        parts = len(sizes)
         self.procs = []
         for index, size in enumerate(sizes):
             args = [PYTHON, str(ROOT / "bench" / "leanfleet.py"), "--url", self.url,
@@ -264,8 +277,9 @@ class LeanFleet:
             if once:
                 args.append("--once")
             if keys:
-                args += ["--keys-out" if once and not Path(keys).exists() else "--keys-in",
-                         f"{keys}.{index}"]  # fmt: skip
+                # The first run writes the keys the hub issued; a later one registers by them.
+                written = Path(f"{keys}.{index}").exists()
+                args += ["--keys-in" if written else "--keys-out", f"{keys}.{index}"]
             self.status_path(index).unlink(missing_ok=True)
             self.procs.append(
                 Proc(f"{self.tag}{index}", args, self.workdir / f"{self.tag}{index}.log").start()

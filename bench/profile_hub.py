@@ -37,19 +37,19 @@ FRAME = re.compile(r"^(.*) \((.*?)(?::\d+)?\)$")
 class Sampler:
     """``py-spy record`` attached to one process, raw stacks to ``path``."""
 
-    def __init__(self, pid: int, path: Path) -> None:
+    def __init__(self, pid: int, path: Path, rate: int = 250) -> None:
         self.path = path
         self.proc = subprocess.Popen(
-            [str(PY_SPY), "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
+            [str(PY_SPY), "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
              "--nonblocking", "--output", str(path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         time.sleep(0.5)  # attached
 
-    def stop(self) -> str:
+    def stop(self, rate: int = 250) -> str:
         self.proc.send_signal(signal.SIGINT)
         self.proc.wait(60)
-        return summarize(self.path)
+        return summarize(self.path, rate=rate)
 
 
 def _name(frame: str) -> str:
@@ -61,7 +61,7 @@ def _name(frame: str) -> str:
     return f"{function} ({short})"
 
 
-def summarize(path: Path, top: int = 25) -> str:
+def summarize(path: Path, top: int = 25, rate: int = 250) -> str:
     """Self and inclusive shares of the samples, the biggest first."""
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
@@ -75,7 +75,7 @@ def summarize(path: Path, top: int = 25) -> str:
         own[frames[-1]] += int(count)
         for name in set(frames):
             inclusive[name] += int(count)
-    lines = [f"{total} samples ({total / 250:.1f} CPU seconds at 250 Hz)", "self:"]
+    lines = [f"{total} samples ({total / rate:.1f} CPU seconds at {rate} Hz)", "self:"]
     lines += [f"  {n * 100 / total:5.1f} %  {name}" for name, n in own.most_common(top)]
     lines.append("inclusive:")
     lines += [f"  {n * 100 / total:5.1f} %  {name}" for name, n in inclusive.most_common(top)]
@@ -85,7 +85,7 @@ def summarize(path: Path, top: int = 25) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--agents", type=int, default=10_000)
-    parser.add_argument("--only", default="registrations,fanout,storm")
+    parser.add_argument("--only", default="registrations,fanout,storm", help="and rtt")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "profile")
     args = parser.parse_args()
     only = args.only.split(",")
@@ -119,6 +119,13 @@ def main() -> None:
             sampler = Sampler(hub.proc.pid, args.out / "fanout.txt")
             _rtts, seconds = run(hub_latency(hub.url, admin, count, 0, listing=False))
             print(f"== fan-out to {count} ({seconds:.2f} s)\n" + sampler.stop(), flush=True)
+        if "rtt" in only:
+            assert hub.proc is not None
+            admin = hub.token("--admin", "--role", "operator")
+            sampler = Sampler(hub.proc.pid, args.out / "rtt.txt", rate=1000)
+            rtts, _seconds = run(hub_latency(hub.url, admin, count, 3000))
+            rtts.sort()
+            print(f"== 3,000 round trips, p50 {rtts[1500] * 1000:.2f} ms\n" + sampler.stop(1000))
         if "storm" in only:
             assert hub.proc is not None and hub.proc.process is not None
             samplers: list[Sampler] = []

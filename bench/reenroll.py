@@ -383,6 +383,16 @@ class LoadSet:
             proc.stop()
 
 
+def listen_drops() -> int:
+    """The kernel's ``ListenDrops`` (TcpExt, /proc/net/netstat): connections dropped at a
+    full accept queue, which no server sees (machine-wide: read under the bench lock)."""
+    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names[0] == "TcpExt:":
+            return int(values[names.index("ListenDrops")])
+    return 0
+
+
 def storm(server: Hub | Floor, workdir: Path, token: str, count: int, mode: str, tag: str,
           timeout: float) -> dict[str, Any]:  # fmt: skip
     """Connect ``count`` agents, kill -9 the server, restart it, wait until all are back."""
@@ -392,11 +402,15 @@ def storm(server: Hub | Floor, workdir: Path, token: str, count: int, mode: str,
                              interval=0.5, what=f"{tag}: {count} online")  # fmt: skip
         time.sleep(3.0)  # every welcome's writes committed (an issued key is durable first)
         before = load.totals()
+        drops = listen_drops()
         assert server.proc is not None and server.proc.process is not None
         os.kill(server.proc.pid, signal.SIGKILL)
         server.proc.process.wait()
         killed = time.time()
-        server.start()
+        try:
+            server.start()  # returns once /readyz answers...
+        except TimeoutError:
+            pass  # ...which a probe queued behind a storm may not get in 30 s: go on
         listening = time.time() - killed
         cpu_ready = server.proc.cpu()
         try:
@@ -406,6 +420,7 @@ def storm(server: Hub | Floor, workdir: Path, token: str, count: int, mode: str,
         except TimeoutError:
             back = None
         cpu = server.proc.cpu()
+        drops = listen_drops() - drops
         after = load.totals()
         online = load.online()
     finally:
@@ -425,6 +440,7 @@ def storm(server: Hub | Floor, workdir: Path, token: str, count: int, mode: str,
         "refusals": {k: v for k, v in diff.items() if k.startswith(("refused", "no_welcome"))},
         "tcp_refused": diff.get("tcp_refused", 0),
         "tcp_errors": diff.get("tcp_error", 0),
+        "kernel_listen_drops": drops,
     }
     print(f"{tag}: {json.dumps(result)}", flush=True)
     return result
@@ -448,7 +464,16 @@ def part_storm(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             results[f"hub_{mode}"] = storm(
                 hub, workdir, token, count, mode, f"h{mode[0]}", args.storm_timeout
             )
-            metrics = hub.metrics()
+            metrics: dict[str, float] = {}
+
+            def scraped(hub: Hub = hub, metrics: dict[str, float] = metrics) -> bool:
+                metrics.update(hub.metrics())  # raises (and is asked again) while refusing
+                return True
+
+            try:
+                wait_until(scraped, timeout=30, what="metrics")
+            except TimeoutError:
+                pass
             results[f"hub_{mode}"]["hub_refusals"] = {
                 name.split('"')[1]: int(value)
                 for name, value in metrics.items()

@@ -333,7 +333,7 @@ class Bench:
                         round(metrics.get("tether_event_loop_lag_max_seconds", 0) * 1000, 1),
                     )
                 else:
-                    rtts, job_seconds = run(floor_latency(server.url, size, samples))
+                    rtts, job_seconds = run(floor_latency(server.url, fleet.agent_ids(), samples))
                 self.note(f"{kind}.rtt_p50_ms.{size}", round(percentile(rtts, 0.5) * 1000, 3))
                 self.note(f"{kind}.rtt_p99_ms.{size}", round(percentile(rtts, 0.99) * 1000, 3))
                 self.note(f"{kind}.job_all_results_s.{size}", round(job_seconds, 3))
@@ -495,36 +495,48 @@ async def hub_latency(
         "dispatch", target={"selector": {"status": "online"}}, name="ping", reply_timeout=120
     )
     job_id = reply["job_id"]
-    # The job summary (not the full job with every command) is what a watcher polls.
-    while (await client.request("jobs", filter={"job_id": job_id}))["jobs"][0]["state"] == (
-        "running"
-    ):
-        await asyncio.sleep(0.01)
-    job_seconds = time.perf_counter() - started
+    # Done when every command's final state has been announced, which the hub does only
+    # once it is stored (as the floor's figure ends with the admin holding every reply);
+    # the job's summary, polled every 100 ms, in case an event was coalesced away.
+    ids = reply["command_ids"]
+    job_seconds = 0.0
+    while not job_seconds:
+        for _ in range(10):
+            if all(command_id in states for command_id in ids):
+                job_seconds = time.perf_counter() - started
+                break
+            await asyncio.sleep(0.01)
+        else:
+            summary = await client.request("jobs", filter={"job_id": job_id})
+            if summary["jobs"][0]["state"] != "running":
+                job_seconds = time.perf_counter() - started
     await client.close()
     return rtts, job_seconds
 
 
-async def floor_latency(url: str, size: int, samples: int) -> tuple[list[float], float]:
+async def floor_latency(url: str, agents: list[str], samples: int) -> tuple[list[float], float]:
     """The same paths on the floor: relay to one agent and back; broadcast to all."""
+    size = len(agents)
     async with websockets.connect(url + "/admin", compression=None, max_size=None) as ws:
         rtts = []
         for n in range(samples):
             command_id = secrets.token_hex(12)
-            agent_id = f"t{size}0-{(n * 7919) % min(size, 9_500) + 1:05d}"
+            agent_id = agents[n * 7919 % size]
             started = time.perf_counter()
             message = {"type": "dispatch", "agent_id": agent_id, "command_id": command_id}
             await ws.send(orjson.dumps(message).decode())
-            while orjson.loads(await ws.recv()).get("command_id") != command_id:
-                pass
+            async with asyncio.timeout(10):  # an agent that never answers ends the run
+                while orjson.loads(await ws.recv()).get("command_id") != command_id:
+                    pass
             rtts.append(time.perf_counter() - started)
         started = time.perf_counter()
         command_id = secrets.token_hex(12)
         await ws.send(orjson.dumps({"type": "broadcast", "command_id": command_id}).decode())
         got = 0
-        while got < size:
-            if orjson.loads(await ws.recv()).get("command_id") == command_id:
-                got += 1
+        async with asyncio.timeout(120):
+            while got < size:
+                if orjson.loads(await ws.recv()).get("command_id") == command_id:
+                    got += 1
         return rtts, time.perf_counter() - started
 
 

@@ -138,6 +138,10 @@ class Hub:
         self.metrics.admin_clients = lambda: len(self.admins)
         self.metrics.commands_in_flight = lambda: self.ledger.in_flight
         self.metrics.store_commits = lambda: self.store.commits
+        # A full disk on a dashboard before it is an outage (docs/operations.md).
+        health = self.store.health
+        self.metrics.extra_gauges["tether_store_writable"] = lambda: float(not health.reason)
+        self.metrics.extra_gauges["tether_store_writes_kept"] = lambda: health.retained
 
     # The parts that cluster mode replaces (hub/cluster_hub.py).
 

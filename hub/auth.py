@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from .model import JWT_PREFIX, CredentialRecord
 from .protocol.constants import ROLES
-from .store.base import Store
+from .store.base import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,13 @@ MAX_MISSES = 10_000
 REVOKED_RETENTION = 30 * 86400.0
 #: Revocations are forgotten a bucket at a time: this many buckets span the retention.
 REVOKED_BUCKETS = 30
-#: The bytes of a revoked key's secret hash kept to tell its holder (403) from a guesser (401).
-REVOKED_DIGEST = 16
+#: At most this many revocations are kept (about 19 MB), whatever the retention: a hundred
+#: re-enrollment storms of a big fleet within it would otherwise hold millions. Past it the
+#: oldest bucket goes early (its keys answered 401 from then on: still refused).
+REVOKED_MAX = 200_000
+#: The bytes of a revoked key's secret hash kept to tell its holder (403) from a guesser (401):
+#: finding a secret that matches them takes 2^64 hashes, and earns a 403 instead of a 401.
+REVOKED_DIGEST = 8
 
 __all__ = [
     "AuthFailure",
@@ -155,11 +160,12 @@ class Credentials:
             self.records[credential_id] = record
             self._index(record)
             if not record.revoked and self.revoked:
-                self.revoked.discard(credential_id)  # a stale read: the next sync revokes again
+                # A stale read: the next sync revokes it again.
+                self.revoked.discard(credential_id, record.secret_hash)
             return record.revoked and (before is None or not before.revoked)
         if before is not None:
             del self.records[credential_id]
-        elif credential_id in self.revoked:
+        elif self.revoked.holds(credential_id, record.secret_hash):
             return False
         self.revoked.add(credential_id, record.secret_hash)
         return before is None or not before.revoked
@@ -186,12 +192,26 @@ class Credentials:
             self._put(dataclasses.replace(record, revoked=True))
 
     def forget(self, credential_ids: Iterable[str]) -> None:
-        """Drop credentials the store no longer holds (its retention removed them)."""
-        for credential_id in credential_ids:
+        """Drop credentials the store no longer holds (removed by another hub's retention).
+        Rare, so a revocation is looked for in every bucket."""
+        ids = set(credential_ids)
+        for credential_id in ids:
             record = self.records.pop(credential_id, None)
             if record is not None:
                 self._unindex(record)
-            self.revoked.discard(credential_id)
+        self.revoked.forget(ids)
+
+    async def expire(self) -> int:
+        """Forget the revocations older than the retention, here and in the store (a hub
+        that restarted relearns them with a fresh retention: the store keeps them longer,
+        never shorter). How many were forgotten."""
+        expired = self.revoked.expire()
+        if expired:
+            try:
+                await self.store.purge_credentials(expired)
+            except StoreUnavailable:
+                log.warning("%d expired revocations stay in the store for now", len(expired))
+        return len(expired)
 
     async def sync(self) -> None:
         """Pick up credentials created, spent or revoked by anyone writing to the store.
@@ -212,7 +232,8 @@ class Credentials:
         rev, changed = await self.store.credentials_since(self.rev)
         self.apply(changed)
         self.rev = max(self.rev, rev)
-        self.revoked.expire()
+        if self.revoked.due():
+            await self.expire()
 
     def enrolled(
         self, enroll_id: str, issued: CredentialRecord, replaced: list[str], new_id: bool
@@ -244,7 +265,7 @@ class Credentials:
     async def look_up(self, credential_id: str) -> None:
         """Sync from the store (one query for every waiting handshake), remember misses."""
         await self.sync()
-        if credential_id not in self.records and credential_id not in self.revoked:
+        if credential_id not in self.records:
             misses = self._misses
             misses[credential_id] = self.clock() + MISS_TTL
             misses.move_to_end(credential_id)
@@ -258,7 +279,7 @@ class Credentials:
             return False
         record = self.records.get(credential_id)
         if record is None:
-            return credential_id in self.revoked or not credential_id.startswith(JWT_PREFIX)
+            return not credential_id.startswith(JWT_PREFIX)
         return record.revoked
 
     def authenticate(self, token: str) -> Principal:
@@ -269,14 +290,12 @@ class Credentials:
         credential_id = token[4 : 4 + ID_LENGTH]
         secret = token[5 + ID_LENGTH :]
         record = self.records.get(credential_id)
+        digest = _hash(secret)
         if record is None:
-            if credential_id in self.revoked:
-                if self.revoked.holds(credential_id, _hash(secret)):
-                    raise AuthFailure(403, "revoked token")
-                raise AuthFailure(401, "unknown token")
+            if self.revoked and self.revoked.holds(credential_id, digest):
+                raise AuthFailure(403, "revoked token")
             if self._may_look_up(credential_id):
                 raise NotCached(credential_id)
-        digest = _hash(secret)
         if record is None or record.kind != kind:
             hmac.compare_digest(digest, digest)  # same work either way
             raise AuthFailure(401, "unknown token")
@@ -355,24 +374,32 @@ def _enrollment_issued(record: CredentialRecord, revoked_too: bool = False) -> b
 
 
 class Revocations:
-    """Revoked keys as a hub still answers them (403, not 401): an id and 16 bytes of its
-    secret's hash each, bucketed by when the hub learned of them, so that a hundred
-    re-enrollment storms cost memory only for the retention, not forever."""
+    """Revoked keys as a hub still answers them (403, not 401): each one ``bytes`` of its id
+    and 8 bytes of its secret's hash (about 80 bytes in memory, a fifth of a record), in
+    buckets by when the hub learned of it, dropped a bucket at a time after the retention,
+    so that re-enrollment storms cost memory for the retention only, not forever."""
 
-    __slots__ = ("_buckets", "_clock", "_span", "retention")
+    __slots__ = ("_buckets", "_clock", "_count", "_dropped", "_span", "limit", "retention")
 
-    def __init__(self, retention: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, retention: float, clock: Callable[[], float], limit: int = REVOKED_MAX
+    ) -> None:
         self.retention = retention
+        self.limit = limit
         self._clock = clock
         self._span = retention / REVOKED_BUCKETS
-        #: (start of the bucket, id -> digest prefix), oldest first.
-        self._buckets: deque[tuple[float, dict[str, bytes]]] = deque()
+        #: (start of the bucket, entries), oldest first.
+        self._buckets: deque[tuple[float, set[bytes]]] = deque()
+        self._count = 0
+        #: Entries dropped early (past ``limit``), handed out by the next :meth:`expire`.
+        self._dropped: list[bytes] = []
 
-    def __contains__(self, credential_id: object) -> bool:
-        return any(credential_id in ids for _, ids in self._buckets)
+    @staticmethod
+    def _entry(credential_id: str, secret_hash: bytes) -> bytes:
+        return credential_id.encode() + secret_hash[:REVOKED_DIGEST]
 
     def __len__(self) -> int:
-        return sum(len(ids) for _, ids in self._buckets)
+        return self._count
 
     def __bool__(self) -> bool:
         return bool(self._buckets)
@@ -381,29 +408,56 @@ class Revocations:
         now = self._clock()
         buckets = self._buckets
         if not buckets or now >= buckets[-1][0] + self._span:
-            buckets.append((now, {}))
-        buckets[-1][1][credential_id] = secret_hash[:REVOKED_DIGEST]
-
-    def discard(self, credential_id: str) -> None:
-        for _, ids in self._buckets:
-            ids.pop(credential_id, None)
+            buckets.append((now, set()))
+        entries = buckets[-1][1]
+        before = len(entries)
+        entries.add(self._entry(credential_id, secret_hash))
+        self._count += len(entries) - before
+        while self._count > self.limit and len(buckets) > 1:
+            dropped = buckets.popleft()[1]
+            self._count -= len(dropped)
+            self._dropped.extend(dropped)
 
     def holds(self, credential_id: str, secret_hash: bytes) -> bool:
-        """Whether ``secret_hash`` is the revoked key's own (constant time)."""
-        for _, ids in self._buckets:
-            kept = ids.get(credential_id)
-            if kept is not None:
-                return hmac.compare_digest(kept, secret_hash[:REVOKED_DIGEST])
-        return False
+        """Whether the key with this id and secret hash was revoked (a set lookup per
+        bucket: the entry is the secret's proof, like the record's hash comparison)."""
+        entry = self._entry(credential_id, secret_hash)
+        return any(entry in entries for _, entries in self._buckets)
 
-    def expire(self) -> int:
-        """Drop the buckets older than the retention."""
-        horizon = self._clock() - self.retention
-        dropped = 0
+    def discard(self, credential_id: str, secret_hash: bytes) -> None:
+        entry = self._entry(credential_id, secret_hash)
+        for _, entries in self._buckets:
+            if entry in entries:
+                entries.discard(entry)
+                self._count -= 1
+
+    def forget(self, credential_ids: set[str]) -> None:
+        """Drop every revocation of these ids (a scan: only for purges made elsewhere)."""
+        cut = -REVOKED_DIGEST
+        for _, entries in self._buckets:
+            gone = [entry for entry in entries if entry[:cut].decode() in credential_ids]
+            entries.difference_update(gone)
+            self._count -= len(gone)
+
+    def due(self) -> bool:
         buckets = self._buckets
-        while buckets and buckets[0][0] + self._span <= horizon:
-            dropped += len(buckets.popleft()[1])
-        return dropped
+        return bool(self._dropped) or (
+            bool(buckets) and buckets[0][0] + self._span <= self._clock() - self.retention
+        )
+
+    def expire(self) -> list[str]:
+        """Drop the buckets older than the retention; the ids dropped (with those dropped
+        early since the last call)."""
+        cut = -REVOKED_DIGEST
+        expired = [entry[:cut].decode() for entry in self._dropped]
+        self._dropped = []
+        buckets = self._buckets
+        while buckets and buckets[0][0] + self._span <= self._clock() - self.retention:
+            entries = buckets.popleft()[1]
+            self._count -= len(entries)
+            expired.extend(entry[:cut].decode() for entry in entries)
+        return expired
 
     def ids(self) -> set[str]:
-        return {credential_id for _, ids in self._buckets for credential_id in ids}
+        cut = -REVOKED_DIGEST
+        return {entry[:cut].decode() for _, entries in self._buckets for entry in entries}

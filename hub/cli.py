@@ -25,6 +25,15 @@ from .protocol.tls import TlsOptions, make_ssl_context, parse_fingerprint
 __all__ = ["main"]
 
 LIMIT = re.compile(r"^(\d+|(100|[1-9]?[0-9])%)$")
+#: ``serve --retention KIND=SECONDS``: the configuration field of each kind.
+RETENTION_FLAGS = {
+    "outputs": "output_retention",
+    "commands": "command_retention",
+    "sessions": "session_retention",
+    "alerts": "alert_retention",
+    "audit": "audit_retention",
+    "heartbeats": "heartbeat_retention",
+}
 
 
 class UsageError(Exception):
@@ -95,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run N hub processes on the one port (SO_REUSEPORT); needs --redis",
     )
     serve.add_argument("--heartbeat-interval", type=float)
+    serve.add_argument(
+        "--retention",
+        action="append",
+        default=[],
+        metavar="KIND=SECONDS",
+        help=f"keep a kind this long (0: forever); kinds: {', '.join(RETENTION_FLAGS)}",
+    )
+    serve.add_argument("--audit-export", help="append audit entries here before pruning them")
     serve.add_argument("--log-level")
     serve.add_argument("--log-json", action="store_true", default=None)
 
@@ -268,6 +285,14 @@ def _config_from(args: argparse.Namespace) -> Any:
     }
     flags["data_dir"] = args.data_dir
     flags["redis_url"] = args.redis
+    flags["audit_export"] = getattr(args, "audit_export", None)
+    for item in getattr(args, "retention", None) or ():
+        kind, _, seconds = item.partition("=")
+        field = RETENTION_FLAGS.get(kind.strip())
+        if field is None or not seconds:
+            raise UsageError(f"--retention {item!r}: expected KIND=SECONDS, KIND one of "
+                             f"{', '.join(RETENTION_FLAGS)}")  # fmt: skip
+        flags[field] = seconds.strip()
     try:
         return load_config(args.config, flags)
     except (OSError, ValueError) as exc:

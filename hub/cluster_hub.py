@@ -229,6 +229,9 @@ class ClusterHub(Hub):
     def _hub_down(self, hub_id: str) -> None:
         assert self.leadership is not None
         self.leadership.lost_hub(hub_id)
+        # A hub killed may not have sent its last events (agents that registered on it just
+        # before): re-read the fleet from the store, where they are, so they show unknown.
+        self._missed(hub_id)
         if self.alerts.scope == "fleet":
             self.alerts.hub_down(hub_id)
 

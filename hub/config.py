@@ -69,6 +69,12 @@ class HubConfig(BaseModel):
     auth_failure_window: float = Field(default=60.0, gt=0)
     auth_cooloff: float = Field(default=60.0, gt=0)
     overload_retry_after: int = Field(default=5, ge=1)
+    #: A hub behind by more than this — a new connection waited this long in the kernel's
+    #: accept queue, or the event loop runs this late — answers it 503 + Retry-After at once
+    #: instead of a handshake the agent gives up on (hub/gate.py): the agent's open timeout
+    #: (10 s) less the time a hub takes to answer once it reads a request. Lower refuses
+    #: agents that would have made it (2 s doubled a 19,000-agent storm); 0: never.
+    max_queue_delay: float = Field(default=8.0, ge=0)
 
     # Agents
     heartbeat_interval: float = Field(default=15.0, gt=0)

@@ -22,7 +22,9 @@ import email.utils
 import http
 import logging
 import random
+import socket
 import ssl
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -53,6 +55,7 @@ from .registry import Registry
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "SHED_BUSY",
     "Gate",
     "Guest",
     "Pending",
@@ -69,6 +72,9 @@ __all__ = [
 #: first bytes (3): refusals in flight are bounded by the cap too, the oldest answered one
 #: closed to make room.
 ADMITTED, SHED_FULL, SHED_SOURCE, SHED_NOW = 0, 1, 2, 3
+#: ...or refused, answered 503 from its first bytes, because the hub is behind: it waited
+#: in the kernel's accept queue longer than ``max_queue_delay`` (or the loop runs that late).
+SHED_BUSY = 4
 
 #: At the cap, a newcomer takes the place of a half-open connection. When the source (an
 #: IPv4 address, an IPv6 /64) holding the most holds more than twice what the newcomer's
@@ -188,6 +194,31 @@ def server_ssl_context(config: HubConfig) -> ssl.SSLContext | None:
     return context
 
 
+#: Linux's TCP_INFO (``struct tcp_info``): ``tcpi_last_data_recv``, milliseconds since the
+#: connection last received data — for one just accepted, since its request arrived (or,
+#: before any data, since its TCP handshake): how long it waited in the accept queue.
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_TCP_INFO_SIZE = 104
+_LAST_DATA_RECV = struct.Struct("=I")
+_LAST_DATA_RECV_OFFSET = 52
+
+
+def queued_for(conn: Guest) -> float:
+    """Seconds a connection just accepted had waited in the kernel's queue (0 where the
+    platform cannot say)."""
+    transport = conn.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or _TCP_INFO is None:
+        return 0.0
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_SIZE)
+    except (OSError, AttributeError, TypeError):
+        return 0.0
+    if len(info) < _LAST_DATA_RECV_OFFSET + 4:
+        return 0.0
+    return float(_LAST_DATA_RECV.unpack_from(info, _LAST_DATA_RECV_OFFSET)[0]) / 1000
+
+
 def _peer_certificate(conn: Guest, binary: bool = False) -> Any:
     transport = conn.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
@@ -270,6 +301,9 @@ class Gate:
         """
         config = self.config
         peer = conn.peer
+        behind = config.max_queue_delay and self.behind(conn)
+        if behind:
+            return self._refusing(SHED_BUSY, peer)
         source = source_key(peer)
         per_source = config.max_pending_per_source
         if per_source and self.pending_by_source.get(source, 0) >= per_source:
@@ -283,6 +317,20 @@ class Gate:
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
         return ADMITTED
+
+    def behind(self, conn: Guest) -> float:
+        """How far behind the hub is by ``conn``'s measure, when past ``max_queue_delay``
+        (else 0): the time it waited to be accepted, or the event loop's lateness.
+
+        A saturated hub accepts connections late: each waited in the kernel's queue while
+        the agent's open timeout (10 s by default) ran. Handshaking it anyway spends the
+        hub's scarce time on an agent likely gone by the answer, and makes every later one
+        wait longer still; a 503 now costs a few microseconds and tells the agent when to
+        come back (the spread Retry-After of every busy refusal).
+        """
+        limit = self.config.max_queue_delay
+        late = max(queued_for(conn), self.metrics.lag.current())
+        return late if late > limit else 0.0
 
     def arrived(self, conn: Pending) -> None:
         """Its request head is in (waiting for the read budget): no longer half-open, so
@@ -325,6 +373,8 @@ class Gate:
         """The 503 a refused newcomer gets, with a Retry-After that spreads the retries."""
         if kind == SHED_SOURCE:
             self._flood(conn.peer, "source_overloaded", 503, "pending handshakes of this source")
+        elif kind == SHED_BUSY:
+            self._flood(conn.peer, "overloaded", 503, "hub behind: accepted late")
         else:
             self._flood(conn.peer, "overloaded", 503, "pending handshakes at their cap")
         self._episode[1] += 1

@@ -208,6 +208,10 @@ class Ledger:
         self.rules = LedgerRules(clock, config.timeout_grace)
         self._seq = itertools.count(1)
         self._pending: list[tuple[CommandRecord | JobRecord, AuditEntry]] = []
+        #: Command id -> its transitions in ``_pending``. A slice announces a command only
+        #: when it holds the last of them: the record is one object, so an earlier slice
+        #: already shows (and stores) the latest state, and would announce it twice.
+        self._unflushed: dict[str, int] = {}
         self._flush_handle: asyncio.Handle | None = None
         self._flush_delayed = False
         self._writes: set[asyncio.Future[Any]] = set()
@@ -461,6 +465,8 @@ class Ledger:
             job_id=command.job_id,
         )
         self._pending.append((command, entry))
+        unflushed = self._unflushed
+        unflushed[command.command_id] = unflushed.get(command.command_id, 0) + 1
         self._schedule_flush(urgent=moved.new in TERMINAL_STATES)
 
     # -- writing and announcing ----------------------------------------------------------
@@ -500,9 +506,16 @@ class Ledger:
         latest: dict[str, CommandRecord] = {}
         jobs: dict[str, JobRecord] = {}
         running = self.rules.jobs
+        unflushed = self._unflushed
         for record, _ in pending:
             if type(record) is CommandRecord:
-                latest[record.command_id] = record  # type: ignore[union-attr]
+                command_id = record.command_id  # type: ignore[union-attr]
+                latest[command_id] = record  # type: ignore[assignment]
+                left = unflushed.get(command_id, 1) - 1
+                if left > 0:
+                    unflushed[command_id] = left
+                else:
+                    unflushed.pop(command_id, None)
                 run = running.get(record.job_id)
                 if run is not None:
                     # A running job's row follows its counts, so whoever reads the store
@@ -518,7 +531,11 @@ class Ledger:
         )
         # Taken after the write is queued (a result's commit is on the round trip's critical
         # path) but in the same callback, so they show what was written.
-        views = [c.view() for c in latest.values()] if self.bus.wanted("commands") else []
+        views = (
+            [c.view() for i, c in latest.items() if i not in unflushed]
+            if self.bus.wanted("commands")
+            else []
+        )
         self._writes.add(future)
         future.add_done_callback(lambda f: self._written(f, views, pending))
 
@@ -544,6 +561,11 @@ class Ledger:
             if self._closed:
                 return
             self._pending[:0] = pending
+            unflushed = self._unflushed
+            for record, _ in pending:
+                if type(record) is CommandRecord:
+                    command_id = record.command_id  # type: ignore[union-attr]
+                    unflushed[command_id] = unflushed.get(command_id, 0) + 1
             self._retry_delay = min(RETRY_MAX, max(RETRY_FIRST, self._retry_delay * 2))
             if self._retry_handle is not None:
                 self._retry_handle.cancel()  # one retry at a time, however many slices failed
@@ -585,6 +607,7 @@ class Ledger:
             self._flush_handle.cancel()
             self._flush_handle = None
         self._pending.clear()
+        self._unflushed.clear()
 
     async def settled(self) -> bool:
         """Wait until every transition made so far is stored (not those made meanwhile);

@@ -207,6 +207,14 @@ class LagMonitor:
         self._expected = now + self.interval
         self._handle = loop.call_at(self._expected, self._tick)
 
+    def current(self) -> float:
+        """How late the loop runs now: how far past its time the pending tick is (0 when
+        it is not due yet: a stall that is over is not lateness now)."""
+        loop = self._loop
+        if loop is None:
+            return 0.0
+        return max(0.0, loop.time() - self._expected)
+
     def recent_max(self, window: float = 60.0) -> float:
         if not self._recent:
             return 0.0

@@ -33,6 +33,7 @@ from .channel import Session
 from .config import HubConfig
 from .gate import (
     ADMITTED,
+    SHED_BUSY,
     SHED_FULL,
     SHED_NOW,
     SHED_SOURCE,
@@ -85,7 +86,7 @@ _DROPPED = -2
 #: 4 KiB, a JWT included.
 MAX_REQUEST_HEAD = 16 * 1024
 #: The states of a newcomer the gate refused and counts among the refusals in flight.
-_REFUSING = (SHED_FULL, SHED_SOURCE, _SHED_ANSWERED)
+_REFUSING = (SHED_FULL, SHED_SOURCE, SHED_BUSY, _SHED_ANSWERED)
 #: Where a request head ends.
 _HEAD_END = b"\r\n\r\n"
 

@@ -84,3 +84,21 @@ def test_the_lean_fleet_registers_against_the_floor(tmp_path: Path) -> None:
     finally:
         assert floor.proc is not None
         floor.proc.stop()
+
+
+def test_a_second_run_registers_with_the_keys_the_first_was_issued(tmp_path: Path) -> None:
+    keys = str(tmp_path / "keys")
+    fleet = LeanFleet(tmp_path, "ws://127.0.0.1:1", "x", 20, "k")
+    assert all("--keys-out" in args for args in _planned(fleet, keys))
+    for index in range(2):
+        Path(f"{keys}.{index}").write_text("{}")
+    assert all("--keys-in" in args for args in _planned(fleet, keys))
+
+
+def _planned(fleet: LeanFleet, keys: str) -> list[list[str]]:
+    """The command lines ``start`` would run, without running them."""
+    fleet.start(once=True, keys=keys, start_at=1e12)  # far in the future: they only wait
+    try:
+        return [proc.args for proc in fleet.procs]
+    finally:
+        fleet.stop()

@@ -6,10 +6,15 @@ one it replaces, so that hub can be told to close its connection (4001) — newe
 across hubs as on one. Only the owner may *release* the entry (compare-and-delete with its
 own ``hub|boot|generation``): a superseded connection's late clean-up, or a hub that was
 down and comes back, can never remove the entry of the agent's newer connection elsewhere.
+
+Claims made in the same turn of the event loop go to Redis in one pipeline: a burst of
+registrations (a hub restarted, its agents back at once) costs a round trip per batch,
+not per agent.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from .keys import Keys
@@ -56,13 +61,38 @@ class Ownership:
         self.me = f"{hub_id}|{boot}"
         self._claim = link.client.register_script(_CLAIM)
         self._release = link.client.register_script(_RELEASE)
+        self._claims: list[tuple[str, asyncio.Future[tuple[int, Owner | None]]]] = []
+        self._batching: asyncio.Task[None] | None = None
 
     async def claim(self, agent_id: str) -> tuple[int, Owner | None]:
         """Make this hub the agent's owner: its new generation, and the owner it replaced."""
-        generation, previous = await self.link.run(
-            self._claim(keys=[self.keys.owners, self.keys.generations], args=[agent_id, self.me])
+        future: asyncio.Future[tuple[int, Owner | None]] = (
+            asyncio.get_running_loop().create_future()
         )
-        return int(generation), Owner.parse(previous) if previous else None
+        self._claims.append((agent_id, future))
+        if len(self._claims) == 1:
+            self._batching = asyncio.ensure_future(self._claim_batch())
+        return await future
+
+    async def _claim_batch(self) -> None:
+        await asyncio.sleep(0)  # the rest of this turn's claims join the batch
+        batch, self._claims = self._claims, []
+        pipe = self.link.client.pipeline(transaction=False)
+        keys = [self.keys.owners, self.keys.generations]
+        for agent_id, _future in batch:
+            await self._claim(keys=keys, args=[agent_id, self.me], client=pipe)
+        try:
+            replies = await self.link.run(pipe.execute())
+        except BaseException as exc:
+            for _agent_id, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_agent_id, future), (generation, previous) in zip(batch, replies, strict=True):
+            if not future.done():
+                future.set_result((int(generation), Owner.parse(previous) if previous else None))
 
     async def release(self, agent_id: str, generation: int) -> bool:
         """Remove the entry if it is still ours at this generation; False when it moved on."""

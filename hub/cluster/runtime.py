@@ -68,7 +68,13 @@ class Cluster:
     def make_store(self, fence: Callable[[], tuple[str, str] | None]) -> Any:
         from ..store.redis import RedisStore
 
-        return RedisStore(self.link.client, prefix=self.keys.prefix, fence=fence)
+        retention = self.config.audit_retention  # the operator's, as on one hub (0: forever)
+        return RedisStore(
+            self.link.client,
+            prefix=self.keys.prefix,
+            fence=fence,
+            audit_retention=retention or None,
+        )
 
     # -- start and stop ------------------------------------------------------------------
 

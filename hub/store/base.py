@@ -108,6 +108,11 @@ class Store(abc.ABC):
         already enrolled through it), store the agent key issued to it and revoke the ones
         it replaces. False when the key is exhausted, expired or revoked."""
 
+    @abc.abstractmethod
+    async def purge_credentials(self, credential_ids: Sequence[str]) -> int:
+        """Delete those of these credentials that are revoked (their retention is over);
+        live ones stay whatever the caller thinks. How many were deleted."""
+
     # -- agents and sessions -----------------------------------------------------------
 
     @abc.abstractmethod

@@ -54,9 +54,11 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
@@ -96,6 +98,7 @@ from .redis_codec import (
 )
 from .redis_lua import SCRIPTS
 from .redis_writer import Command, Op, Pending, Writer
+from .retention import Retention, append_synced
 
 __all__ = ["RedisStore"]
 
@@ -563,6 +566,16 @@ class RedisStore(Store):
         )  # fmt: skip
         return done
 
+    async def purge_credentials(self, credential_ids: Sequence[str]) -> int:
+        ids = list(credential_ids)
+        deleted = 0
+        for start in range(0, len(ids), BULK):
+            chunk = ids[start : start + BULK]
+            deleted += await self._write(
+                [self._script("purge_credentials", *chunk)], lambda answers: int(answers[0])
+            )
+        return deleted
+
     # -- agents and sessions -----------------------------------------------------------
 
     async def load_agents(self) -> list[AgentRecord]:
@@ -650,6 +663,161 @@ class RedisStore(Store):
     def prune(self, before: float) -> None:
         pending = self._batch()
         pending.prune = max(pending.prune or 0.0, before)
+
+    # -- retention -------------------------------------------------------------------
+
+    async def prune_expired(
+        self, retention: Retention, now: float, export: Path | None = None
+    ) -> dict[str, int]:
+        """Heartbeat samples (batched, as :meth:`prune`), then outputs, finished jobs with
+        their commands, resolved alerts and audit entries past their retention, each in
+        writes of at most :data:`CHUNK` ids. Sessions are bounded per agent already
+        (``sessions_kept``). Every hub of a cluster may prune: deleting twice is harmless."""
+        pruned: dict[str, int] = {}
+        if retention.heartbeats:
+            self.prune(now - retention.heartbeats)
+        if retention.outputs:
+            pruned["outputs"] = await self._prune_jobs(now - retention.outputs, whole=False)
+        if retention.commands:
+            pruned["jobs"] = await self._prune_jobs(now - retention.commands, whole=True)
+        if retention.alerts:
+            pruned["alerts"] = await self._prune_alerts(now - retention.alerts)
+        if retention.audit:
+            pruned["audit"] = await self._prune_audit(now - retention.audit, export)
+        return pruned
+
+    async def _walk(self, order: str, start: float) -> AsyncIterator[tuple[bytes, float]]:
+        """Ids of an order index from the oldest, past ``start``, in chunks."""
+        low = f"({start!r}" if start > float("-inf") else "-inf"
+        while True:
+            found = await self._read(
+                lambda low=low: self.client.zrangebyscore(
+                    order, low, "+inf", start=0, num=CHUNK, withscores=True
+                )
+            )
+            for member, score in found:
+                yield member, score
+            if len(found) < CHUNK:
+                return
+            low = f"({found[-1][1]!r}"
+
+    async def _prune_jobs(self, cutoff: float, whole: bool) -> int:
+        """Outputs (``whole`` False) or everything (True) of jobs that finished before
+        ``cutoff``. The walk of outputs starts past a watermark (jobs already bare are not
+        walked again); a job created after ``cutoff`` ends either walk."""
+        keys = self.keys
+        mark_key = f"{keys.prefix}:out:pruned"
+        start = float("-inf")
+        if not whole:
+            mark = await self._read(lambda: self.client.get(mark_key))
+            start = float(mark) if mark is not None else float("-inf")
+        deleted = 0
+        mark_to: float | None = None
+        blocked = False  # a running or recent job: the watermark stays before it
+        async for job_id, score in self._walk(keys.jobs_order, start):
+            value = (await self._values(keys.jobs, [job_id]))[0]
+            if value is None:
+                continue
+            job = decode_job(job_id, value)
+            if job.created_at >= cutoff:
+                break
+            if job.state == "running" or job.updated_at >= cutoff:
+                blocked = True
+                continue
+            ids = await self._read(
+                lambda job_id=job_id: self.client.zrange(keys.job_commands(text(job_id)), 0, -1)
+            )
+            deleted += await self._drop_commands(job.job_id, ids, whole)
+            if not blocked:
+                mark_to = score
+        if not whole and mark_to is not None:
+            await self._write([("SET", mark_key, repr(mark_to))])
+        return deleted
+
+    async def _drop_commands(self, job_id: str, ids: list[bytes], whole: bool) -> int:
+        keys = self.keys
+        deleted = 0
+        for part in _chunks(ids, CHUNK):
+            part = list(part)
+            outputs = [keys.output(text(c)) for c in part]
+            commands: list[Command] = [("DEL", *outputs)]
+            if whole:
+                by_agent: dict[str, list[bytes]] = {}
+                for command_id, value in zip(
+                    part, await self._values(keys.cmds, part), strict=True
+                ):
+                    if value is not None:
+                        agent_id = decode_command(command_id, value).agent_id
+                        by_agent.setdefault(agent_id, []).append(command_id)
+                commands += [
+                    ("HDEL", keys.cmds, *part),
+                    ("ZREM", keys.cmds_order, *part),
+                    ("ZREM", keys.cmds_open, *part),
+                ]
+                commands += [
+                    ("ZREM", keys.agent_commands(agent), *members)
+                    for agent, members in by_agent.items()
+                ]
+            results = await self._write(commands, parse=lambda replies: replies)
+            deleted += int(results[0] or 0) + (int(results[1] or 0) if whole else 0)
+        if whole:
+            await self._write(
+                [
+                    ("DEL", keys.job_commands(job_id)),
+                    ("HDEL", keys.jobs, job_id),
+                    ("ZREM", keys.jobs_order, job_id),
+                    ("ZREM", keys.jobs_running, job_id),
+                ]
+            )
+            deleted += 1
+        return deleted
+
+    async def _prune_alerts(self, cutoff: float) -> int:
+        keys = self.keys
+        old: list[bytes] = []
+        async for alert_id, _ in self._walk(keys.alerts_order, float("-inf")):
+            value = (await self._values(keys.alerts, [alert_id]))[0]
+            if value is None:
+                continue
+            alert = decode_alert(alert_id, value)
+            if alert.first_seen >= cutoff:
+                break
+            if alert.state == "resolved" and (alert.resolved_at or 0.0) < cutoff:
+                old.append(alert_id)
+        for part in _chunks(old, CHUNK):
+            await self._write(
+                [
+                    ("HDEL", keys.alerts, *part),
+                    ("ZREM", keys.alerts_order, *part),
+                    ("ZREM", keys.alerts_open, *part),
+                ]
+            )
+        return len(old)
+
+    async def _prune_audit(self, cutoff: float, export: Path | None) -> int:
+        """The oldest entries (stream order) older than ``cutoff`` by their own time;
+        appended to ``export`` before they are deleted."""
+        deleted = 0
+        while True:
+            found = await self._read(
+                lambda: self.client.xrange(self.keys.audit, "-", "+", count=CHUNK)
+            )
+            old = []
+            for entry_id, fields in found:
+                if loads(fields[b"e"])[0] >= cutoff:
+                    break
+                old.append((entry_id, fields[b"e"]))
+            if not old:
+                return deleted
+            if export is not None:
+                lines = b"".join(
+                    orjson.dumps(decode_audit(entry_id, value)) + b"\n" for entry_id, value in old
+                )
+                await asyncio.to_thread(append_synced, export, lines)
+            await self._write([("XDEL", self.keys.audit, *(entry_id for entry_id, _ in old))])
+            deleted += len(old)
+            if len(old) < len(found) or len(found) < CHUNK:
+                return deleted
 
     # -- ledger ------------------------------------------------------------------------
 

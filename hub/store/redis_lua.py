@@ -209,6 +209,22 @@ cred_store(id, c, log_max)
 return redis.call('HGET', key, id)
 """
 
+#: ARGV: p, ids. Deletes those of the credentials that are revoked (their retention is over)
+#: and their change-log entries. Returns how many were deleted.
+PURGE_CREDENTIALS = r"""
+local key, log = p .. ':cred', p .. ':cred:log'
+local deleted = 0
+for i = 2, #ARGV do
+  local value = redis.call('HGET', key, ARGV[i])
+  if value and cred_parse(value).revoked == '1' then
+    redis.call('HDEL', key, ARGV[i])
+    redis.call('ZREM', log, ARGV[i])
+    deleted = deleted + 1
+  end
+end
+return deleted
+"""
+
 #: ARGV: p, log_max, key id, agent id, now, issued id, issued uses, issued revoked,
 #: issued expires, issued body, nrevoke, ids to revoke. Returns the issued key's revision,
 #: or 0 when the enrollment key is unknown, revoked, expired or spent.
@@ -395,6 +411,7 @@ SCRIPTS: dict[str, Script] = {
         _script("save_commands", SAVE_COMMANDS),
         _script("add_credential", ADD_CREDENTIAL),
         _script("revoke_credential", REVOKE_CREDENTIAL),
+        _script("purge_credentials", PURGE_CREDENTIALS),
         _script("enroll", ENROLL),
         _script("credentials_since", CREDENTIALS_SINCE),
         _script("save_alert", SAVE_ALERT),

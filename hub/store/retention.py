@@ -19,15 +19,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
-
-from ..protocol.times import format_time
-
-__all__ = ["DAY", "PRUNE_BATCH", "VACUUM_PAGES", "Retention", "prune_steps", "vacuum_step"]
+__all__ = [
+    "DAY",
+    "PRUNE_BATCH",
+    "PRUNE_PAUSE",
+    "VACUUM_PAGES",
+    "Retention",
+    "append_synced",
+    "prune_steps",
+    "vacuum_step",
+]
 
 DAY = 86_400.0
-#: Rows one step deletes (one writer operation; ~5-20 ms of the writer thread).
-PRUNE_BATCH = 2_000
+#: Rows one step deletes (one writer operation; ~10-20 ms of the writer thread).
+PRUNE_BATCH = 1_000
+#: After each step, pruning waits this many times as long as the step took: it takes at
+#: most half of the writer's time, so that live commits, and the event loop (which shares
+#: the machine's cores and the interpreter's lock with the writer thread), are not starved.
+PRUNE_PAUSE = 1.0
 #: Pages one vacuum step hands back (4 MiB at the default page size).
 VACUUM_PAGES = 1_000
 
@@ -136,51 +145,47 @@ def _rows(table: str, where: str, cutoff: float, batch: int) -> Step:
     return step
 
 
+def append_synced(path: Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` and sync it: an audit entry is deleted only once it is on
+    disk elsewhere. A failed export (a full disk) raises, and nothing is deleted."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+#: An audit row as one JSON line, made by SQLite (in C, off the interpreter's lock that the
+#: event loop needs): the fields of the ``audit`` listing, ``time`` as RFC 3339 in UTC.
+_AUDIT_LINE = (
+    "json_object('id', id, 'time', strftime('%Y-%m-%dT%H:%M:%fZ', ts, 'unixepoch'), "
+    "'hub_id', hub_id, 'action', action, 'actor', actor, 'subject', subject, "
+    "'source', source, 'detail', json(detail))"
+)
+
+
 def _audit(cutoff: float, batch: int, export: Path | None) -> Step:
     """The oldest audit entries (by id, the order they were written) older than ``cutoff``;
     appended to ``export`` as JSON lines, and synced, before they are deleted."""
+    line = _AUDIT_LINE if export is not None else "NULL"
 
     def step(conn: sqlite3.Connection) -> int:
         rows = conn.execute(
-            "SELECT id, ts, hub_id, action, actor, subject, source, detail FROM audit "
-            "ORDER BY id LIMIT ?",
-            (batch,),
+            f"SELECT id, ts, {line} FROM audit ORDER BY id LIMIT ?", (batch,)
         ).fetchall()
         old = []
         for row in rows:
-            if row["ts"] >= cutoff:
+            if row[1] >= cutoff:
                 break
             old.append(row)
         if not old:
             return 0
         if export is not None:
-            lines = b"".join(
-                orjson.dumps(
-                    {
-                        "id": row["id"],
-                        "time": format_time(row["ts"]),
-                        "hub_id": row["hub_id"],
-                        "action": row["action"],
-                        "actor": row["actor"],
-                        "subject": row["subject"],
-                        "source": row["source"],
-                        "detail": orjson.loads(row["detail"]) if row["detail"] else None,
-                    }
-                )
-                + b"\n"
-                for row in old
-            )
-            # An entry is deleted only once it is on disk elsewhere; a failed export
-            # (a full disk) raises, and nothing of the step is deleted.
-            fd = os.open(export, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                view = memoryview(lines)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        return conn.execute("DELETE FROM audit WHERE id <= ?", (old[-1]["id"],)).rowcount
+            append_synced(export, "".join(row[2] + "\n" for row in old).encode())
+        return conn.execute("DELETE FROM audit WHERE id <= ?", (old[-1][0],)).rowcount
 
     return step
 

@@ -13,7 +13,7 @@ import asyncio
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from ..model import JWT_PREFIX, AgentRecord, AlertRecord, CommandRecord, Credent
 from ..protocol.times import format_time
 from .base import AuditEntry, Page, Store, StoreUnavailable
 from .health import StoreHealth, write_error
-from .retention import PRUNE_BATCH, Retention, prune_steps, vacuum_step
+from .retention import PRUNE_BATCH, PRUNE_PAUSE, Retention, prune_steps, vacuum_step
 from .rows import (
     AGENTS,
     ALERT_LIST,
@@ -216,6 +216,21 @@ class SQLiteStore(Store):
 
         return await self._write(op)
 
+    async def purge_credentials(self, credential_ids: Sequence[str]) -> int:
+        ids = list(credential_ids)
+
+        def op(conn: sqlite3.Connection) -> int:
+            deleted = 0
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                deleted += conn.execute(
+                    f"DELETE FROM credentials WHERE revoked = 1 AND id IN ({marks})", chunk
+                ).rowcount
+            return deleted
+
+        return await self._write(op)
+
     # -- agents and sessions -----------------------------------------------------------
 
     async def load_agents(self) -> list[AgentRecord]:
@@ -338,14 +353,21 @@ class SQLiteStore(Store):
         for kind, step in prune_steps(retention, now, batch, export):
             total = 0
             while True:
-                deleted = await self._write(step)
+                deleted = await self._paced(step)
                 total += deleted
                 if deleted < batch:
                     break
             pruned[kind] = total
-        while await self._write(vacuum_step):
+        while await self._paced(vacuum_step):
             pass
         return pruned
+
+    async def _paced(self, step: Callable[[sqlite3.Connection], int]) -> int:
+        """One step, then a pause as long as it took (:data:`PRUNE_PAUSE`)."""
+        began = time.monotonic()
+        result = await self._write(step)
+        await asyncio.sleep(min(1.0, (time.monotonic() - began) * PRUNE_PAUSE))
+        return result
 
     # -- ledger ------------------------------------------------------------------------
 

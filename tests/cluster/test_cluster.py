@@ -174,3 +174,12 @@ async def test_a_draining_agent_on_another_hub_gets_nothing_new_until_ok(cluster
     finally:
         await admin.close()
         await agent.close()
+
+
+async def test_the_cluster_keeps_the_audit_for_the_operators_retention(cluster: Any) -> None:
+    """``audit_retention`` means the same on one hub and on a cluster (the Redis store had
+    its own 30 days)."""
+    (kept,) = await cluster(1, audit_retention=400 * 86400.0)
+    assert kept.hub.store.audit_retention == 400 * 86400.0
+    (forever,) = await cluster(1, audit_retention=0)
+    assert forever.hub.store.audit_retention is None

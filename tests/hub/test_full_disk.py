@@ -186,6 +186,8 @@ async def test_disk_full_mid_job_refuses_keeps_and_recovers(
         body = await wait_for(not_ready, timeout=10, what="/readyz 503")
         assert body["status"] == "not_ready"
         assert body["reason"].startswith("store: disk full"), body
+        exposition = hub.metrics.exposition().decode()
+        assert "tether_store_writable 0.0" in exposition
         # The transitions of the second half are kept, and none is announced.
         await wait_for(lambda: hub.ledger.failed_writes > 0, what="a refused write")
         stored = dict(rows(small_disk.data_dir, "SELECT command_id, state FROM commands"))

@@ -362,6 +362,40 @@ async def test_a_job_bigger_than_a_slice_is_delivered_stored_and_announced_once_
     await watcher.close()
 
 
+async def test_transitions_of_one_command_in_two_slices_are_announced_once(
+    hub: HubHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command's ``sent`` still waiting to be written when its result comes: two
+    transitions of one record, flushed a slice each. The first slice already stores (and
+    shows) the final state, so only the slice holding the command's last transition
+    announces it (it was announced twice)."""
+    monkeypatch.setattr(ledger_module, "FLUSH_SLICE", 1)
+    monkeypatch.setattr(ledger_module, "NON_TERMINAL_HOLD", 30.0)
+    events: list[tuple[str, str]] = []
+
+    def on_event(event: dict[str, Any]) -> None:
+        command = event.get("command")
+        if event.get("topic") == "commands" and command:
+            events.append((command["command_id"], command["state"]))
+
+    watcher = AdminClient(hub.url, await hub.admin_token("operator"), on_event=on_event)
+    await watcher.open()
+    await watcher.request("subscribe", topics=["commands"])
+    agent = await online_agent(hub, "edge-1")
+    for status in ("succeeded", "failed"):
+        await watcher.request("dispatch", target={"agent_ids": ["edge-1"]}, name="ping")
+        command = await agent.recv_type("command")
+        await agent.send({"type": "result", "command_id": command["command_id"], "status": status})
+        done = (command["command_id"], status)
+        await wait_for(lambda done=done: done in events, what=f"{status} announced")
+    # Events come in order: a repeat of the first command's would come before the second's
+    # result; a repeat of the second's, before the answer to this request.
+    await watcher.request("agents")
+    assert len(events) == len(set(events)) == 4, events
+    await agent.close()
+    await watcher.close()
+
+
 async def test_a_job_running_across_a_restart_keeps_counts_that_agree_with_its_commands(
     hub_factory: Any, tmp_path: Any
 ) -> None:

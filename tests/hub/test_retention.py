@@ -247,3 +247,31 @@ def test_retention_is_set_in_the_config_file(tmp_path: Path) -> None:
     assert config.output_retention == DAY and config.command_retention == 0
     assert config.audit_export == Path("/var/log/a.jsonl")
     assert load_config().session_retention == 30 * DAY
+
+
+async def test_the_lifecycle_bench_runs_on_a_small_fleet(tmp_path: Path) -> None:
+    """The benchmark's own pieces still run (its figures are the benchmark's to judge)."""
+    from bench.lifecycle import lifecycle
+
+    result = await lifecycle(tmp_path, agents=40, days=2, sample_hours=0.05)
+    assert set(result["bytes_per_agent_per_day"]) >= {"commands", "audit", "sessions"}
+    prune = result["prune"]
+    assert prune["rows"]["jobs"] == 41 and prune["rows"]["sessions"] == 40
+    assert prune["rows"]["heartbeats"] == 40 * 3
+    assert prune["pages_after"] < prune["pages_before"]
+
+
+def test_retention_is_set_by_serve_flags(tmp_path: Path) -> None:
+    from hub.cli import UsageError, _config_from, build_parser
+
+    args = build_parser().parse_args(
+        ["serve", "--data-dir", str(tmp_path), "--retention", "audit=60",
+         "--retention", "outputs=0", "--audit-export", str(tmp_path / "a.jsonl")]
+    )  # fmt: skip
+    config = _config_from(args)
+    assert config.audit_retention == 60 and config.output_retention == 0
+    assert config.audit_export == tmp_path / "a.jsonl"
+    assert config.command_retention == 30 * DAY
+    bad = build_parser().parse_args(["serve", "--retention", "forever"])
+    with pytest.raises(UsageError):
+        _config_from(bad)

@@ -11,11 +11,13 @@ import asyncio
 import itertools
 from typing import Any
 
+import orjson
 import pytest
 
 from hub.model import AgentRecord, AlertRecord, CommandRecord, CredentialRecord, JobRecord
 from hub.protocol.times import format_time
 from hub.store.base import AuditEntry, Store, StoreUnavailable
+from hub.store.retention import Retention
 from tests.hub.conftest import StoreBackend
 
 T0 = 1_700_000_000.0
@@ -675,3 +677,71 @@ async def test_audit_filters_with_many_values_page(store: Store) -> None:
     odd = [f"a{n}" for n in range(1, 25, 2)]
     listed = await all_pages(lambda n, b: store.audit_entries({"action": odd}, n, b), 5)
     assert [e["action"] for e in listed] == list(reversed(odd))
+
+
+# -- retention (issue 19) --------------------------------------------------------------
+
+
+async def test_retention_prunes_finished_jobs_outputs_alerts_and_audit_only(
+    store: Store, tmp_path: Any
+) -> None:
+    """What ``prune_expired`` removes is gone from every read; what it keeps (a running
+    job, its commands and their output, whatever their age) reads as before."""
+    day = 86_400.0
+
+    async def finished_job(at: float, *agents: str) -> tuple[JobRecord, list[CommandRecord]]:
+        job, commands = job_with(list(agents), seq=int(at) % 1_000_000)
+        await store.add_job(job, commands)
+        for command in commands:
+            store.add_output(command.command_id, 1, "stdout", "out")
+            finish(command, at=at)
+        job.state, job.updated_at, job.counts = "succeeded", at, {"succeeded": len(agents)}
+        await store.save_commands(commands, (), [job])
+        return job, commands
+
+    old, old_commands = await finished_job(T0, "p1", "p2")
+    recent, _ = await finished_job(T0 + 20 * day, "p1")
+    running, running_commands = job_with(["p1", "p3"], seq=900)
+    await store.add_job(running, running_commands)
+    store.add_output(running_commands[0].command_id, 1, "stdout", "kept")
+    finish(running_commands[0], at=T0)
+    await store.save_commands([running_commands[0]])
+    resolved = alert("p1", state="resolved", resolved_at=T0)
+    firing = alert("p2")
+    await store.save_alert(resolved)
+    await store.save_alert(firing)
+    await store.audit([AuditEntry(T0 + n, "old.thing", subject=f"s{n}") for n in range(3)])
+    await store.audit([AuditEntry(ts=T0 + 400 * day, action="new.thing")])
+    await store.flush()
+    export = tmp_path / "audit.jsonl"
+    retention = Retention()
+
+    await store.prune_expired(retention, T0 + 8 * day, export)
+    assert await store.command_output(old_commands[0].command_id) == []
+    assert (await store.job(old.job_id)) is not None
+    assert await store.command_output(running_commands[0].command_id) != []
+
+    await store.prune_expired(retention, T0 + 31 * day, export)
+    assert await store.job(old.job_id) is None
+    assert await store.command(old_commands[0].command_id) is None
+    by_agent = await store.commands({"agent_id": "p2"}, 100, None)
+    assert by_agent.items == []
+    assert await store.job(recent.job_id) is not None
+    kept = await store.job(running.job_id)
+    assert kept is not None and len(kept["commands"]) == 2
+    jobs, unfinished, _ = await store.unfinished()
+    assert [j.job_id for j in jobs] == [running.job_id]
+    assert [c.command_id for c in unfinished] == [running_commands[1].command_id]
+    listed = await store.jobs({}, 100, None)
+    assert {j["job_id"] for j in listed.items} == {recent.job_id, running.job_id}
+
+    await store.prune_expired(retention, T0 + 91 * day, export)
+    alerts = await store.alerts({}, 100, None)
+    assert [a["alert_id"] for a in alerts.items] == [firing.alert_id]
+
+    assert not export.exists()
+    await store.prune_expired(retention, T0 + 366 * day, export)
+    entries = await store.audit_entries({}, 100, None)
+    assert [e["action"] for e in entries.items] == ["new.thing"]
+    exported = [orjson.loads(line) for line in export.read_bytes().splitlines()]
+    assert [e["subject"] for e in exported] == ["s0", "s1", "s2"]
