@@ -208,21 +208,29 @@ class AgentSession(Session):
 
     async def _enroll(self, message: Register) -> None:
         try:
-            ok, _issued, token = await self.host.fleet.enroll(self.principal, message.agent_id)
+            try:
+                ok, _issued, token = await self.host.fleet.enroll(self.principal, message.agent_id)
+            finally:
+                self.registering = False
+            if self.conn.closed:
+                return
+            if ok is None:
+                # Nothing was issued or spent: the agent comes back later (PROTOCOL §3:
+                # 1013, backoff), as it would from a hub at its limit.
+                self.conn.close(Close.TRY_AGAIN_LATER, "store unavailable")
+                return
+            if not ok:
+                self._refuse(
+                    "enrollment key exhausted, expired or revoked", agent_id=message.agent_id
+                )
+                return
+            self._complete(message, agent_key=token, enrolled_by=self.principal.credential_id)
         finally:
-            self.registering = False
-        if self.conn.closed:
-            return
-        if ok is None:
-            self.conn.close(Close.INTERNAL_ERROR, "store unavailable")
-            return
-        if not ok:
-            self._refuse("enrollment key exhausted, expired or revoked", agent_id=message.agent_id)
-            return
-        self._complete(message, agent_key=token, enrolled_by=self.principal.credential_id)
-        transport = self.conn.transport
-        if transport is not None and not self.conn.closed:
-            transport.resume_reading()
+            # Reading resumes whatever the outcome: a refusal's closing handshake needs the
+            # agent's close frame read (paused, the close waited for its timeout, 5 s).
+            transport = self.conn.transport
+            if transport is not None:
+                transport.resume_reading()
 
     def _complete(
         self, message: Register, agent_key: str | None = None, enrolled_by: str | None = None

@@ -291,6 +291,7 @@ async def test_disk_full_during_registrations_keeps_agents_and_heartbeats(
     hub = handle.hub
     tokens = [await handle.agent_token(f"node-{n:02d}") for n in range(30)]
     admin_token = await handle.admin_token("operator")
+    enroll = await handle.token("enroll")
     await hub.store.flush()
 
     small_disk.fill()
@@ -303,6 +304,11 @@ async def test_disk_full_during_registrations_keeps_agents_and_heartbeats(
             await agent.send({"type": "heartbeat", "status": "ok", "metrics": {"n": n}})
         await wait_for(lambda: hub.store.health.reason, timeout=10, what="the store failing")
         assert hub.registry.connected == 30
+        # Enrolling needs a commit (a key issued, a use spent): try again later, not 1011.
+        newcomer = await RawAgent.connect(handle.agent_url, enroll)
+        await newcomer.send({"type": "register", "agent_id": "node-new"})
+        code = await newcomer.closed()
+        assert code == 1013
         assert hub.not_ready_reason().startswith("store: disk full")
         assert rows(small_disk.data_dir, "SELECT count(*) FROM agents") == [(0,)]
 

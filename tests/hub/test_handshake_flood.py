@@ -272,8 +272,8 @@ async def test_a_request_head_growing_past_its_bound_is_431(hub_factory) -> None
 async def test_a_silent_tls_connection_is_dropped_at_the_open_timeout(
     hub_factory, tmp_path: Path
 ) -> None:
-    # asyncio completes the TLS handshake before the gate sees the connection; its own
-    # bound (60 s) is replaced by open_timeout (lowered here: a test waits for it).
+    # TLS runs inside the hub's connection, so the gate holds a silent TLS connection as
+    # any half-open one, to open_timeout (lowered here: a test waits for it).
     import trustme
 
     ca = trustme.CA()
