@@ -118,12 +118,13 @@ async def watch_lag() -> None:
         STATS["lag_max"] = max(STATS["lag_max"], loop.time() - expected)
 
 
-async def restart(agent_ws: ServerConnection) -> None:
-    """What the hub does to each agent on SIGTERM: come back after a random 0–10 s."""
+def restart(agent_ws: ServerConnection) -> None:
+    """What the hub does to each agent on SIGTERM: come back after a random 0–10 s. Written
+    and closed without waiting for the closing handshake, as the hub's writes are."""
     after_ms = random.randrange(10_000)
     with contextlib.suppress(Exception):
-        await agent_ws.send(orjson.dumps({"type": "reconnect", "after_ms": after_ms}).decode())
-        await agent_ws.close(1012)
+        broadcast([agent_ws], orjson.dumps({"type": "reconnect", "after_ms": after_ms}).decode())
+        agent_ws.transport.close()
 
 
 async def main(host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
@@ -143,7 +144,9 @@ async def main(host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set_result, None)
         await stopping
         server.close(close_connections=False)
-        await asyncio.gather(*(restart(ws) for ws in list(AGENTS.values())))
+        for ws in list(AGENTS.values()):
+            restart(ws)
+        await asyncio.sleep(0.5)  # the transports flush what they hold
         lag.cancel()
 
 

@@ -303,8 +303,9 @@ class LeanFleet:
         return int(self.total("online"))
 
     def cpu(self) -> float:
-        """CPU seconds the client processes used so far (each reports its own, exited too)."""
-        return self.total("cpu")
+        """CPU seconds the client processes used dialing and serving so far (each reports its
+        own, exited too; what they spent starting up is left out)."""
+        return sum(s["cpu"] - s.get("cpu_at_dial", 0.0) for s in self.statuses())
 
     def cpus(self) -> list[float]:
         return [status["cpu"] for status in self.statuses()]

@@ -36,18 +36,10 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.simulate import sim_profile
+from bench.blaster import HEARTBEAT
 from bench.lean import LeanClient, Refused, frame, text, upgrade_request
 from hub.protocol.constants import AGENT_SUBPROTOCOL
 
-HEARTBEAT = text(
-    orjson.dumps(
-        {
-            "type": "heartbeat",
-            "status": "ok",
-            "metrics": {"cpu_percent": 12.5, "mem_percent": 40.1, "load1": 0.3, "uptime_s": 86400},
-        }
-    )
-)
 PING = frame(0x9, b"")
 HEARTBEAT_SLOTS = 30  # one slot every 0.5 s: each agent heartbeats every 15 s
 PING_SLOTS = 60  # and pings every 30 s
@@ -72,6 +64,8 @@ class Fleet:
         self.failed = 0
         self.first_done: float | None = None
         self.dial_start: float | None = None
+        #: CPU seconds spent before dialing (imports, building frames): not load.
+        self.cpu_at_dial = 0.0
         self.last_welcome = 0.0
         self.welcomed_once = 0
         self.sources = args.source or ["127.0.0.1"]
@@ -87,6 +81,7 @@ class Fleet:
             "online": self.online,
             "welcomes": self.welcomes,
             "dial_start": self.dial_start,
+            "cpu_at_dial": self.cpu_at_dial,
             "first_done": self.first_done,
             "last_welcome": self.last_welcome,
             "results": self.results,
@@ -269,6 +264,8 @@ async def main(args: argparse.Namespace) -> None:
     semaphore = asyncio.Semaphore(args.concurrency)
     started = time.monotonic()
     fleet.dial_start = time.time()
+    times = os.times()
+    fleet.cpu_at_dial = times.user + times.system
 
     async def first(n: int, agent: Agent) -> None:
         if args.rate:

@@ -244,6 +244,7 @@ class Bench:
         assert server.proc is not None and server.proc.process is not None
         print(f"storm: {kind} {how}", flush=True)
         welcomes0 = fleet.total("welcomes")
+        failed0, refused0 = fleet.total("failed"), fleet.total("refused")
         stopped = time.monotonic()
         if how == "sigterm":
             code = server.proc.stop(timeout=60)
@@ -265,9 +266,9 @@ class Bench:
         self.note(f"{kind}.storm_{how}_seconds_all_back", round(all_back, 2))
         self.note(f"{kind}.storm_{how}_seconds_to_ready", round(to_ready, 2))
         self.note(f"{kind}.storm_{how}_cpu_ms_per_agent", round(cpu * 1000 / count, 3))
-        # Dials that failed (refused, reset, timed out) or met a 503, all clients, all time.
-        self.note(f"{kind}.storm_{how}_client_failed_dials", int(fleet.total("failed")))
-        self.note(f"{kind}.storm_{how}_client_503s", int(fleet.total("refused")))
+        # Dials of this storm that failed (refused, reset, timed out) or met a 503.
+        self.note(f"{kind}.storm_{how}_client_failed_dials", int(fleet.total("failed") - failed0))
+        self.note(f"{kind}.storm_{how}_client_503s", int(fleet.total("refused") - refused0))
         self.clients(f"storm_{how}.{kind}", fleet.cpu() - clients0, all_back, count)
         if isinstance(server, Hub):
             self.hub_storm_stored(server, count, restarted, how)

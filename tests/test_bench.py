@@ -80,7 +80,8 @@ def test_the_lean_fleet_registers_against_the_floor(tmp_path: Path) -> None:
         statuses = fleet.statuses()
         assert [s["count"] for s in statuses] == [30, 30]
         assert all(s["first_done"] is not None and s["welcomes"] == 30 for s in statuses)
-        assert fleet.cpu() > 0
+        assert all(s["cpu"] > 0 for s in statuses)  # each reports its own CPU time
+        assert fleet.cpu() >= 0  # what dialing took (10 ms ticks: may round to nothing)
     finally:
         assert floor.proc is not None
         floor.proc.stop()
