@@ -353,6 +353,22 @@ def job_done(url: str, token: str, job_id: str) -> dict[str, Any] | None:
     return detail if detail["job"]["state"] != "running" else None
 
 
+def wait_job(
+    url: str, token: str, job_id: str, timeout: float, interval: float, what: str
+) -> tuple[dict[str, Any], float]:
+    """Poll until the job has finished: its detail, and the seconds it took."""
+    found: list[dict[str, Any]] = []
+
+    def finished() -> bool:
+        detail = job_done(url, token, job_id)
+        if detail is not None:
+            found.append(detail)
+        return detail is not None
+
+    seconds = wait_until(finished, timeout=timeout, interval=interval, what=what)
+    return found[-1], seconds
+
+
 def once_each(run_: Run, detail: dict[str, Any], count: int, label: str) -> bool:
     """Every command of the job finished, one per agent, each succeeded once."""
     commands = detail["commands"]
@@ -397,20 +413,12 @@ def kill(run_: Run, agents: int) -> None:
     killed = time.monotonic()
     online = wait_until(lambda: all_online_on(b.url, operator, agents, "hub-b"), timeout=120,
                         interval=0.25, what="all on hub-b")  # fmt: skip
-    detail = None
-
-    def finished() -> bool:
-        nonlocal detail
-        detail = job_done(b.url, operator, job["job_id"])
-        return detail is not None
-
-    wait_until(finished, timeout=120, interval=0.25, what="job finished")
+    detail, _ = wait_job(b.url, operator, job["job_id"], 120, 0.25, "job finished")
     done = time.monotonic() - killed
     run_.note(
         f"  all {agents} online on hub-b {online:.1f} s after the kill; "
         f"job finished {done:.1f} s after"
     )
-    assert detail is not None
     once_each(run_, detail, agents, "cluster")
     run_.target(
         "kill -9 → all online elsewhere and the job finished", round(max(online, done), 1), 20, "s"
@@ -434,13 +442,7 @@ def kill(run_: Run, agents: int) -> None:
     assert single.proc is not None
     run_.procs.append(single.proc)
     online = wait_until(lambda: single.online() >= agents, timeout=120, interval=0.25, what="back")
-
-    def single_finished() -> bool:
-        nonlocal detail
-        detail = job_done(single.url, operator, job["job_id"])
-        return detail is not None
-
-    wait_until(single_finished, timeout=120, interval=0.25, what="single job finished")
+    detail, _ = wait_job(single.url, operator, job["job_id"], 120, 0.25, "single job finished")
     done = time.monotonic() - killed
     run_.note(
         f"  single hub restarted at once: all {agents} back {online:.1f} s after the kill; "
@@ -485,16 +487,8 @@ def redis_outage(run_: Run, agents: int) -> None:
         time.sleep(0.05)
     for name in (a.name, b.name):
         run_.target(f"{name} ready after Redis answers", round(times.get(name, 99.0), 2), 5, "s")
-    detail = None
-
-    def finished() -> bool:
-        nonlocal detail
-        detail = job_done(a.url, operator, job["job_id"])
-        return detail is not None
-
-    seconds = wait_until(finished, timeout=180, interval=0.5, what="job finished")
+    detail, seconds = wait_job(a.url, operator, job["job_id"], 180, 0.5, "job finished")
     run_.note(f"  job finished {seconds:.1f} s after both hubs were ready")
-    assert detail is not None
     once_each(run_, detail, agents, "cluster")
     run_.stop()
 

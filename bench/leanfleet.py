@@ -36,18 +36,10 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.simulate import sim_profile
+from bench.blaster import HEARTBEAT
 from bench.lean import LeanClient, Refused, frame, text, upgrade_request
 from hub.protocol.constants import AGENT_SUBPROTOCOL
 
-HEARTBEAT = text(
-    orjson.dumps(
-        {
-            "type": "heartbeat",
-            "status": "ok",
-            "metrics": {"cpu_percent": 12.5, "mem_percent": 40.1, "load1": 0.3, "uptime_s": 86400},
-        }
-    )
-)
 PING = frame(0x9, b"")
 HEARTBEAT_SLOTS = 30  # one slot every 0.5 s: each agent heartbeats every 15 s
 PING_SLOTS = 60  # and pings every 30 s

@@ -246,6 +246,11 @@ def main(argv: list[str] | None = None) -> NoReturn:
         code = 1
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:
+        # Output piped into `head` and the like: the reader had enough. Python would print a
+        # traceback at exit flushing stdout again; point it at /dev/null instead.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
     sys.exit(code)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import secrets
 import time
@@ -132,7 +133,11 @@ class RedisLink:
             async with self._slots:
                 async with asyncio.timeout(self.timeout if timeout is None else timeout):
                     result = await awaitable
-        except OUTAGES as exc:
+        except BaseException as exc:
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()  # cancelled while waiting for a slot: it never started
+            if not isinstance(exc, OUTAGES):
+                raise
             if pool_limit(exc):
                 raise StoreUnavailable("redis: every connection of this hub is busy") from exc
             self.failed(exc)

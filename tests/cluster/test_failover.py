@@ -32,6 +32,25 @@ def cluster_token(redis: RedisServer, *args: str) -> str:
     return done.stdout.strip()
 
 
+def ten_agents_on_hub_a(
+    redis_factory: Any, tmp_path: Path, prefix: str
+) -> tuple[str, HubProcess, HubProcess, subprocess.Popen[bytes], set[str]]:
+    """Hub-b (it leads: it starts first) and hub-a on one Redis, ten simulated agents
+    dialing hub-a: (an operator token, hub-a, hub-b, the simulator, the agents' ids)."""
+    redis = redis_factory(appendfsync="always")
+    operator = cluster_token(redis, "--admin", "--role", "operator")
+    enroll = cluster_token(redis, "--enroll")
+    b = hub_process(tmp_path, redis, "hub-b").start()
+    a = hub_process(tmp_path, redis, "hub-a").start()
+    simulated = subprocess.Popen(
+        [sys.executable, "-m", "agent", "simulate", "--hub", a.url, "--token", enroll,
+         "--count", "10", "--prefix", prefix],
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    return operator, a, b, simulated, {f"{prefix}{n:05d}" for n in range(1, 11)}
+
+
 async def fleet_view(admin: AdminClient) -> dict[str, dict[str, Any]]:
     return {a["agent_id"]: a for a in (await admin.request("agents"))["agents"]}
 
@@ -111,20 +130,9 @@ async def _all_online_on(admin: AdminClient, ids: set[str], hub_id: str) -> bool
 async def test_a_dead_hub_is_hub_down_once_and_its_agents_unknown_until_back(
     redis_factory: Any, tmp_path: Path
 ) -> None:
-    redis = redis_factory(appendfsync="always")
-    operator = cluster_token(redis, "--admin", "--role", "operator")
-    enroll = cluster_token(redis, "--enroll")
-    b = hub_process(tmp_path, redis, "hub-b").start()  # leads: it starts first
-    a = hub_process(tmp_path, redis, "hub-a").start()
-    simulated = subprocess.Popen(
-        [sys.executable, "-m", "agent", "simulate", "--hub", a.url, "--token", enroll,
-         "--count", "10", "--prefix", "only-a-"],
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    operator, a, b, simulated, ids = ten_agents_on_hub_a(redis_factory, tmp_path, "only-a-")
     try:
         admin = await connect_admin(b.url, operator)
-        ids = {f"only-a-{n:05d}" for n in range(1, 11)}
         await wait_for(lambda: _all_online_on(admin, ids, "hub-a"), timeout=30)
         a.kill()
         await wait_for(lambda: _all_in_state(admin, ids, "unknown"), timeout=10, what="unknown")

@@ -10,8 +10,6 @@ Real hub processes, a real ``redis-server``.
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +18,19 @@ from tests.cluster.test_failover import (
     _all_online_on,
     _no_open_alerts,
     _open_alerts,
-    cluster_token,
-    hub_process,
+    ten_agents_on_hub_a,
 )
-from tests.support import ROOT, wait_for
+from tests.support import wait_for
 from tests.test_faults import connect_admin, job_finished
 
 
 async def test_a_hub_stalled_past_its_lease_gets_its_agents_back_online(
     redis_factory: Any, tmp_path: Path
 ) -> None:
-    redis = redis_factory(appendfsync="always")
-    operator = cluster_token(redis, "--admin", "--role", "operator")
-    enroll = cluster_token(redis, "--enroll")
-    b = hub_process(tmp_path, redis, "hub-b").start()  # leads: it starts first
-    a = hub_process(tmp_path, redis, "hub-a").start()
-    simulated = subprocess.Popen(
-        [sys.executable, "-m", "agent", "simulate", "--hub", a.url, "--token", enroll,
-         "--count", "10", "--prefix", "held-"],
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    operator, a, b, simulated, ids = ten_agents_on_hub_a(redis_factory, tmp_path, "held-")
     stopped = False
     try:
         admin = await connect_admin(b.url, operator)
-        ids = {f"held-{n:05d}" for n in range(1, 11)}
         await wait_for(lambda: _all_online_on(admin, ids, "hub-a"), timeout=30, what="on a")
         assert a.process is not None
         a.process.send_signal(signal.SIGSTOP)
